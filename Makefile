@@ -1,0 +1,34 @@
+# Fresh machine: `make demo` runs the main job, `make test` passes the tests.
+# Both create .venv, install meal-ray with its pinned dependency set, and fetch Fashion-MNIST.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup data test test-fast demo demo-quick distill-quick clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+data: $(VENV)/.installed
+	bash scripts/get-fashion-mnist.sh $(BIN)/python
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/meal-ray demo --output runs/demo
+
+demo-quick: setup
+	$(BIN)/meal-ray demo --quick --output runs/demo-quick
+
+clean:
+	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache

@@ -1,0 +1,88 @@
+"""`meal-ray` command line: pretrain, distill, evaluate, teachers up|status|down, demo, data."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from meal_ray.errors import MealRayError
+
+
+def friendly_errors(fn):
+    """Print MealRayError messages (which name the problem and the fix) without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MealRayError as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="meal-ray")
+def main():
+    """MEAL V2 ensemble distillation with Ray Serve teachers and Ray Train students."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@main.group()
+def data():
+    """Datasets: fetch and verify."""
+
+
+@data.command("fashion-mnist")
+@click.option("--root", default=None, help="Folder holding the idx(.gz) files (default: search path).")
+@click.option("--download", is_flag=True, help="Download from the official source if not found, verifying checksums.")
+@click.option("--check", is_flag=True, help="Only verify: exit 1 if missing or corrupt.")
+@friendly_errors
+def data_fashion_mnist(root, download, check):
+    """Find (or download) Fashion-MNIST and verify it against the official checksums."""
+    from pathlib import Path
+
+    from meal_ray.data import download_fashion_mnist, verify_fashion_mnist
+    from meal_ray.errors import DatasetError
+
+    try:
+        path = verify_fashion_mnist(root)
+    except DatasetError:
+        if check or not download:
+            raise
+        dest = Path(root) if root else Path.home() / ".cache/meal-ray/fashion-mnist"
+        click.echo(f"Downloading Fashion-MNIST to {dest} ...")
+        path = verify_fashion_mnist(str(download_fashion_mnist(dest)))
+    click.echo(f"Fashion-MNIST OK at {path} (checksums verified)")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, help="A meal-ray export directory (model.safetensors + config.json).")
+@click.option("--dataset", default="fashion-mnist", show_default=True, type=click.Choice(["fashion-mnist", "imagefolder"]))
+@click.option("--root", default=None, help="Dataset root (imagefolder: folder with val/).")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@friendly_errors
+def evaluate(model_dir, dataset, root, batch_size, as_json):
+    """Evaluate an exported student on the validation/test set with the preprocessing in its config.json."""
+    from meal_ray.evaluate_export import evaluate_export
+
+    result, classes = evaluate_export(model_dir, dataset, root, batch_size)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(classes)))
+        return
+    click.echo(f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  ({result.count} images)")
+    for name, acc in zip(classes, result.per_class):
+        click.echo(f"  {name:<14} {acc:6.2f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Job configuration: typed dataclasses loaded from YAML, validated, overridable from the CLI.
+
+Defaults are the paper's ImageNet settings (DESIGN.md section 1); small-dataset values
+(crop scale, mean/std) live in the job YAML files under ``jobs/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from meal_ray.errors import ConfigError, suggest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imagefolder"  # "fashion-mnist" or "imagefolder" (ImageNet layout train/ val/)
+    root: Optional[str] = None  # fashion-mnist: default search path; imagefolder: required
+    image_size: int = 224
+    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale (paper/torchvision default)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    crop_pct: float = 224 / 256  # eval: Resize(size / crop_pct) + CenterCrop(size)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    interpolation: str = "bilinear"
+    train_subset: Optional[int] = None  # first N training samples (stratified), for quick runs
+    val_subset: Optional[int] = None
+    loader_workers: int = 0
+
+    def validate(self) -> None:
+        if self.dataset not in ("fashion-mnist", "imagefolder"):
+            raise ConfigError(
+                f"data.dataset={self.dataset!r} is not supported; use 'fashion-mnist' or 'imagefolder'."
+            )
+        if self.dataset == "imagefolder" and not self.root:
+            raise ConfigError("data.root is required for data.dataset=imagefolder (a folder with train/ and val/).")
+        _positive("data.image_size", self.image_size)
+        lo, hi = _pair("data.crop_scale", self.crop_scale)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.crop_scale={list(self.crop_scale)} must satisfy 0 < min <= max <= 1.")
+        _pair("data.crop_ratio", self.crop_ratio)
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct={self.crop_pct} must be in (0, 1], e.g. 0.875.")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}; give one per channel.")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std={list(self.std)} must be positive.")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ConfigError(f"data.interpolation={self.interpolation!r}: use bilinear, bicubic or nearest.")
+
+    @property
+    def in_chans(self) -> int:
+        return len(self.mean)
+
+
+@dataclass
+class TeacherSpec:
+    model: str = "resnet18"  # timm architecture name
+    weights: Optional[str] = None  # meal-ray export dir, local weights file, or None
+    pretrained: bool = False  # timm/HF-hub pretrained weights (needs internet)
+    name: Optional[str] = None  # Serve deployment name; defaults to teacher<i>
+
+
+@dataclass
+class TeachersConfig:
+    source: str = "served"  # served | local | none (hard labels only: pretraining)
+    models: list = field(default_factory=list)  # list[TeacherSpec]
+    app_name: str = "meal-ray-teachers"  # Serve application name for the served source
+    prefetch: int = 4  # batches kept in flight to the teachers (served source)
+    autocast: Optional[str] = None  # None | "bf16" | "fp16" for teacher inference
+
+    def validate(self) -> None:
+        if self.source not in ("served", "local", "none"):
+            raise ConfigError(f"teachers.source={self.source!r}: use served, local or none.")
+        if self.source != "none" and not self.models:
+            raise ConfigError("teachers.models is empty: list at least one teacher, or set teachers.source=none.")
+        if self.prefetch < 1:
+            raise ConfigError(f"teachers.prefetch={self.prefetch} must be >= 1.")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ConfigError(f"teachers.autocast={self.autocast!r}: use bf16, fp16 or leave it empty.")
+
+
+@dataclass
+class ModelConfig:
+    model: str = "resnet50"
+    weights: Optional[str] = None
+    pretrained: bool = False
+    num_classes: int = 1000
+    drop_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 180
+    batch_size: int = 512  # global batch, split over workers
+    lr: float = 0.01
+    lr_schedule: str = "step"  # step | cosine
+    lr_milestones: tuple = (100,)
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    d_lr: float = 1e-4  # discriminator learning rate (constant)
+    cutmix: bool = False
+    cutmix_beta: float = 1.0
+    cutmix_prob: float = 1.0
+
+    def validate(self) -> None:
+        _positive("optim.epochs", self.epochs)
+        _positive("optim.batch_size", self.batch_size)
+        _positive("optim.lr", self.lr)
+        if self.lr_schedule not in ("step", "cosine"):
+            raise ConfigError(f"optim.lr_schedule={self.lr_schedule!r}: use step or cosine.")
+        if self.weight_decay < 0 or self.d_lr < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("optim.weight_decay and optim.d_lr must be >= 0 and optim.momentum in [0, 1).")
+        if not 0 <= self.cutmix_prob <= 1 or self.cutmix_beta <= 0:
+            raise ConfigError("optim.cutmix_prob must be in [0, 1] and optim.cutmix_beta > 0.")
+
+
+@dataclass
+class LossConfig:
+    discriminator: str = "reference"  # reference | adversarial | off
+    hard_label_weight: float = 0.0
+
+    def validate(self) -> None:
+        if self.discriminator not in ("reference", "adversarial", "off"):
+            raise ConfigError(f"loss.discriminator={self.discriminator!r}: use reference, adversarial or off.")
+        if self.hard_label_weight < 0:
+            raise ConfigError(f"loss.hard_label_weight={self.hard_label_weight} must be >= 0.")
+
+
+@dataclass
+class RunConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    seed: int = 0
+    output: Optional[str] = None  # default runs/<name>
+    tracking_uri: Optional[str] = None  # default sqlite:///mlflow.db in the working directory
+    experiment: str = "meal-ray"
+    checkpoints_to_keep: int = 2
+    max_failures: int = 1
+    log_every: int = 20  # steps between progress lines
+
+    def validate(self) -> None:
+        _positive("run.num_workers", self.num_workers)
+        _positive("run.checkpoints_to_keep", self.checkpoints_to_keep)
+        if self.max_failures < -1:
+            raise ConfigError("run.max_failures must be >= 0, or -1 for unlimited retries.")
+
+
+@dataclass
+class JobConfig:
+    name: str = "meal-ray"
+    mode: str = "distill"  # distill | pretrain
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "JobConfig":
+        if self.mode not in ("distill", "pretrain"):
+            raise ConfigError(f"mode={self.mode!r}: use distill or pretrain.")
+        for section in (self.data, self.teachers, self.optim, self.loss, self.run):
+            section.validate()
+        if self.mode == "pretrain" and self.teachers.source != "none":
+            raise ConfigError("mode=pretrain trains with hard labels: set teachers.source=none.")
+        if self.mode == "distill" and self.teachers.source == "none":
+            raise ConfigError("mode=distill needs teachers: set teachers.source to served or local.")
+        _positive("student.num_classes", self.student.num_classes)
+        if self.optim.batch_size % self.run.num_workers:
+            raise ConfigError(
+                f"optim.batch_size={self.optim.batch_size} is the global batch and must be divisible by "
+                f"run.num_workers={self.run.num_workers}."
+            )
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output or f"runs/{self.name}").resolve()
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _positive(key: str, value) -> None:
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive number.")
+
+
+def _pair(key: str, value) -> tuple:
+    if len(value) != 2 or value[0] > value[1]:
+        raise ConfigError(f"{key}={list(value)} must be two numbers [min, max] with min <= max.")
+    return value
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(cls, data: Any, path: str):
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types by name."""
+    if dataclasses.is_dataclass(cls):
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}.")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in data.items():
+            full = f"{path}.{key}" if path else key
+            if key not in names:
+                raise ConfigError(f"unknown config key {full!r}.{suggest(key, names)} Valid keys here: {', '.join(names)}.")
+            kwargs[key] = _coerce_value(hints[key], value, full, cls, key)
+        return cls(**kwargs)
+    return data
+
+
+def _coerce_value(hint, value, path: str, owner, key):
+    if owner is TeachersConfig and key == "models":
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list of teachers, e.g. [{{model: resnet18, weights: path}}].")
+        return [_coerce(TeacherSpec, v if isinstance(v, dict) else {"model": v}, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _coerce(hint, value, path)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be true or false.")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r} must be a number.")
+        if hint is int and float(value) != int(value):
+            raise ConfigError(f"{path}={value!r} must be a whole number.")
+        return hint(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{path}={value!r} must be a string.")
+    return value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["optim.epochs=3", "data.image_size=32"]`` into a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.epochs=3.")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, data: Optional[dict] = None) -> JobConfig:
+    """Load a job YAML (or dict), apply ``key=value`` overrides, and validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; see jobs/ for examples.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if data:
+        raw = deep_merge(raw, data)
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+    return _coerce(JobConfig, raw, "").validate()

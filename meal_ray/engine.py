@@ -1,0 +1,233 @@
+"""The one training loop: hard-label pretraining and MEAL V2 distillation, for every soft-label source.
+
+Plain PyTorch (no Ray): Ray Train calls it from each worker, tests call it in-process. Models
+are wrapped for DDP by a callable the caller passes in (``wrap_model``), and checkpoints,
+metrics and exports are handed to callbacks, so the edges decide where they go.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from meal_ray.config import JobConfig, OptimConfig
+from meal_ray.data import Normalize, build_loaders
+from meal_ray.evaluation import EvalResult, evaluate_model
+from meal_ray.losses import hard_label_cross_entropy, meal_v2_loss
+from meal_ray.models import Discriminator, create_model
+from meal_ray.soft_labels import Batch, NoSoftLabels, batches_from_loader, cutmix
+
+
+def student_data_config(cfg: JobConfig) -> dict:
+    """The preprocessing the student is trained with, as timm pretrained_cfg fields (for exports)."""
+    d = cfg.data
+    return dict(input_size=(d.in_chans, d.image_size, d.image_size), mean=tuple(d.mean), std=tuple(d.std),
+                interpolation=d.interpolation, crop_pct=d.crop_pct, crop_mode="center")
+
+
+def build_student(cfg: JobConfig) -> torch.nn.Module:
+    s = cfg.student
+    return create_model(s.model, num_classes=s.num_classes, in_chans=cfg.data.in_chans, pretrained=s.pretrained,
+                        weights=s.weights, data_config=student_data_config(cfg), drop_rate=s.drop_rate)
+
+
+def build_optimizer(student: torch.nn.Module, discriminator: Optional[torch.nn.Module], optim: OptimConfig):
+    """One SGD, two parameter groups: student at the schedule's lr, discriminator at d_lr (constant)."""
+    groups = [{"params": list(student.parameters()), "lr": optim.lr, "name": "student"}]
+    if discriminator is not None:
+        groups.append({"params": list(discriminator.parameters()), "lr": optim.d_lr, "name": "discriminator"})
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+
+def student_lr(optim: OptimConfig, epoch: int, step_fraction: float = 0.0) -> float:
+    """Step: lr * gamma^(number of milestones passed); cosine: per-step cosine from lr to 0 over all epochs."""
+    if optim.lr_schedule == "cosine":
+        t = (epoch + step_fraction) / optim.epochs
+        return 0.5 * optim.lr * (1 + math.cos(math.pi * min(t, 1.0)))
+    return optim.lr * optim.lr_gamma ** sum(epoch >= m for m in optim.lr_milestones)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: dict, device) -> dict:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+class Engine:
+    """Builds student, discriminator, optimizer and data for one worker and runs epochs."""
+
+    def __init__(self, cfg: JobConfig, source=None, device: torch.device | str = "cpu",
+                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.device, self.log = cfg, torch.device(device), log
+        self.rank, self.world_size = _world()
+        self.source = source or NoSoftLabels()
+        self.distill = cfg.mode == "distill"
+        torch.manual_seed(cfg.run.seed)  # identical init on every rank
+        self.student_raw = build_student(cfg).to(self.device)
+        self.discriminator_raw = (
+            Discriminator(cfg.student.num_classes).to(self.device)
+            if self.distill and cfg.loss.discriminator != "off" else None
+        )
+        self.optimizer = build_optimizer(self.student_raw, self.discriminator_raw, cfg.optim)
+        self.student = wrap_model(self.student_raw)
+        self.discriminator = wrap_model(self.discriminator_raw) if self.discriminator_raw is not None else None
+        self.normalize = Normalize(cfg.data.mean, cfg.data.std).to(self.device)
+        self.train_loader, self.val_loader, self.classes = build_loaders(
+            cfg.data, cfg.student.num_classes, cfg.optim.batch_size // self.world_size,
+            self.rank, self.world_size, cfg.run.seed)
+        self.epoch = 0  # next epoch to run
+        self._rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
+        torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # per-rank augmentation stream
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "student": self.student_raw.state_dict(),
+            "discriminator": self.discriminator_raw.state_dict() if self.discriminator_raw is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cutmix": self._rng.get_state()},
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student_raw.load_state_dict(state["student"])
+        if self.discriminator_raw is not None and state.get("discriminator") is not None:
+            self.discriminator_raw.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        rng = state.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            self._rng.set_state(rng["cutmix"])
+
+    # ------------------------------------------------------------------ training
+    def _batches(self) -> Iterator[Batch]:
+        o = self.cfg.optim
+        for batch in batches_from_loader(self.train_loader):
+            yield cutmix(batch, o.cutmix_beta, o.cutmix_prob, self._rng) if o.cutmix else batch
+
+    def train_step(self, batch: Batch) -> dict:
+        """One SGD step on one batch; returns this step's loss parts and hit count."""
+        images = self.normalize(batch.images.to(self.device, non_blocking=True))
+        labels = batch.labels.to(self.device)
+        labels_b = batch.labels_b.to(self.device) if batch.labels_b is not None else None
+        logits = self.student(images)
+        if batch.teacher_probs is None:
+            if self.distill:
+                raise RuntimeError("distillation batch arrived without teacher soft labels")
+            total = hard_label_cross_entropy(logits, labels, labels_b, batch.lam)
+            parts = {"hard_ce": total}
+        else:
+            p = meal_v2_loss(logits, batch.teacher_probs.to(self.device).float(),
+                             batch.teacher_logits.to(self.device).float(), self.discriminator,
+                             self.cfg.loss.discriminator, labels, self.cfg.loss.hard_label_weight, labels_b, batch.lam)
+            total = p.total
+            parts = {k: v for k, v in (("soft_ce", p.soft_ce), ("disc_loss", p.disc), ("hard_ce", p.hard_ce)) if v is not None}
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        out = {k: float(v.detach()) for k, v in parts.items()}
+        out["loss"] = float(total.detach())
+        out["hits"] = int((logits.detach().argmax(1) == labels).sum())
+        return out
+
+    def train_epoch(self) -> dict:
+        """Run epoch ``self.epoch``; returns metrics averaged over all ranks."""
+        epoch, o = self.epoch, self.cfg.optim
+        self.train_loader.sampler.set_epoch(epoch)
+        self.student.train()
+        if self.discriminator is not None:
+            self.discriminator.train()
+        steps_per_epoch = len(self.train_loader)
+        sums = {"loss": 0.0, "soft_ce": 0.0, "disc_loss": 0.0, "hard_ce": 0.0, "hits": 0, "samples": 0,
+                "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0}
+        start = last = time.perf_counter()
+        for step, batch in enumerate(self.source.attach(self._batches())):
+            for group in self.optimizer.param_groups:
+                if group.get("name") == "student":
+                    group["lr"] = student_lr(o, epoch, step / max(steps_per_epoch, 1))
+            out = self.train_step(batch)
+            n = int(batch.labels.shape[0])
+            for k in ("loss", "soft_ce", "disc_loss", "hard_ce"):
+                sums[k] += out.get(k, 0.0) * n
+            sums["hits"] += out["hits"]
+            sums["samples"] += n
+            sums["steps"] += 1
+            sums["wait_s"] += batch.wait_s
+            if batch.teacher_latency_s is not None:
+                sums["latency_s"] += batch.teacher_latency_s
+                sums["latency_n"] += 1
+            now = time.perf_counter()
+            if self.rank == 0 and self.cfg.run.log_every and (step + 1) % self.cfg.run.log_every == 0:
+                self.log(f"epoch {epoch + 1}/{o.epochs} step {step + 1}/{steps_per_epoch} "
+                         f"loss {out['loss']:.4f} ({n * self.world_size / max(now - last, 1e-9) * self.cfg.run.log_every:.0f} img/s)")
+                last = now
+        sums["time_s"] = time.perf_counter() - start
+        total = _all_reduce_sum(sums, self.device)
+        samples = max(total["samples"], 1)
+        wall = total["time_s"] / self.world_size
+        metrics = {
+            "train_loss": total["loss"] / samples,
+            "train_top1": 100.0 * total["hits"] / samples,
+            "images_per_s": total["samples"] / max(wall, 1e-9),
+            "lr": student_lr(o, epoch),
+            "epoch_time_s": wall,
+        }
+        if self.distill:
+            metrics["soft_ce"] = total["soft_ce"] / samples
+            if self.discriminator is not None:
+                metrics["disc_loss"] = total["disc_loss"] / samples
+            metrics["teacher_wait_frac"] = total["wait_s"] / max(total["time_s"], 1e-9)
+            if total["latency_n"]:
+                metrics["teacher_latency_ms"] = 1000.0 * total["latency_s"] / total["latency_n"]
+        if not self.distill or self.cfg.loss.hard_label_weight > 0:
+            metrics["hard_ce"] = total["hard_ce"] / samples
+        self.epoch += 1
+        return metrics
+
+    def evaluate(self) -> EvalResult:
+        return evaluate_model(self.student, self.normalize, self.val_loader, self.cfg.student.num_classes, self.device)
+
+    def fit(self, on_epoch_end: Callable[[int, dict, EvalResult], None] = lambda *a: None) -> Optional[EvalResult]:
+        """Train from ``self.epoch`` to ``optim.epochs``, evaluating after each epoch."""
+        result = None
+        while self.epoch < self.cfg.optim.epochs:
+            metrics = self.train_epoch()
+            result = self.evaluate()
+            metrics.update(val_top1=result.top1, val_top5=result.top5)
+            if self.rank == 0:
+                self.log(format_epoch(self.epoch, self.cfg.optim.epochs, metrics))
+            on_epoch_end(self.epoch, metrics, result)
+        return result
+
+
+def format_epoch(epoch: int, epochs: int, m: dict) -> str:
+    parts = [f"epoch {epoch}/{epochs}", f"loss {m['train_loss']:.4f}"]
+    for key, label in (("soft_ce", "soft_ce"), ("disc_loss", "d_loss"), ("hard_ce", "hard_ce")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.4f}")
+    parts += [f"train@1 {m['train_top1']:.2f}", f"val@1 {m['val_top1']:.2f}", f"val@5 {m['val_top5']:.2f}",
+              f"{m['images_per_s']:.0f} img/s"]
+    if "teacher_wait_frac" in m:
+        parts.append(f"teacher wait {100 * m['teacher_wait_frac']:.1f}%")
+    return " | ".join(parts)

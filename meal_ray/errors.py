@@ -1,0 +1,40 @@
+"""User-facing errors: each names the problem and the fix, so the CLI can print it without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class MealRayError(Exception):
+    """Base class for errors caused by user input (config, data, models, teachers)."""
+
+
+class ConfigError(MealRayError, ValueError):
+    """A config value or key is wrong."""
+
+
+class ModelNotFoundError(MealRayError, ValueError):
+    """An unknown timm architecture name or an unreadable weights file."""
+
+
+class ClassCountMismatchError(MealRayError, ValueError):
+    """Teachers and student disagree on the number of classes or input channels."""
+
+
+class DatasetError(MealRayError, FileNotFoundError):
+    """A dataset file is missing, truncated or malformed."""
+
+
+class TeachersNotRunningError(MealRayError, RuntimeError):
+    """The Serve teacher application is not deployed or not healthy."""
+
+
+class OutputDirError(MealRayError, FileExistsError):
+    """The output directory holds a different run."""
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 5) -> str:
+    """Return ' Did you mean: a, b?' for close matches of ``name`` (empty string if none)."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

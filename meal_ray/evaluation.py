@@ -1,0 +1,62 @@
+"""Evaluation: top-1, top-5, per-class accuracy and the confusion matrix (summed over ranks when distributed)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    per_class: list = field(default_factory=list)  # accuracy (%) per class
+    confusion: list = field(default_factory=list)  # confusion[true][pred] counts
+    count: int = 0
+
+    def to_dict(self, class_names: Optional[Sequence[str]] = None) -> dict:
+        d = asdict(self)
+        if class_names:
+            d["per_class"] = {n: a for n, a in zip(class_names, self.per_class)}
+        return d
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, num_classes: int,
+             device: torch.device | str = "cpu") -> EvalResult:
+    """``predict(uint8 images) -> scores [B, C]`` (logits or probabilities) over (images, labels) batches."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    top5_hits = torch.zeros((), dtype=torch.int64, device=device)
+    k = min(5, num_classes)
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        scores = predict(images)
+        top = scores.topk(k, dim=1).indices
+        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).view(num_classes, num_classes)
+        top5_hits += (top == labels[:, None]).any(dim=1).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+        dist.all_reduce(top5_hits)
+    confusion = confusion.cpu()
+    count = int(confusion.sum())
+    per_class_total = confusion.sum(dim=1).clamp(min=1)
+    return EvalResult(
+        top1=100.0 * float(confusion.diag().sum()) / max(count, 1),
+        top5=100.0 * float(top5_hits) / max(count, 1),
+        per_class=(100.0 * confusion.diag().float() / per_class_total).tolist(),
+        confusion=confusion.tolist(),
+        count=count,
+    )
+
+
+def evaluate_model(model: torch.nn.Module, normalize: torch.nn.Module, loader: Iterable, num_classes: int,
+                   device: torch.device | str = "cpu") -> EvalResult:
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(lambda x: model(normalize(x)), loader, num_classes, device)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,171 @@
+"""Students, teachers and the MEAL V2 discriminator, built on timm.
+
+Weights come from a timm/HF-hub name (``pretrained=True``, needs internet), a local weights
+file (timm's ``pretrained_cfg_overlay=dict(file=...)``), or a meal-ray export directory
+(``model.safetensors`` + ``config.json``, loadable by timm as ``local-dir:DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+
+from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError, suggest
+
+#: Discriminator hidden widths never go below this, so small class counts (C=10) still work.
+DISCRIMINATOR_MIN_WIDTH = 8
+
+
+def _check_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if not timm.is_model(name):
+        arch = name.split(".")[0]
+        raise ModelNotFoundError(
+            f"unknown timm model {name!r}.{suggest(arch, timm.list_models())} "
+            "See `timm.list_models('pattern*')` for valid names."
+        )
+
+
+def is_export_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def read_export_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False,
+                 weights: Optional[str] = None, data_config: Optional[dict] = None, **kwargs) -> nn.Module:
+    """Create a timm model, optionally with weights; ``data_config`` sets its pretrained_cfg preprocessing.
+
+    ``weights`` may be a meal-ray export directory (its class count and channels must match)
+    or a local weights file in any format timm loads (the classifier is re-initialized when
+    the class count differs, as timm does for pretrained weights).
+    """
+    _check_name(name)
+    if weights and is_export_dir(weights):
+        cfg = read_export_config(weights)
+        got_classes = cfg.get("num_classes")
+        got_chans = cfg.get("model_args", {}).get("in_chans", cfg.get("pretrained_cfg", {}).get("input_size", [3])[0])
+        if got_classes != num_classes or got_chans != in_chans:
+            raise ClassCountMismatchError(
+                f"weights {weights} are for {got_classes} classes and {got_chans} input channels, but "
+                f"{num_classes} classes and {in_chans} channels were asked for; set num_classes={got_classes} "
+                f"and use data with {got_chans} channels, or use other weights."
+            )
+        if cfg.get("architecture") != name.split(".")[0]:
+            raise ModelNotFoundError(
+                f"weights {weights} hold a {cfg.get('architecture')!r} model, not {name!r}; "
+                f"set the model name to {cfg.get('architecture')!r}."
+            )
+        model = timm.create_model(f"local-dir:{Path(weights).resolve()}", pretrained=True, **kwargs)
+    elif weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"weights {weights!r} not found: give a meal-ray export directory (model.safetensors + "
+                "config.json) or a weights file (.safetensors/.pth/.bin)."
+            )
+        overlay = dict(file=str(path.resolve()), num_classes=num_classes)
+        try:  # keep the file's classifier when it has num_classes outputs ...
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                      pretrained_cfg_overlay=overlay, **kwargs)
+        except RuntimeError:  # ... else load the backbone and re-initialize the classifier, as timm does
+            overlay.pop("num_classes")
+            try:
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                          pretrained_cfg_overlay=overlay, **kwargs)
+            except RuntimeError as e:
+                raise ModelNotFoundError(f"weights file {weights} does not fit model {name!r}: {e}") from None
+    else:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if data_config:
+        set_data_config(model, data_config)
+    return model
+
+
+def set_data_config(model: nn.Module, data_config: dict) -> None:
+    """Record preprocessing (input_size, mean, std, interpolation, crop_pct) in the model's pretrained_cfg."""
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    for key, value in data_config.items():
+        cfg[key] = tuple(value) if isinstance(value, list) else value
+    model.pretrained_cfg = cfg
+
+
+def model_data_config(model: nn.Module) -> dict:
+    """timm's resolved data config (input_size, mean, std, interpolation, crop_pct) for ``model``."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(model=model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_model(model: nn.Module, out_dir: str | Path, data_config: dict,
+                 label_names: Optional[Sequence[str]] = None) -> Path:
+    """Write ``model.safetensors`` + timm ``config.json`` to ``out_dir`` atomically (temp dir + rename)."""
+    from timm.models import save_for_hf
+
+    model = getattr(model, "module", model)  # unwrap DDP
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model_config = {"label_names": list(label_names)} if label_names else None
+        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
+                    data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()})
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_export(path: str | Path) -> nn.Module:
+    """Load a meal-ray export with plain timm (``local-dir:``) in eval mode."""
+    if not is_export_dir(path):
+        raise ModelNotFoundError(
+            f"{path} is not a meal-ray model export (expected model.safetensors and config.json there)."
+        )
+    return timm.create_model(f"local-dir:{Path(path).resolve()}", pretrained=True).eval()
+
+
+def discriminator_widths(num_classes: int, floor: int = DISCRIMINATOR_MIN_WIDTH) -> tuple[int, int]:
+    """Hidden widths C//8 and (C//8)//8, each floored at ``floor`` (1000 -> 125, 15; 10 -> 8, 8)."""
+    h1 = max(num_classes // 8, floor)
+    return h1, max(h1 // 8, floor)
+
+
+class Discriminator(nn.Module):
+    """MEAL V2 discriminator on logits: C -> C//8 -> (C//8)//8 -> 2, ReLU after every layer (authors' code)."""
+
+    def __init__(self, num_classes: int, floor: int = DISCRIMINATOR_MIN_WIDTH):
+        super().__init__()
+        h1, h2 = discriminator_widths(num_classes, floor)
+        self.num_classes = num_classes
+        self.net = nn.Sequential(
+            nn.Linear(num_classes, h1), nn.ReLU(),
+            nn.Linear(h1, h2), nn.ReLU(),
+            nn.Linear(h2, 2), nn.ReLU(),
+        )
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.net(logits)
