@@ -77,6 +77,7 @@ class LocalSoftLabels:
         for batch in batches:
             start = time.perf_counter()
             probs, logits = self.ensemble(batch.images.to(self.device))
+            probs, logits = probs.clone(), logits.clone()  # leave inference mode: usable in autograd
             elapsed = time.perf_counter() - start
             yield replace(batch, teacher_probs=probs, teacher_logits=logits, wait_s=elapsed, teacher_latency_s=elapsed)
 

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from meal_ray.config import load_config
+
 torch.set_num_threads(2)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -15,6 +17,32 @@ FMNIST_DATA = dict(dataset="fashion-mnist", image_size=28, crop_scale=[0.5, 1.0]
                    mean=[0.2860], std=[0.3530])
 FMNIST_DATA_CONFIG = dict(input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), interpolation="bilinear",
                           crop_pct=1.0)
+
+
+def make_config(mode, model, epochs, lr, subset, teachers=None, **extra):
+    return load_config(data=dict(
+        name="t", mode=mode, data=dict(FMNIST_DATA, train_subset=subset, val_subset=2000),
+        student=dict(model=model, num_classes=10, **extra.pop("student", {})),
+        teachers=dict(source="local" if teachers else "none", models=teachers or []),
+        optim=dict(epochs=epochs, batch_size=64, lr=lr, lr_milestones=[1000], **extra.pop("optim", {})),
+        run=dict(log_every=0, seed=extra.pop("seed", 0)), **extra))
+
+
+@pytest.fixture(scope="session")
+def trained_teachers(tmp_path_factory):
+    """Two real teachers trained here with hard labels (in-process engine, a few epochs)."""
+    from meal_ray.engine import Engine, student_data_config
+    from meal_ray.models import export_model
+
+    root = tmp_path_factory.mktemp("trained_teachers")
+    out = []
+    for i, arch in enumerate(("resnet10t", "test_resnet")):
+        cfg = make_config("pretrain", arch, epochs=3, lr=0.05, subset=12000, seed=i)
+        engine = Engine(cfg, log=lambda s: None)
+        result = engine.fit()
+        out.append({"model": arch, "weights": str(export_model(engine.student_raw, root / arch, student_data_config(cfg))),
+                    "top1": result.top1})
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,273 @@
+"""The MEAL V2 core without Ray: losses, discriminator, ensemble, data, errors, a short distillation."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import FMNIST_DATA, make_config as _cfg
+from meal_ray.config import TeacherSpec, load_config
+from meal_ray.data import (CropParams, FashionMNIST, TrainTransform, TrainView, render_crop, read_idx,
+                           stratified_indices)
+from meal_ray.ensemble import TeacherEnsemble
+from meal_ray.errors import ClassCountMismatchError, ConfigError, DatasetError, ModelNotFoundError
+from meal_ray.losses import discriminator_loss, meal_v2_loss, soft_cross_entropy
+from meal_ray.models import Discriminator, create_model, discriminator_widths, export_model, load_export
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_soft_cross_entropy_matches_hand_computation():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    probs = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    lse = math.log(math.e ** 1 + math.e ** 2 + math.e ** 3)
+    row0 = -(0.2 * (1 - lse) + 0.3 * (2 - lse) + 0.5 * (3 - lse))
+    row1 = -math.log(1 / 3)
+    assert soft_cross_entropy(logits, probs).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # equals KL(p_e || p_s) + H(p_e)
+    kl = F.kl_div(F.log_softmax(logits, 1), probs, reduction="batchmean")
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
+    assert soft_cross_entropy(logits, probs).item() == pytest.approx((kl + entropy).item(), rel=1e-5)
+
+
+class LinearDisc(nn.Module):
+    """Known 2xC linear map, so BCE and its gradient can be written out by hand."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(weight))
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _bce(o, t):
+    return -(t * math.log(_sig(o)) + (1 - t) * math.log(1 - _sig(o)))
+
+
+def test_discriminator_loss_and_student_gradient_match_hand_computation():
+    W = [[1.0, -1.0, 0.5], [0.0, 2.0, -1.0]]
+    disc = LinearDisc(W)
+    zs = torch.tensor([[0.5, 1.0, -1.0]], requires_grad=True)
+    zt = torch.tensor([[2.0, 0.0, 1.0]])
+    loss = discriminator_loss(disc, zs, zt)
+    os_ = [sum(w * z for w, z in zip(row, [0.5, 1.0, -1.0])) for row in W]  # student row outputs
+    ot = [sum(w * z for w, z in zip(row, [2.0, 0.0, 1.0])) for row in W]  # teacher row outputs
+    expected = (_bce(os_[0], 1) + _bce(os_[1], 0) + _bce(ot[0], 0) + _bce(ot[1], 1)) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d loss / d z_s = W^T (sigmoid(o_s) - target) / 4 : the student is NOT detached
+    r = [(_sig(os_[0]) - 1) / 4, (_sig(os_[1]) - 0) / 4]
+    grad = [W[0][c] * r[0] + W[1][c] * r[1] for c in range(3)]
+    assert zs.grad.tolist()[0] == pytest.approx(grad, rel=1e-5)
+    # adversarial option reverses exactly that gradient
+    zs2 = zs.detach().clone().requires_grad_(True)
+    discriminator_loss(disc, zs2, zt, reverse_student_gradient=True).backward()
+    assert zs2.grad.tolist()[0] == pytest.approx([-g for g in grad], rel=1e-5)
+
+
+def test_discriminator_architecture_and_floor():
+    assert discriminator_widths(1000) == (125, 15)
+    assert discriminator_widths(10) == (8, 8)
+    d = Discriminator(1000)
+    linears = [m for m in d.net if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(1000, 125), (125, 15), (15, 2)]
+    assert isinstance(d.net[-1], nn.ReLU)  # ReLU after the last layer too (authors' code)
+    out = Discriminator(10)(torch.randn(6, 10))
+    assert out.shape == (6, 2) and (out >= 0).all()
+
+
+def test_meal_v2_total_is_sum_and_hard_labels_default_off():
+    torch.manual_seed(0)
+    zs, zt = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+    pt = zt.softmax(1)
+    disc = Discriminator(10)
+    parts = meal_v2_loss(zs, pt, zt, disc, labels=torch.arange(4))
+    assert parts.hard_ce is None
+    assert parts.total.item() == pytest.approx((parts.soft_ce + parts.disc).item(), rel=1e-6)
+    off = meal_v2_loss(zs, pt, zt, disc, discriminator_mode="off")
+    assert off.disc is None and off.total.item() == pytest.approx(parts.soft_ce.item())
+    hard = meal_v2_loss(zs, pt, zt, None, labels=torch.arange(4), hard_label_weight=0.5)
+    assert hard.total.item() == pytest.approx((hard.soft_ce + 0.5 * F.cross_entropy(zs, torch.arange(4))).item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+
+def test_ensemble_averages_teachers_with_different_input_sizes(tiny_teachers):
+    specs = [TeacherSpec(**t) for t in tiny_teachers]
+    ensemble = TeacherEnsemble.from_specs(specs)
+    assert [t.size for t in ensemble.teachers] == [(28, 28), (36, 36)]
+    crops = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    probs, logits = ensemble(crops)
+    by_hand_probs, by_hand_logits = [], []
+    for spec, size in zip(tiny_teachers, (28, 36)):
+        model = load_export(spec["weights"])
+        x = crops.float()
+        if size != 28:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = (x / 255 - 0.2860) / 0.3530
+        with torch.no_grad():
+            z = model(x)
+        by_hand_logits.append(z)
+        by_hand_probs.append(z.softmax(1))
+    torch.testing.assert_close(probs, (by_hand_probs[0] + by_hand_probs[1]) / 2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, (by_hand_logits[0] + by_hand_logits[1]) / 2, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(probs.sum(1), torch.ones(5))
+    with pytest.raises(ClassCountMismatchError, match="student.num_classes=10"):
+        ensemble.check_student(num_classes=100, in_chans=1)
+    with pytest.raises(ClassCountMismatchError, match="input channels"):
+        ensemble.check_student(num_classes=10, in_chans=3)
+
+
+def test_teachers_with_different_class_counts_are_refused(tmp_path):
+    a = export_model(create_model("test_resnet", num_classes=10, in_chans=1), tmp_path / "a",
+                     dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,)))
+    b = export_model(create_model("test_resnet", num_classes=7, in_chans=1), tmp_path / "b",
+                     dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,)))
+    with pytest.raises(ClassCountMismatchError, match="disagree on the number of classes"):
+        TeacherEnsemble.from_specs([TeacherSpec("test_resnet", str(a)), TeacherSpec("test_resnet", str(b))])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_fashion_mnist_sizes_and_class_balance():
+    train, test = FashionMNIST(train=True), FashionMNIST(train=False)
+    assert len(train) == 60000 and len(test) == 10000
+    assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert torch.bincount(train.targets).tolist() == [6000] * 10
+    assert torch.bincount(test.targets).tolist() == [1000] * 10
+    idx = stratified_indices(test.targets, 95, 10)
+    assert len(idx) == 95 and sorted(torch.bincount(test.targets[idx]).tolist()) == [9] * 5 + [10] * 5
+
+
+def test_recorded_crop_rerenders_identically():
+    torch.manual_seed(3)
+    base = FashionMNIST(train=False)
+    view = TrainView(base, TrainTransform(32, scale=(0.2, 1.0)))
+    flips = set()
+    for i in range(20):
+        crop, label, index, params = view[i]
+        p = CropParams.from_tensor(params)
+        flips.add(p.flip)
+        assert crop.shape == (1, 32, 32) and crop.dtype == torch.uint8 and index == i
+        assert torch.equal(render_crop(base.images[i], p, 32), crop)
+        assert p.height * p.width <= 28 * 28
+    assert flips == {True, False}  # both branches exercised
+
+
+def test_missing_and_truncated_dataset_files_get_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNIST(root=str(tmp_path))
+    src = FashionMNIST(train=False).root
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(src / name, tmp_path / name)
+    data = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated payload, valid gzip
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        FashionMNIST(root=str(tmp_path), train=False)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")  # broken gzip
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        FashionMNIST(root=str(tmp_path), train=False)
+    with pytest.raises(DatasetError, match="bad magic"):
+        read_idx(b"\x00\x00\x0d\x01" + bytes(8))
+    with pytest.raises(DatasetError, match="missing"):
+        FashionMNIST(root=str(tmp_path), train=True)
+
+
+# ----------------------------------------------------------------------------- models and config errors
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(ModelNotFoundError, match=r"unknown timm model 'resnet51'.*Did you mean:.*resnet50"):
+        create_model("resnet51", num_classes=10)
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        create_model("resnet18", num_classes=10, weights="/nonexistent/weights.safetensors")
+
+
+def test_export_roundtrip_is_timm_loadable(tmp_path):
+    import timm
+
+    dc = dict(input_size=(1, 28, 28), mean=(0.286,), std=(0.353,), interpolation="bilinear", crop_pct=1.0)
+    model = create_model("test_efficientnet", num_classes=10, in_chans=1, data_config=dc).eval()
+    out = export_model(model, tmp_path / "student", dc, label_names=[str(i) for i in range(10)])
+    x = torch.randn(3, 1, 28, 28)
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    overlay = timm.create_model("test_efficientnet", pretrained=True, num_classes=10, in_chans=1,
+                                pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=10)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+        torch.testing.assert_close(overlay(x), model(x))
+    assert tuple(plain.pretrained_cfg["mean"]) == (0.286,) and tuple(plain.pretrained_cfg["input_size"]) == (1, 28, 28)
+    with pytest.raises(ClassCountMismatchError, match="num_classes=10"):
+        create_model("test_efficientnet", num_classes=100, in_chans=1, weights=str(out))
+
+
+BASE = {"data": {"dataset": "fashion-mnist"}, "teachers": {"models": ["a"]}}
+
+
+def test_bad_config_values_and_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.epoch'.*Did you mean: epochs"):
+        load_config(data={"optim": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="optim.lr=-0.1 must be a positive number"):
+        load_config(data=dict(BASE, optim={"lr": -0.1}))
+    with pytest.raises(ConfigError, match="optim.epochs='ten' must be a number"):
+        load_config(data=dict(BASE, optim={"epochs": "ten"}))
+    with pytest.raises(ConfigError, match="loss.discriminator='gan'"):
+        load_config(data=dict(BASE, loss={"discriminator": "gan"}))
+    with pytest.raises(ConfigError, match="divisible by run.num_workers=3"):
+        load_config(data=dict(BASE, optim={"batch_size": 64}, run={"num_workers": 3}))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("jobs/no-such-job.yaml")
+    cfg = load_config(data=BASE, overrides=["optim.epochs=3", "data.crop_scale=[0.5,1]"])
+    assert cfg.optim.epochs == 3 and cfg.data.crop_scale == (0.5, 1)
+    # the paper's defaults
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.d_lr) == (0.01, 0.9, 0.0, 1e-4)
+    assert cfg.optim.lr_milestones == (100,) and cfg.loss.hard_label_weight == 0.0
+
+
+# ----------------------------------------------------------------------------- a short distillation
+
+
+def test_short_distillation_moves_a_weak_student_toward_the_teachers(trained_teachers):
+    from meal_ray.engine import Engine
+    from meal_ray.evaluation import evaluate
+    from meal_ray.soft_labels import LocalSoftLabels
+
+    specs = [{"model": t["model"], "weights": t["weights"]} for t in trained_teachers]
+    cfg = _cfg("distill", "test_efficientnet", epochs=3, lr=0.05, subset=6000, teachers=specs)
+    ensemble = TeacherEnsemble.from_specs(cfg.teachers.models)
+    engine = Engine(cfg, source=LocalSoftLabels(ensemble), log=lambda s: None)
+    ensemble_top1 = evaluate(lambda x: ensemble(x)[0], engine.val_loader, 10).top1
+    assert ensemble_top1 > 70, trained_teachers
+
+    def val_soft_ce():
+        engine.student.eval()
+        with torch.no_grad():
+            total = n = 0
+            for images, _ in engine.val_loader:
+                total += soft_cross_entropy(engine.student(engine.normalize(images)), ensemble(images)[0]).item() * len(images)
+                n += len(images)
+        return total / n
+
+    before_ce, before_top1 = val_soft_ce(), engine.evaluate().top1
+    history = []
+    result = engine.fit(lambda epoch, m, r: history.append(m))
+    after_ce = val_soft_ce()
+    assert after_ce < 0.7 * before_ce, (before_ce, after_ce)
+    assert history[-1]["soft_ce"] < history[0]["soft_ce"]
+    assert result.top1 > before_top1 + 30 and result.top1 > 0.75 * ensemble_top1, (before_top1, result.top1, ensemble_top1)
+    assert "disc_loss" in history[0] and 0 <= history[0]["teacher_wait_frac"] <= 1
