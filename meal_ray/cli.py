@@ -69,19 +69,70 @@ def data_fashion_mnist(root, download, check):
 @click.option("--dataset", default="fashion-mnist", show_default=True, type=click.Choice(["fashion-mnist", "imagefolder"]))
 @click.option("--root", default=None, help="Dataset root (imagefolder: folder with val/).")
 @click.option("--batch-size", default=256, show_default=True)
+@click.option("--val-subset", default=None, type=int, help="Evaluate on a stratified subset of this many images (as a run's data.val_subset).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
-def evaluate(model_dir, dataset, root, batch_size, as_json):
+def evaluate(model_dir, dataset, root, batch_size, val_subset, as_json):
     """Evaluate an exported student on the validation/test set with the preprocessing in its config.json."""
     from meal_ray.evaluate_export import evaluate_export
 
-    result, classes = evaluate_export(model_dir, dataset, root, batch_size)
+    result, classes = evaluate_export(model_dir, dataset, root, batch_size, val_subset)
     if as_json:
         click.echo(json.dumps(result.to_dict(classes)))
         return
     click.echo(f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  ({result.count} images)")
     for name, acc in zip(classes, result.per_class):
         click.echo(f"  {name:<14} {acc:6.2f}%")
+
+
+# --------------------------------------------------------------------------- pretrain / distill
+
+
+def _job_options(fn):
+    options = [
+        click.option("--config", "config_path", required=True, help="Job config YAML (see jobs/)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config value, e.g. --set optim.epochs=3 (repeatable)."),
+        click.option("--output", default=None, help="Run directory (default runs/<name>)."),
+        click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite mlflow.db in the working dir)."),
+        click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
+        click.option("--overwrite", is_flag=True, help="Replace the run in --output."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _run(mode, config_path, overrides, output, tracking_uri, address, resume, overwrite):
+    from meal_ray.config import load_config
+    from meal_ray.launch import run_job
+
+    extra = list(overrides)
+    if output:
+        extra.append(f"run.output={output}")
+    if tracking_uri:
+        extra.append(f"run.tracking_uri={tracking_uri}")
+    cfg = load_config(config_path, extra)
+    if cfg.mode != mode:
+        raise click.UsageError(f"{config_path} is a mode={cfg.mode} config; use `meal-ray {cfg.mode}` for it.")
+    run_job(cfg, resume=resume, overwrite=overwrite, address=address)
+
+
+@main.command()
+@_job_options
+@friendly_errors
+def pretrain(**kwargs):
+    """Hard-label training (teachers, or the student's initialization) as a Ray Train job."""
+    _run("pretrain", **kwargs)
+
+
+@main.command()
+@_job_options
+@friendly_errors
+def distill(**kwargs):
+    """MEAL V2 distillation from the teacher ensemble (served, local or cached soft labels) as a Ray Train job."""
+    _run("distill", **kwargs)
 
 
 if __name__ == "__main__":

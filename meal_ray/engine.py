@@ -160,13 +160,15 @@ class Engine:
             self.discriminator.train()
         steps_per_epoch = len(self.train_loader)
         sums = {"loss": 0.0, "soft_ce": 0.0, "disc_loss": 0.0, "hard_ce": 0.0, "hits": 0, "samples": 0,
-                "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0}
+                "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0, "first_loss": 0.0}
         start = last = time.perf_counter()
         for step, batch in enumerate(self.source.attach(self._batches())):
             for group in self.optimizer.param_groups:
                 if group.get("name") == "student":
                     group["lr"] = student_lr(o, epoch, step / max(steps_per_epoch, 1))
             out = self.train_step(batch)
+            if step == 0:
+                sums["first_loss"] = out["loss"]
             n = int(batch.labels.shape[0])
             for k in ("loss", "soft_ce", "disc_loss", "hard_ce"):
                 sums[k] += out.get(k, 0.0) * n
@@ -192,6 +194,7 @@ class Engine:
             "images_per_s": total["samples"] / max(wall, 1e-9),
             "lr": student_lr(o, epoch),
             "epoch_time_s": wall,
+            "first_step_loss": total["first_loss"] / self.world_size,  # mean over ranks; for source equivalence checks
         }
         if self.distill:
             metrics["soft_ce"] = total["soft_ce"] / samples

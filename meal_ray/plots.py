@@ -1,0 +1,48 @@
+"""PNG plots for runs and the demo: training curves and per-class accuracy bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_training_curves(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Loss terms (left) and train/val top-1 (right) per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("train_loss", "soft_ce", "disc_loss", "hard_ce"):
+        if any(key in h for h in history):
+            ax_l.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    ax_l.set_xlabel("epoch"), ax_l.set_ylabel("loss"), ax_l.legend(), ax_l.grid(alpha=0.3)
+    for key in ("train_top1", "val_top1"):
+        ax_a.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    ax_a.set_xlabel("epoch"), ax_a.set_ylabel("top-1 (%)"), ax_a.legend(), ax_a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_per_class(classes: Sequence[str], series: dict, path: str | Path, title: str = "Per-class accuracy") -> Path:
+    """Grouped bars: one group per class, one bar per named series (e.g. control vs MEAL V2)."""
+    import numpy as np
+
+    x = np.arange(len(classes))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(8, len(classes) * 0.9), 4.5))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, classes, rotation=30, ha="right")
+    lo = min(min(v) for v in series.values())
+    ax.set_ylim(max(0, lo - 10), 100)
+    ax.set_ylabel("accuracy (%)"), ax.set_title(title), ax.legend(), ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

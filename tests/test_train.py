@@ -1,0 +1,121 @@
+"""Ray Train jobs on a real local cluster: distill from served and local teachers, resume, MLflow, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import FMNIST_DATA
+from meal_ray.config import load_config
+from meal_ray.errors import ConfigError, OutputDirError, TeachersNotRunningError
+
+pytestmark = pytest.mark.slow
+
+APP = "meal-ray-train-test-teachers"
+
+
+def job(tmp_path, name, teachers, source, epochs=1, **over):
+    return load_config(data=dict(
+        name=name, mode="distill",
+        data=dict(FMNIST_DATA, train_subset=1024, val_subset=500),
+        student=dict(model="test_efficientnet", num_classes=10),
+        teachers=dict(source=source, app_name=APP, prefetch=3,
+                      models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
+        optim=dict(epochs=epochs, batch_size=128, lr=0.05),
+        run=dict(num_workers=2, cpus_per_worker=1, seed=7, output=str(tmp_path / name),
+                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_every=0),
+        **over))
+
+
+@pytest.fixture(scope="module")
+def served_teachers(ray_cluster, tiny_teachers):
+    from ray import serve
+
+    from meal_ray.serving import build_app
+
+    app = build_app({"teachers": tiny_teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005,
+                     "num_cpus": 0.5})
+    serve.run(app, name=APP, route_prefix=None)
+    yield tiny_teachers
+    serve.delete(APP)
+
+
+def test_served_and_local_distillation_agree_and_track_everything(tmp_path, served_teachers):
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.evaluate_export import evaluate_export
+    from meal_ray.launch import run_job
+
+    served = run_job(job(tmp_path, "served", served_teachers, "served"))
+    local = run_job(job(tmp_path, "local", served_teachers, "local"))
+    s_hist, l_hist = served["history"][0], local["history"][0]
+    # same seed, same crops, same init: the first step's loss matches (fp16 replies from Serve)
+    assert s_hist["first_step_loss"] == pytest.approx(l_hist["first_step_loss"], rel=2e-3)
+    assert 0 <= s_hist["teacher_wait_frac"] <= 1 and s_hist["teacher_latency_ms"] > 0
+    assert "disc_loss" in s_hist and s_hist["soft_ce"] > 0
+
+    # MLflow holds params, per-epoch metrics, per-class accuracy and artifacts
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(served["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.05" and run.data.params["teachers.source"] == "served"
+    for key in ("soft_ce", "disc_loss", "val_top1", "val_top5", "train_top1", "images_per_s",
+                "teacher_wait_frac", "teacher_latency_ms"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["final_top1"] == pytest.approx(served["top1"])
+    assert run.data.metrics["val_acc/Trouser"] == pytest.approx(served["per_class"]["Trouser"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "training_curves.png", "per_class.png", "student"} <= artifacts
+
+    # the export loads into a fresh timm model and reproduces the reported top-1
+    result, _ = evaluate_export(str(tmp_path / "served" / "student"), val_subset=500)
+    assert result.top1 == pytest.approx(served["top1"], abs=1e-6)
+    metrics_file = json.loads((tmp_path / "served" / "metrics.json").read_text())
+    assert metrics_file["top1"] == served["top1"] and set(metrics_file["per_class"]) >= {"Shirt", "Coat"}
+
+
+def test_stopped_run_resumes_at_next_epoch_with_optimizer_state(tmp_path, ray_cluster, tiny_teachers):
+    from meal_ray.launch import STATE_FILE, run_job
+
+    first = run_job(job(tmp_path, "resume", tiny_teachers, "local", epochs=1))
+    assert [h["epoch"] for h in first["history"]] == [1]
+    ckpts = sorted(p for p in (tmp_path / "resume" / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+    state = torch.load(ckpts[-1] / STATE_FILE, weights_only=False)
+    saved_norm = (sum(float(s["momentum_buffer"].double().pow(2).sum()) for s in state["optimizer"]["state"].values())) ** 0.5
+    assert saved_norm > 0
+
+    with pytest.raises(OutputDirError, match="--resume"):
+        run_job(job(tmp_path, "resume", tiny_teachers, "local", epochs=2))
+    with pytest.raises(OutputDirError, match="different config"):
+        run_job(job(tmp_path, "resume", tiny_teachers, "local", epochs=2, loss={"discriminator": "off"}), resume=True)
+
+    second = run_job(job(tmp_path, "resume", tiny_teachers, "local", epochs=2), resume=True)
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    epoch2 = second["history"][1]
+    assert epoch2["start_epoch"] == 1  # the resumed run started at epoch 2 (index 1)
+    assert epoch2["resume_optimizer_norm"] == pytest.approx(saved_norm, rel=1e-9)  # momentum buffers restored
+    assert second["epochs"] == 2
+
+
+def test_served_source_without_teachers_says_how_to_start_them(tmp_path, ray_cluster, tiny_teachers):
+    from meal_ray.launch import run_job
+
+    cfg = job(tmp_path, "noteachers", tiny_teachers, "served")
+    cfg.teachers.app_name = "no-such-teacher-app"
+    with pytest.raises(TeachersNotRunningError, match="meal-ray teachers up"):
+        run_job(cfg)
+
+
+def test_class_count_mismatch_and_unknown_key(tmp_path, ray_cluster, tiny_teachers):
+    from meal_ray.launch import build_source
+
+    cfg = job(tmp_path, "mismatch", tiny_teachers, "local")
+    cfg.student.num_classes = 12
+    from meal_ray.errors import ClassCountMismatchError
+
+    with pytest.raises(ClassCountMismatchError, match="student.num_classes=10"):
+        build_source(cfg, "cpu")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lr_sched'"):
+        load_config(data=dict(data=FMNIST_DATA, optim={"lr_sched": "cosine"}, teachers={"models": ["x"]}))
