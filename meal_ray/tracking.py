@@ -68,7 +68,7 @@ class Tracker:
                 self.client.update_run(self.run_id, status="RUNNING")
                 return self.run_id
             exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location=self._artifact_root())
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
             from mlflow.entities import Param
@@ -79,6 +79,12 @@ class Tracker:
             return self.run_id
 
         return self._safe("start run", _start)
+
+    def _artifact_root(self) -> Optional[str]:
+        """Keep a sqlite store's artifacts beside the database, not in whatever the working directory is."""
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return None
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         if not self.run_id:

@@ -271,3 +271,18 @@ def test_short_distillation_moves_a_weak_student_toward_the_teachers(trained_tea
     assert history[-1]["soft_ce"] < history[0]["soft_ce"]
     assert result.top1 > before_top1 + 30 and result.top1 > 0.75 * ensemble_top1, (before_top1, result.top1, ensemble_top1)
     assert "disc_loss" in history[0] and 0 <= history[0]["teacher_wait_frac"] <= 1
+
+
+def test_every_shipped_job_config_is_valid():
+    import glob
+
+    import timm
+
+    paths = sorted(glob.glob("jobs/*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        cfg = load_config(path)
+        assert timm.is_model(cfg.student.model), path
+        assert all(timm.is_model(t.model) for t in cfg.teachers.models), path
+        if cfg.data.dataset == "imagefolder":  # the paper's settings
+            assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.d_lr) == (180, 512, 0.01, 1e-4), path

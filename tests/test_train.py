@@ -35,8 +35,7 @@ def served_teachers(ray_cluster, tiny_teachers):
 
     from meal_ray.serving import build_app
 
-    app = build_app({"teachers": tiny_teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005,
-                     "num_cpus": 0.5})
+    app = build_app({"teachers": tiny_teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005})
     serve.run(app, name=APP, route_prefix=None)
     yield tiny_teachers
     serve.delete(APP)
