@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -93,7 +94,7 @@ class Tracker:
         import time
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+        items = [Metric(re.sub(r"[^A-Za-z0-9_\-. /]", "_", k), float(v), ts, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v))]
         self._safe("log metrics", self.client.log_batch, self.run_id, metrics=items)
 
