@@ -159,5 +159,55 @@ def demo(output, quick, seed, no_discriminator, weight_decay, hard_label_weight,
              address=address)
 
 
+# --------------------------------------------------------------------------- teachers (Ray Serve)
+
+
+@main.group()
+def teachers():
+    """The teacher ensemble as a Ray Serve application: up, status, down."""
+
+
+@teachers.command("up")
+@click.option("--config", "config_path", required=True,
+              help="Ray Serve config file (`serve deploy` schema), e.g. deployments/fashion-mnist.yaml.")
+@click.option("--address", default=None,
+              help="Ray cluster to deploy on (default: RAY_ADDRESS, else embedded local Ray that lives until Ctrl-C).")
+@click.option("--num-cpus", type=float, default=None,
+              help="Embedded Ray only: logical CPUs (default: cores + what the config's replicas ask for).")
+@click.option("--block/--no-block", default=None,
+              help="Keep running and print status changes (default: yes with embedded Ray, no with --address).")
+@friendly_errors
+def teachers_up_cmd(config_path, address, num_cpus, block):
+    """Deploy the teacher application(s) of a Serve config and wait until they are RUNNING."""
+    from meal_ray.serving import teachers_up
+
+    teachers_up(config_path, address=address, block=block, num_cpus=num_cpus, log=click.echo)
+
+
+@teachers.command("status")
+@click.option("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else the local cluster).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@friendly_errors
+def teachers_status_cmd(address, as_json):
+    """Show the Serve applications, their deployments and replicas."""
+    from meal_ray.serving import format_status, teachers_status
+
+    status = teachers_status(address)
+    click.echo(json.dumps(status, indent=2) if as_json else format_status(status))
+
+
+@teachers.command("down")
+@click.option("--config", "config_path", default=None, help="Delete every application of this Serve config file.")
+@click.option("--app", "app_name", default="meal-ray-teachers", show_default=True, help="Application to delete.")
+@click.option("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else the local cluster).")
+@friendly_errors
+def teachers_down_cmd(config_path, app_name, address):
+    """Delete the teacher application(s) (an embedded `teachers up` then exits)."""
+    from meal_ray.serving import teachers_down
+
+    deleted = teachers_down(config_path or app_name, address=address)
+    click.echo(f"Deleted {', '.join(deleted)}." if deleted else f"Nothing to delete: {config_path or app_name} is not deployed.")
+
+
 if __name__ == "__main__":
     sys.exit(main())

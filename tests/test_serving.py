@@ -1,0 +1,399 @@
+"""The teachers as a Ray Serve application, on the session's real local Ray cluster.
+
+One application (two tiny exported teachers with input sizes 28 and 36, plus the ensemble
+ingress) is deployed for the whole module through `teachers_up` from a Serve config file,
+exactly as `meal-ray teachers up` does, and deleted at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from meal_ray.config import TeacherSpec
+from meal_ray.ensemble import TeacherEnsemble
+from meal_ray.errors import ClassCountMismatchError, ConfigError, ModelNotFoundError, TeachersNotRunningError
+from meal_ray.soft_labels import Batch
+
+APP = "meal-ray-test-teachers"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(teachers, app=APP, max_batch_size=64, wait=0.05):
+    return {
+        "proxy_location": "Disabled",
+        "applications": [{
+            "name": app, "import_path": "meal_ray.serving:build_app", "route_prefix": None,
+            "args": {"teachers": [dict(t, name=n) for t, n in zip(teachers, ("small", "tiny10t"))],
+                     "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait},
+            "deployments": [
+                {"name": "small", "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.25}},
+                {"name": "tiny10t", "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.25}},
+                {"name": "ensemble", "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0}},
+            ],
+        }],
+    }
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_teachers, tmp_path_factory):
+    from meal_ray.serving import teachers_down, teachers_up
+
+    path = tmp_path_factory.mktemp("serve") / "teachers.yaml"
+    path.write_text(yaml.safe_dump(_config(tiny_teachers)))
+    status = teachers_up(path, log=lambda s: None)
+    assert status[APP]["status"] == "RUNNING"
+    yield APP
+    teachers_down(APP)
+
+
+@pytest.fixture(scope="module")
+def ensemble(tiny_teachers):
+    return TeacherEnsemble.from_specs([TeacherSpec(**t) for t in tiny_teachers])
+
+
+def _crops(n, size=28, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
+
+
+def _batches(sizes, image_size=28):
+    for i, n in enumerate(sizes):
+        yield Batch(images=_crops(n, image_size, seed=i), labels=torch.zeros(n, dtype=torch.long))
+
+
+def _teacher_handle(name):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app_name=APP)
+
+
+# ----------------------------------------------------------------------------- without a deployed app
+
+
+def test_build_app_rejects_bad_args_with_clear_messages(tiny_teachers, tmp_path):
+    from meal_ray.serving import build_app
+
+    with pytest.raises(ConfigError, match="max_batch_sizes.*Did you mean: max_batch_size"):
+        build_app({"teachers": tiny_teachers, "max_batch_sizes": 8})
+    with pytest.raises(ConfigError, match="non-empty list"):
+        build_app({"teachers": []})
+    with pytest.raises(ConfigError, match="unique"):
+        build_app({"teachers": [dict(t, name="same") for t in tiny_teachers]})
+    with pytest.raises(ModelNotFoundError, match=r"meal-ray pretrain --config jobs/fmnist-teacher-resnet18.yaml"):
+        build_app({"teachers": [{"model": "resnet18", "weights": "runs/fmnist-teacher-resnet18/student"}],
+                   "base_dir": str(tmp_path)})
+    with pytest.raises(ModelNotFoundError, match="resnet1888"):
+        build_app({"teachers": [{"model": "resnet1888"}]})
+    app = build_app({"teachers": tiny_teachers})  # default names teacher0, teacher1 + ingress "ensemble"
+    assert type(app).__name__ == "Application"
+
+
+def test_validate_crops_names_expected_dtype_and_shape():
+    from meal_ray.serving import validate_crops
+
+    ok = np.zeros((2, 1, 28, 28), np.uint8)
+    assert validate_crops(ok, 1) is ok
+    with pytest.raises(ValueError, match=r"uint8 numpy array of shape \[B, 1, H, W\].*got dtype float32"):
+        validate_crops(ok.astype(np.float32), 1)
+    with pytest.raises(ValueError, match=r"got 3 dims"):
+        validate_crops(ok[0], 1)
+    with pytest.raises(ValueError, match=r"got 3 channels"):
+        validate_crops(np.zeros((2, 3, 28, 28), np.uint8), 1)
+    with pytest.raises(ValueError, match="non-empty"):
+        validate_crops(np.zeros((0, 1, 28, 28), np.uint8), 1)
+
+
+def test_repo_serve_configs_follow_the_serve_schema_and_name_every_deployment():
+    from ray.serve.schema import ServeDeploySchema
+
+    from meal_ray.serving import INGRESS_NAME, parse_teachers
+
+    files = sorted(glob.glob(str(ROOT / "deployments" / "*.yaml")))
+    assert {Path(f).name for f in files} >= {"fashion-mnist.yaml", "imagenet-224.yaml", "imagenet-380.yaml"}
+    for f in files:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(Path(f).read_text()))
+        for app in config.applications:
+            assert app.import_path == "meal_ray.serving:build_app" and app.route_prefix is None
+            names = [t["name"] for t in parse_teachers(app.args, check_files=False)]
+            assert {d.name for d in app.deployments} == set(names) | {INGRESS_NAME}, f
+    models = yaml.safe_load((ROOT / "deployments/imagenet-224.yaml").read_text())["applications"][0]["args"]["teachers"]
+    assert [m["model"] for m in models] == ["senet154.gluon_in1k", "resnet152s.gluon_in1k"]
+    for f in ("imagenet-224.yaml", "imagenet-380.yaml"):
+        for d in yaml.safe_load((ROOT / "deployments" / f).read_text())["applications"][0]["deployments"][:2]:
+            assert d["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_served_source_raises_when_the_app_is_not_deployed(ray_cluster):
+    from meal_ray.serving import ServedSoftLabels
+
+    with pytest.raises(TeachersNotRunningError) as e:
+        ServedSoftLabels("no-such-teachers")
+    msg = str(e.value)
+    assert "'no-such-teachers' is not running" in msg
+    assert "meal-ray teachers up --config deployments/fashion-mnist.yaml" in msg and "serve deploy" in msg
+
+
+# ----------------------------------------------------------------------------- the deployed app
+
+
+@pytest.mark.slow
+def test_served_averages_equal_the_in_process_ensemble(app, ensemble):
+    from meal_ray.serving import ServedSoftLabels, teachers_status
+
+    status = teachers_status()[app]
+    assert status["status"] == "RUNNING"
+    assert set(status["deployments"]) == {"small", "tiny10t", "ensemble"}
+    source = ServedSoftLabels(app, prefetch=2)
+    info = source.info()
+    assert info["num_classes"] == 10 and info["in_chans"] == 1
+    assert [(t["name"], t["model"], t["input_size"]) for t in info["teachers"]] == [
+        ("small", "test_resnet", [1, 28, 28]), ("tiny10t", "resnet10t", [1, 36, 36])]
+    source.check_student(10, 1)
+    with pytest.raises(ClassCountMismatchError, match="10 classes but the student has 100"):
+        source.check_student(100, 1)
+    with pytest.raises(ClassCountMismatchError, match="input channels"):
+        source.check_student(10, 3)
+
+    # 28 px crops (teacher 1 resizes to 36) and 32 px crops (both resize); batch sizes vary.
+    for image_size, sizes in ((28, [16, 5, 16]), (32, [7, 9])):
+        out = list(source.attach(_batches(sizes, image_size)))
+        assert [len(b.images) for b in out] == sizes
+        for b in out:
+            probs, logits = ensemble(b.images)
+            assert b.teacher_probs.dtype == torch.float32 and b.teacher_probs.shape == (len(b.images), 10)
+            torch.testing.assert_close(b.teacher_probs, probs, atol=2e-3, rtol=0)
+            torch.testing.assert_close(b.teacher_logits, logits, atol=2e-3, rtol=1e-3)
+            assert b.teacher_latency_s > 0 and b.wait_s >= 0
+    reply = source.handle.remote(_crops(3).numpy()).result()
+    assert reply["probs"].dtype == np.float16 and reply["logits"].dtype == np.float16
+    assert reply["num_classes"] == 10 and reply["latency_s"] > 0
+    np.testing.assert_allclose(reply["probs"].astype(np.float32).sum(1), 1.0, atol=3e-3)
+    source.close()
+
+
+@pytest.mark.slow
+def test_two_concurrent_clients_are_merged_into_larger_teacher_batches(app):
+    from ray import serve
+
+    teacher = _teacher_handle("small")
+    seen = len(teacher.batch_sizes.remote().result())
+    errors, replies = [], []
+
+    def client(seed):
+        try:
+            handle = serve.get_app_handle(app)
+            for round_ in range(3):  # a prefetch window of 4 requests of 8 crops, three times
+                pending = [handle.remote(_crops(8, seed=seed * 100 + round_ * 10 + k).numpy()) for k in range(4)]
+                replies.extend(r.result(timeout_s=60)["probs"].shape for r in pending)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert replies == [(8, 10)] * 24
+    sizes = teacher.batch_sizes.remote().result()[seen:]
+    assert sum(sizes) == 2 * 3 * 4 * 8  # every crop went through exactly once
+    assert max(sizes) > 8, f"no merged batch: {sizes}"
+    assert max(sizes) <= 64  # max_batch_size counts crops
+    assert len(sizes) < 24  # fewer forward passes than requests
+
+
+@pytest.mark.slow
+def test_oversized_request_is_split_at_max_batch_size(app, ensemble):
+    from ray import serve
+
+    teacher = _teacher_handle("small")
+    seen = len(teacher.batch_sizes.remote().result())
+    crops = _crops(150, seed=7)
+    reply = serve.get_app_handle(app).remote(crops.numpy()).result(timeout_s=60)
+    probs, _ = ensemble(crops)
+    torch.testing.assert_close(torch.from_numpy(reply["probs"].astype(np.float32)), probs, atol=2e-3, rtol=0)
+    sizes = teacher.batch_sizes.remote().result()[seen:]
+    assert sum(sizes) == 150 and max(sizes) == 64
+
+
+@pytest.mark.slow
+def test_malformed_requests_get_clear_errors_and_the_replicas_keep_serving(app):
+    from ray import serve
+
+    ingress, teacher = serve.get_app_handle(app), _teacher_handle("small")
+    replica = teacher.replica_actor_name.remote().result()
+    good = _crops(4).numpy()
+    bad = [(good.astype(np.float32), r"uint8 numpy array of shape \[B, 1, H, W\].*got dtype float32"),
+           (np.zeros((4, 3, 28, 28), np.uint8), r"got 3 channels.*teachers take 1-channel"),
+           (good[0], r"got 3 dims, shape \(1, 28, 28\)")]
+    for handle in (ingress, teacher):  # validated by the ingress and, called directly, by each teacher
+        for images, message in bad:
+            with pytest.raises(ValueError, match=message):
+                handle.remote(images).result(timeout_s=60)
+    # a bad request sent concurrently with good ones fails alone
+    responses = [ingress.remote(good), teacher.remote(good.astype(np.int64)), ingress.remote(good)]
+    assert responses[0].result(timeout_s=60)["probs"].shape == (4, 10)
+    with pytest.raises(ValueError, match="got dtype int64"):
+        responses[1].result(timeout_s=60)
+    assert responses[2].result(timeout_s=60)["probs"].shape == (4, 10)
+    assert teacher.replica_actor_name.remote().result() == replica  # the replica was not restarted
+
+
+@pytest.mark.slow
+def test_prefetch_window_keeps_several_requests_in_flight(app, ensemble):
+    from meal_ray.serving import ServedSoftLabels
+
+    source = ServedSoftLabels(app, prefetch=3)
+    in_flight, peak, pulled = 0, 0, []
+    submit, collect = source.window.submit, source.window.collect
+
+    def counting_submit(batch):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        return submit(batch)
+
+    def counting_collect(handle):
+        nonlocal in_flight
+        result = collect(handle)
+        in_flight -= 1
+        return result
+
+    source.window.submit, source.window.collect = counting_submit, counting_collect
+
+    def batches():
+        for b in _batches([6] * 7):
+            pulled.append(len(pulled))
+            yield b
+
+    it = source.attach(batches())
+    first = next(it)
+    assert len(pulled) == 3 and in_flight == 2  # three submitted before the first was collected
+    rest = list(it)
+    assert peak == 3 and in_flight == 0 and len(rest) == 6
+    for i, b in enumerate([first, *rest]):  # order is preserved
+        assert torch.equal(b.images, _crops(6, seed=i))
+        torch.testing.assert_close(b.teacher_probs, ensemble(b.images)[0], atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_cli_teachers_status(app):
+    from click.testing import CliRunner
+
+    from meal_ray.cli import main
+
+    result = CliRunner().invoke(main, ["teachers", "status"])
+    assert result.exit_code == 0, result.output
+    assert f"{app}: RUNNING" in result.output and "small: HEALTHY" in result.output
+
+
+@pytest.mark.slow
+def test_killed_teacher_replica_is_replaced_and_requests_succeed_again(app, ray_cluster):
+    import ray
+    from ray import serve
+
+    teacher = _teacher_handle("tiny10t")
+    old = teacher.replica_actor_name.remote().result()
+    ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+
+    ingress = serve.get_app_handle(app)
+    deadline, reply, failures = time.monotonic() + 120, None, []
+    while reply is None:
+        try:
+            reply = ingress.remote(_crops(5).numpy()).result(timeout_s=60)
+        except Exception as e:
+            failures.append(type(e).__name__)
+            assert time.monotonic() < deadline, f"no successful request within 120 s after the kill: {failures}"
+            time.sleep(1)
+    assert reply["probs"].shape == (5, 10)
+    new = teacher.replica_actor_name.remote().result()
+    assert new != old
+
+
+@pytest.mark.slow
+def test_teachers_down_deletes_the_app(app):
+    from meal_ray.serving import ServedSoftLabels, teachers_down, teachers_status
+
+    assert teachers_down(APP) == [APP]
+    assert APP not in teachers_status()
+    with pytest.raises(TeachersNotRunningError, match="meal-ray teachers up"):
+        ServedSoftLabels(APP)
+    assert teachers_down(APP) == []
+
+
+# ----------------------------------------------------------------------------- `serve deploy` on a `ray start` cluster
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("serve", path=os.path.dirname(sys.executable)), reason="needs the serve CLI")
+def test_serve_deploy_on_a_ray_start_cluster_reaches_running(tiny_teachers, tmp_path):
+    """`ray start --head` + `serve deploy <config>` + `serve status` -> RUNNING, then stop that cluster only.
+
+    `ray start --block` is stopped with SIGTERM (it takes its processes down): `ray stop` would
+    stop every Ray cluster on the machine.
+    """
+    bindir = os.path.dirname(sys.executable)
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env_agent = _free_ports(7)
+    temp = Path(f"/tmp/mrs{os.getpid()}")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(_config(tiny_teachers, app="meal-ray-teachers")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["OMP_NUM_THREADS"] = "1"
+    head = subprocess.Popen(
+        [f"{bindir}/ray", "start", "--head", "--block", "--num-cpus", "4", f"--port={gcs}",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
+         f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 100
+        deployed, out = False, ""
+        while time.monotonic() < deadline:
+            assert head.poll() is None, head.stdout.read()
+            if not deployed:
+                r = subprocess.run([f"{bindir}/serve", "deploy", str(path), "--address", address],
+                                   env=env, capture_output=True, text=True, timeout=60)
+                deployed = r.returncode == 0
+            else:
+                r = subprocess.run([f"{bindir}/serve", "status", "--address", address],
+                                   env=env, capture_output=True, text=True, timeout=60)
+                out = r.stdout
+                status = (yaml.safe_load(out) or {}).get("applications", {}).get("meal-ray-teachers", {})
+                assert status.get("status") != "DEPLOY_FAILED", out
+                if status.get("status") == "RUNNING":
+                    break
+            time.sleep(2)
+        assert "status: RUNNING" in out, out
+        assert all(d["status"] == "HEALTHY" for d in status["deployments"].values())
+    finally:
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
