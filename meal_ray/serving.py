@@ -92,7 +92,8 @@ class _DropMaxOngoingWarning(logging.Filter):
 # ----------------------------------------------------------------------------- deployments
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32,
+                  logging_config={"enable_access_log": False})  # one line per request would flood the logs
 class TeacherModel:
     """One frozen teacher. Requests (uint8 [b, C, H, W]) are merged by ``@serve.batch`` into one forward pass.
 
@@ -176,7 +177,8 @@ class TeacherModel:
         return serve.get_replica_context().replica_id.to_full_id_str()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64,
+                  logging_config={"enable_access_log": False})
 class EnsembleIngress:
     """Fans each request out to every teacher deployment concurrently and averages their outputs."""
 
@@ -395,6 +397,7 @@ class ServedSoftLabels:
         images = batch.images
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().contiguous().numpy()
+        # zero-copy: the array is serialized when the request goes out; the window keeps the batch until collected
         return self.handle.remote(images), len(images)
 
     def _collect(self, pending) -> tuple:
@@ -454,6 +457,12 @@ def load_serve_config(config_path: str | Path, base_dir: Optional[str] = None):
     return config
 
 
+def _last_line(message: str) -> str:
+    """Serve reports build/constructor failures as a traceback; its last line is the error."""
+    lines = [line for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 def _wait_running(app_names: list, timeout_s: float, log=print) -> dict:
     deadline = time.monotonic() + timeout_s
     last = None
@@ -467,7 +476,7 @@ def _wait_running(app_names: list, timeout_s: float, log=print) -> dict:
             return status
         failed = {n: status[n] for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
         if failed or time.monotonic() > deadline:
-            detail = "; ".join(f"{n}: {v['status']}: {v['message']}" for n, v in (failed or {
+            detail = "; ".join(f"{n}: {v['status']}: {_last_line(v['message'])}" for n, v in (failed or {
                 n: status.get(n, {"status": states[n], "message": ""}) for n in app_names}).items())
             raise TeachersNotRunningError(
                 f"the teacher application did not reach RUNNING{'' if failed else f' within {timeout_s:.0f}s'} ({detail}). "
@@ -488,9 +497,6 @@ def teachers_up(config_path: str | Path, address: Optional[str] = None, block: O
     Applications deployed earlier from other config files are kept (`serve deploy` would remove them).
     """
     import ray
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
     config = load_serve_config(config_path)
     names = [app.name for app in config.applications]
@@ -508,26 +514,12 @@ def teachers_up(config_path: str | Path, address: Optional[str] = None, block: O
             log(f"Started embedded Ray ({cpus:g} logical CPUs) at {gcs}; it lives as long as this command.")
             log(f"  train against it with: --address {gcs}   (or RAY_ADDRESS={gcs})")
     block = embedded if block is None else block
-
-    client = serve_api.serve_start(
-        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location,
-        grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
-    # Keep applications deployed earlier from other config files (a config deploy replaces the whole set).
-    apps = list(config.applications)
     try:
-        for name, details in client.get_serve_details().get("applications", {}).items():
-            deployed = details.get("deployed_app_config")
-            if deployed and name not in names:
-                apps.append(ServeApplicationSchema.model_validate(deployed))
-    except Exception as e:  # best effort
-        log(f"(could not read the deployed applications: {e})")
-    merged = config.model_dump(exclude_unset=True)
-    merged["applications"] = [a.model_dump(exclude_unset=True) for a in apps]
-    client.deploy_apps(ServeDeploySchema.model_validate(merged))
-    log(f"Deploying {', '.join(names)} from {config_path} ...")
-    status = _wait_running(names, timeout_s, log)
-    for name in names:
-        log(format_status({name: status[name]}))
+        status = _deploy(config, names, config_path, timeout_s, log)
+    except BaseException:
+        if embedded:  # nothing else uses this cluster
+            ray.shutdown()
+        raise
     if not block:
         return status
     log("Teachers are up. Ctrl-C (or `meal-ray teachers down`) stops them.")
@@ -553,17 +545,47 @@ def teachers_up(config_path: str | Path, address: Optional[str] = None, block: O
     return status
 
 
+def _deploy(config, names: list, config_path, timeout_s: float, log) -> dict:
+    """Ray's config-deploy path (what `serve run config.yaml` does), keeping other config-deployed apps."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
+    # Keep applications deployed earlier from other config files (a config deploy replaces the whole set).
+    apps = list(config.applications)
+    try:
+        for name, details in client.get_serve_details().get("applications", {}).items():
+            deployed = details.get("deployed_app_config")
+            if deployed and name not in names:
+                apps.append(ServeApplicationSchema.model_validate(deployed))
+    except Exception as e:  # best effort
+        log(f"(could not read the deployed applications: {e})")
+    merged = config.model_dump(exclude_unset=True)
+    merged["applications"] = [a.model_dump(exclude_unset=True) for a in apps]
+    client.deploy_apps(ServeDeploySchema.model_validate(merged))
+    log(f"Deploying {', '.join(names)} from {config_path} ...")
+    status = _wait_running(names, timeout_s, log)
+    for name in names:
+        log(format_status({name: status[name]}))
+    return status
+
+
 def _app_cpus(app) -> float:
     """Logical CPUs a config's application asks for (replicas x num_cpus; autoscaling: min replicas)."""
     total = 0.0
     for d in app.deployments or []:
         opts = getattr(d, "ray_actor_options", None)
-        cpus = (opts or {}).get("num_cpus", 1) if isinstance(opts, dict) else 1
+        cpus = opts.get("num_cpus") if isinstance(opts, dict) else getattr(opts, "num_cpus", None)
+        cpus = 1.0 if cpus is None else float(cpus)  # Serve's default: one CPU per replica
         replicas = getattr(d, "num_replicas", None)
-        auto = getattr(d, "autoscaling_config", None)
         if not isinstance(replicas, int):
-            replicas = (auto or {}).get("min_replicas", 1) if isinstance(auto, dict) else 1
-        total += float(cpus or 0) * max(int(replicas or 1), 1)
+            auto = getattr(d, "autoscaling_config", None)
+            low = auto.get("min_replicas") if isinstance(auto, dict) else getattr(auto, "min_replicas", None)
+            replicas = low or 1
+        total += cpus * max(int(replicas), 1)
     return total
 
 
