@@ -284,17 +284,20 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def read_yaml(path: str | Path, what: str = "config file", examples: str = "jobs/") -> dict:
+    """Read a YAML mapping, turning a missing file or a syntax error into a ConfigError that names the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist; see {examples} for examples.")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, data: Optional[dict] = None) -> JobConfig:
     """Load a job YAML (or dict), apply ``key=value`` overrides, and validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; see jobs/ for examples.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    raw: dict = read_yaml(path) if path is not None else {}
     if data:
         raw = deep_merge(raw, data)
     if overrides:

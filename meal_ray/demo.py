@@ -129,8 +129,9 @@ def run_demo(output: str, quick: bool = False, seed: int = 0, no_discriminator: 
     for label, path in exports.items():
         result, classes = evaluate_export(path)
         per_class[label] = dict(zip(classes, result.per_class))
-        rows.append(dict(model=label, arch=load_export(path).default_cfg.get("architecture", ""),
-                         top1=result.top1, top5=result.top5, params=count_parameters(load_export(path))))
+        model = load_export(path)
+        rows.append(dict(model=label, arch=model.pretrained_cfg.get("architecture", ""),
+                         top1=result.top1, top5=result.top5, params=count_parameters(model)))
     ens = _evaluate_ensemble(teachers)
     per_class["teacher ensemble"] = ens["per_class"]
     rows.insert(len(teachers), dict(model="teacher ensemble", arch="+".join(t["model"] for t in teachers),

@@ -434,16 +434,12 @@ class ServedSoftLabels:
 
 def load_serve_config(config_path: str | Path, base_dir: Optional[str] = None):
     """Read a Serve config file (the `serve deploy` schema); resolve meal-ray apps' relative weights paths."""
-    import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from meal_ray.config import read_yaml
+
     path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"Serve config {str(path)!r} does not exist; see deployments/ for examples.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Serve config {str(path)!r} is not valid YAML: {e}") from None
+    raw = read_yaml(path, "Serve config", "deployments/")
     try:
         config = ServeDeploySchema.model_validate(raw)
     except Exception as e:  # pydantic ValidationError: names the field
