@@ -141,7 +141,8 @@ def distill(**kwargs):
 @main.command()
 @click.option("--output", default="runs/demo", show_default=True, help="Demo directory (finished stages are reused).")
 @click.option("--quick", is_flag=True, help="Minutes-long run of the whole pipeline on a subset (no gain expected).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seeds", default="0", show_default=True,
+              help="Comma-separated seeds (student init + both arms per seed; the table shows mean ± std), e.g. 0,1,2.")
 @click.option("--no-discriminator", is_flag=True, help="Ablation: soft labels only, no discriminator loss.")
 @click.option("--weight-decay", default=0.0, show_default=True, help="Ablation: weight decay in both arms.")
 @click.option("--hard-label-weight", default=0.0, show_default=True, help="Ablation: add hard-label CE to MEAL V2.")
@@ -150,13 +151,20 @@ def distill(**kwargs):
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")
 @friendly_errors
-def demo(output, quick, seed, no_discriminator, weight_decay, hard_label_weight, student_init, tracking_uri, address):
+def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, tracking_uri, address):
     """Reproduce MEAL V2's claims on Fashion-MNIST: teachers, student init, control vs MEAL V2, table + plots."""
     from meal_ray.demo import run_demo
 
-    run_demo(output, quick=quick, seed=seed, no_discriminator=no_discriminator, weight_decay=weight_decay,
+    run_demo(output, quick=quick, seeds=_seed_list(seeds), no_discriminator=no_discriminator, weight_decay=weight_decay,
              hard_label_weight=hard_label_weight, student_init=student_init, tracking_uri=tracking_uri,
              address=address)
+
+
+def _seed_list(text: str) -> list:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2", param_hint="--seeds")
 
 
 # --------------------------------------------------------------------------- teachers (Ray Serve)

@@ -9,12 +9,14 @@ discriminator, no hard labels). Everything is evaluated on the 10000-image test 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from meal_ray.config import JobConfig, load_config
+from meal_ray.errors import ConfigError
 
 SIMILAR = ("T-shirt/top", "Shirt", "Pullover", "Coat")
 DISSIMILAR = ("Trouser", "Bag", "Sandal", "Ankle boot")
@@ -26,7 +28,9 @@ PRESETS = {
     # --quick: shows the whole pipeline in minutes; the gain is not expected here.
     "quick": dict(subset=6000, val_subset=None, teacher_epochs=2, init_epochs=2, arm_epochs=2, batch=128,
                   teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050"),
-    "full": dict(subset=None, val_subset=None, teacher_epochs=8, init_epochs=8, arm_epochs=12, batch=128,
+    # full: a stratified 20000-image third of the training set keeps the first run under an hour on
+    # 2 CPU cores; the test set is always the whole 10000 images.
+    "full": dict(subset=20000, val_subset=None, teacher_epochs=10, init_epochs=8, arm_epochs=10, batch=128,
                  teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050"),
 }
 
@@ -68,96 +72,174 @@ def _same_but_tracking(a: dict, b: dict) -> bool:
     return a == b
 
 
-def run_demo(output: str, quick: bool = False, seed: int = 0, no_discriminator: bool = False,
+def _ablation_tag(no_discriminator, weight_decay, hard_label_weight, student_init) -> str:
+    """Stage-name suffix for non-default ablation flags, so ablation arms never replace the default ones."""
+    tag = ("-no-disc" if no_discriminator else "") + (f"-wd{weight_decay:g}" if weight_decay else "")
+    tag += (f"-hard{hard_label_weight:g}" if hard_label_weight else "") + ("-random-init" if student_init == "random" else "")
+    return tag
+
+
+def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
              tracking_uri: Optional[str] = None, address: Optional[str] = None, log=print) -> dict:
+    """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std."""
     from ray import serve
 
-    from meal_ray.evaluate_export import evaluate_export
     from meal_ray.launch import ensure_ray
-    from meal_ray.models import count_parameters, load_export
     from meal_ray.serving import build_app
 
     preset = PRESETS["quick" if quick else "full"]
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    import os
-
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, 6))  # logical CPUs: teacher replicas + a train worker
+    ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay,
+                    hard_label_weight=hard_label_weight, student_init=student_init)
+    tag = _ablation_tag(**ablation)
 
-    # 1. teachers and the student's good initialization (hard labels), reused when finished
+    # 1. teachers (fixed seeds: every demo seed distills from the same ensemble), reused when finished
     teachers = []
     for i, arch in enumerate(preset["teachers"]):
-        cfg = _stage_config(f"teacher-{arch}", "pretrain", out, arch, preset["teacher_epochs"], preset, seed + i,
+        cfg = _stage_config(f"teacher-{arch}", "pretrain", out, arch, preset["teacher_epochs"], preset, i,
                             tracking_uri, optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
         _run_or_reuse(cfg, log)
         teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
-    init_weights = None
-    if student_init == "pretrained":
-        cfg = _stage_config("student-init", "pretrain", out, preset["student"], preset["init_epochs"], preset, seed,
-                            tracking_uri, optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-        _run_or_reuse(cfg, log)
-        init_weights = str(cfg.output_dir / "student")
+    shared = _evaluate_shared(teachers)
 
-    # 2. the two arms from the same initialization, same epochs
+    # 2. per seed: the student's good initialization (hard labels), then two arms from it, same epochs
     arm_optim = dict(lr=0.01, lr_schedule="step", lr_milestones=[max(1, int(preset["arm_epochs"] * 0.6))],
                      weight_decay=weight_decay)
-    suffix = f"-seed{seed}"
-    control = _stage_config(f"control{suffix}", "pretrain", out, preset["student"], preset["arm_epochs"], preset,
-                            seed, tracking_uri, weights=init_weights, optim=arm_optim)
-    meal = _stage_config(
-        f"meal-v2{suffix}", "distill", out, preset["student"], preset["arm_epochs"], preset, seed, tracking_uri,
-        weights=init_weights, optim=arm_optim,
-        teachers=dict(source="served", app_name=DEMO_APP, models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
-        loss=dict(discriminator="off" if no_discriminator else "reference", hard_label_weight=hard_label_weight))
-    _run_or_reuse(control, log)
-    log("[demo] starting the teacher ensemble as a Ray Serve application")
-    serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
+    runs, served = [], False
     try:
-        _run_or_reuse(meal, log)
+        for n, seed in enumerate(seeds):
+            log(f"[demo] seed {seed} ({n + 1}/{len(seeds)})")
+            init_weights = None
+            if student_init == "pretrained":
+                cfg = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"],
+                                    preset["init_epochs"], preset, seed, tracking_uri,
+                                    optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
+                _run_or_reuse(cfg, log)
+                init_weights = str(cfg.output_dir / "student")
+            control = _stage_config(f"control{tag}-seed{seed}", "pretrain", out, preset["student"],
+                                    preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
+                                    optim=arm_optim)
+            meal = _stage_config(
+                f"meal-v2{tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset, seed,
+                tracking_uri, weights=init_weights, optim=arm_optim,
+                teachers=dict(source="served", app_name=DEMO_APP,
+                              models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
+                loss=dict(discriminator="off" if no_discriminator else "reference",
+                          hard_label_weight=hard_label_weight))
+            _run_or_reuse(control, log)
+            if not served and not _finished(meal):
+                log("[demo] starting the teacher ensemble as a Ray Serve application")
+                serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
+                served = True
+            _run_or_reuse(meal, log)
+            log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
+            runs.append(_evaluate_seed(seed, shared, init_weights, control, meal))
+            log(format_table(runs[-1]["rows"], runs[-1]["per_class"]))
     finally:
-        serve.delete(DEMO_APP)
+        if served:
+            serve.delete(DEMO_APP)
 
-    # 3. evaluate everything on the test set
-    log("[demo] evaluating on the 10000-image test set")
+    # 3. results.json, exports (first seed), plots, tables
+    first = runs[0]
+    for name, cfg in (("student", first["meal"]), ("control", first["control"])):
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.copytree(cfg.output_dir / "student", out / name)
+    summary = summarize(runs)
+    gains = [r["gain_over_control"] for r in runs]
+    results = {
+        "preset": "quick" if quick else "full", "seeds": seeds, "ablation": ablation,
+        "summary": summary,
+        "gain_over_control": {"per_seed": gains, "mean": statistics.mean(gains),
+                              "std": statistics.stdev(gains) if len(gains) > 1 else 0.0},
+        "exports": {"student": {"seed": first["seed"], "top1": first["rows"][-1]["top1"]},
+                    "control": {"seed": first["seed"], "top1": first["rows"][-2]["top1"]}},
+        "runs": [{k: r[k] for k in ("seed", "rows", "per_class", "gain_over_control")} for r in runs],
+    }
+    _write(out / "results.json", json.dumps(results, indent=2))
+    _plots(out, runs)
+    tables = format_summary(summary, results["gain_over_control"], seeds) + "\n\n" + format_table(
+        first["rows"], first["per_class"], title=f"Seed {first['seed']} (the exports in student/ and control/)")
+    _write(out / "results.md", tables + "\n")
+    log(tables)
+    _log_demo_run(out, results, tracking_uri)
+    return results
+
+
+def _finished(cfg: JobConfig) -> bool:
+    return (cfg.output_dir / "metrics.json").is_file()
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _evaluate_shared(teachers) -> dict:
+    """Test-set rows and per-class accuracy of each teacher and of their ensemble (same for every seed)."""
     rows, per_class = [], {}
-    exports = {t["model"]: t["weights"] for t in teachers}
+    for t in teachers:
+        row, pc = _evaluate_row(t["model"], t["weights"])
+        rows.append(row)
+        per_class[t["model"]] = pc
+    ens = _evaluate_ensemble(teachers)
+    per_class["teacher ensemble"] = ens["per_class"]
+    rows.append(dict(model="teacher ensemble", arch="+".join(t["model"] for t in teachers), top1=ens["top1"],
+                     top5=ens["top5"], params=sum(r["params"] for r in rows)))
+    return {"rows": rows, "per_class": per_class}
+
+
+def _evaluate_row(label: str, path: str) -> tuple[dict, dict]:
+    from meal_ray.evaluate_export import evaluate_export
+    from meal_ray.models import count_parameters, load_export
+
+    result, classes = evaluate_export(path)
+    model = load_export(path)
+    row = dict(model=label, arch=model.pretrained_cfg.get("architecture", ""), top1=result.top1, top5=result.top5,
+               params=count_parameters(model))
+    return row, dict(zip(classes, result.per_class))
+
+
+def _evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, meal: JobConfig) -> dict:
+    rows, per_class = [dict(r) for r in shared["rows"]], dict(shared["per_class"])
+    exports = {}
     if init_weights:
         exports["student init"] = init_weights
     exports["control (hard labels)"] = str(control.output_dir / "student")
     exports["MEAL V2 (ensemble soft labels)"] = str(meal.output_dir / "student")
     for label, path in exports.items():
-        result, classes = evaluate_export(path)
-        per_class[label] = dict(zip(classes, result.per_class))
-        model = load_export(path)
-        rows.append(dict(model=label, arch=model.pretrained_cfg.get("architecture", ""),
-                         top1=result.top1, top5=result.top5, params=count_parameters(model)))
-    ens = _evaluate_ensemble(teachers)
-    per_class["teacher ensemble"] = ens["per_class"]
-    rows.insert(len(teachers), dict(model="teacher ensemble", arch="+".join(t["model"] for t in teachers),
-                                    top1=ens["top1"], top5=ens["top5"],
-                                    params=sum(r["params"] for r in rows[:len(teachers)])))
+        row, per_class[label] = _evaluate_row(label, path)
+        rows.append(row)
+    ens_top1 = shared["rows"][-1]["top1"]
     for r in rows:
-        r["gap_to_ensemble"] = r["top1"] - ens["top1"]
+        r["gap_to_ensemble"] = r["top1"] - ens_top1
         pc = per_class[r["model"]]
         r["similar_classes"] = statistics.mean(pc[c] for c in SIMILAR)
         r["dissimilar_classes"] = statistics.mean(pc[c] for c in DISSIMILAR)
+    return {"seed": seed, "rows": rows, "per_class": per_class, "control": control, "meal": meal,
+            "gain_over_control": rows[-1]["top1"] - rows[-2]["top1"]}
 
-    # 4. results.json, exports, plots, table
-    for name, cfg in (("student", meal), ("control", control)):
-        shutil.rmtree(out / name, ignore_errors=True)
-        shutil.copytree(cfg.output_dir / "student", out / name)
-    results = {"preset": "quick" if quick else "full", "seed": seed, "rows": rows, "per_class": per_class,
-               "ablation": dict(no_discriminator=no_discriminator, weight_decay=weight_decay,
-                                hard_label_weight=hard_label_weight, student_init=student_init),
-               "gain_over_control": rows[-1]["top1"] - rows[-2]["top1"]}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    _plots(out, per_class, control, meal)
-    table = format_table(rows, per_class)
-    (out / "results.md").write_text(table + "\n")
-    log(table)
-    _log_demo_run(out, results, tracking_uri)
-    return results
+
+SUMMARY_FIELDS = ("top1", "top5", "gap_to_ensemble", "similar_classes", "dissimilar_classes")
+
+
+def summarize(runs: list) -> list:
+    """Per table row: mean, sample std, min and max over seeds of every numeric column."""
+    out = []
+    for i, row in enumerate(runs[0]["rows"]):
+        entry = {"model": row["model"], "arch": row["arch"], "params": row["params"], "n": len(runs)}
+        for f in SUMMARY_FIELDS:
+            values = [r["rows"][i][f] for r in runs]
+            entry[f] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "min": min(values), "max": max(values), "per_seed": values}
+        out.append(entry)
+    return out
 
 
 def _evaluate_ensemble(teachers) -> dict:
@@ -176,32 +258,71 @@ def _evaluate_ensemble(teachers) -> dict:
     return {"top1": result.top1, "top5": result.top5, "per_class": dict(zip(classes, result.per_class))}
 
 
-def _plots(out: Path, per_class: dict, control: JobConfig, meal: JobConfig) -> None:
-    from meal_ray.plots import plot_per_class, plot_training_curves
+def _plots(out: Path, runs: list) -> None:
+    from meal_ray.plots import plot_arms, plot_per_class, plot_training_curves
 
-    classes = list(per_class["control (hard labels)"].keys())
-    plot_per_class(classes, {k: list(per_class[k].values()) for k in
+    def mean_per_class(label):
+        return [statistics.mean(r["per_class"][label][c] for r in runs) for c in classes]
+
+    classes = list(runs[0]["per_class"]["control (hard labels)"].keys())
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    plot_per_class(classes, {k: mean_per_class(k) for k in
                              ("control (hard labels)", "MEAL V2 (ensemble soft labels)", "teacher ensemble")},
-                   out / "per_class_accuracy.png", "Fashion-MNIST test accuracy per class")
-    for name, cfg in (("control", control), ("meal_v2", meal)):
+                   out / "per_class_accuracy.png", f"Fashion-MNIST test accuracy per class (mean over seeds {seeds})")
+    curves = {"control (hard labels)": {}, "MEAL V2 (ensemble soft labels)": {}}
+    for r in runs:
+        for arm, cfg in (("control (hard labels)", r["control"]), ("MEAL V2 (ensemble soft labels)", r["meal"])):
+            curves[arm][r["seed"]] = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
+    rows = {row["model"]: row["top1"] for row in runs[0]["rows"]}
+    reference = {"teacher ensemble": rows["teacher ensemble"]}
+    if "student init" in rows:
+        reference["student init (seed %d)" % runs[0]["seed"]] = rows["student init"]
+    plot_arms(curves, out / "arms_test_top1.png", f"control vs MEAL V2 from the same init (seeds {seeds})", reference)
+    for name, key in (("control", "control"), ("meal_v2", "meal")):
+        cfg = runs[0][key]
         history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
-        plot_training_curves(history, out / f"training_curves_{name}.png", f"{name}: {cfg.student.model}")
+        plot_training_curves(history, out / f"training_curves_{name}.png", f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
 
 
 def _log_demo_run(out: Path, results: dict, tracking_uri: Optional[str]) -> None:
     from meal_ray.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
-    tracker.start("meal-ray-demo", f"demo-{results['preset']}-seed{results['seed']}", results["ablation"])
-    tracker.log_metrics({f"top1/{r['model']}": r["top1"] for r in results["rows"]}, step=0)
+    seeds = "-".join(str(s) for s in results["seeds"])
+    tracker.start("meal-ray-demo", f"demo-{results['preset']}-seeds{seeds}", dict(results["ablation"], seeds=seeds))
+    tracker.log_metrics({f"top1_mean/{r['model']}": r["top1"]["mean"] for r in results["summary"]}, step=0)
+    tracker.log_metrics({f"top1_std/{r['model']}": r["top1"]["std"] for r in results["summary"]}, step=0)
+    tracker.log_metrics({"gain_over_control_mean": results["gain_over_control"]["mean"],
+                         "gain_over_control_std": results["gain_over_control"]["std"]}, step=0)
     for p in sorted(out.glob("*.png")) + [out / "results.json", out / "results.md"]:
         tracker.log_artifact(p)
     tracker.end()
 
 
-def format_table(rows, per_class) -> str:
-    lines = ["| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
+def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
+    f = fmt.replace("{:", "{:+") if signed else fmt
+    return f.format(stat["mean"]) + (" ± " + fmt.format(stat["std"]) if stat.get("std") else "")
+
+
+def format_summary(summary: list, gain: dict, seeds: list) -> str:
+    """The paper-style table over seeds: mean ± sample std of each row."""
+    lines = [f"Fashion-MNIST test set (10000 images), mean ± std over seeds {', '.join(map(str, seeds))}",
+             "", "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
+        lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {_pm(r['top1'])} | {_pm(r['top5'])} | "
+                     f"{_pm(r['gap_to_ensemble'], signed=True)} | {_pm(r['similar_classes'])} | "
+                     f"{_pm(r['dissimilar_classes'])} |")
+    per_seed = ", ".join(f"{g:+.2f}" for g in gain["per_seed"])
+    lines.append(f"\nMEAL V2 - control (top-1): {_pm(gain, signed=True)} points (per seed: {per_seed})")
+    lines.append(f"\n*mean accuracy on {', '.join(SIMILAR)}; **on {', '.join(DISSIMILAR)}")
+    return "\n".join(lines)
+
+
+def format_table(rows, per_class, title: str = "") -> str:
+    lines = ([title, ""] if title else []) + [
+        "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
+        "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {r['top1']:.2f} | {r['top5']:.2f} | "
                      f"{r['gap_to_ensemble']:+.2f} | {r['similar_classes']:.2f} | {r['dissimilar_classes']:.2f} |")

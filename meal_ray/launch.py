@@ -9,8 +9,10 @@ exports the final student (timm-loadable), writes ``metrics.json`` and the plots
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,7 +72,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    log = (lambda s: print(f"[meal-ray] {s}", flush=True)) if rank == 0 else (lambda s: None)
+    # Train V2 patches print() to tee into its logger, so every line would reach the driver twice;
+    # write to stdout directly, and keep Train's per-report INFO lines (a full dict each) out of it.
+    log = (lambda s: (sys.stdout.write(f"[meal-ray] {s}\n"), sys.stdout.flush())) if rank == 0 else (lambda s: None)
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     source = build_source(cfg, device)
     wrap = ray.train.torch.prepare_model if world > 1 else (lambda m: m.to(device))
     engine = Engine(cfg, source=source, device=device, wrap_model=wrap, log=log)
@@ -143,17 +148,45 @@ def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
     return {}
 
 
-def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
-    """Connect to a cluster (address or RAY_ADDRESS), else start an embedded local Ray."""
+def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, start_local: bool = True,
+               log_to_driver: bool = True) -> None:
+    """Connect to a cluster (``address``, else RAY_ADDRESS), else start an embedded local Ray.
+
+    With ``start_local=False`` it only connects (``auto`` finds a cluster on this machine).
+    Inside `ray job submit` RAY_ADDRESS points at the job's cluster, so jobs join it.
+    """
+
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or (None if start_local else "auto")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _token_auth_for(address)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver)
+
+
+def _token_auth_for(address: str) -> None:
+    """Send this machine's Ray auth token to an explicit address too.
+
+    Ray 2.60 turns token authentication on for new local clusters (token in ~/.ray/auth_token)
+    but a client only sends the token to a cluster it found by itself (``auto``); connecting to
+    an explicit ``host:port`` of such a cluster then fails with InvalidAuthToken. Do what Ray
+    does for ``auto`` (only when RAY_AUTH_MODE is unset and a token exists); clusters without
+    authentication accept such clients too.
+    """
+    if address == "auto" or os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception:  # another Ray version: leave it to RAY_AUTH_MODE
+        pass
 
 
 def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,

@@ -47,3 +47,21 @@ def plot_per_class(classes: Sequence[str], series: dict, path: str | Path, title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_arms(curves: dict, path: str | Path, title: str = "", reference: dict | None = None) -> Path:
+    """Val top-1 per epoch of several arms, one line per seed (same colour per arm), with horizontal references."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, per_seed) in enumerate(curves.items()):
+        for j, (seed, history) in enumerate(per_seed.items()):
+            ax.plot([h["epoch"] for h in history], [h["val_top1"] for h in history], marker="o", ms=3,
+                    color=colors[i % len(colors)], alpha=0.85, label=arm if j == 0 else None)
+    for k, (name, value) in enumerate((reference or {}).items()):
+        ax.axhline(value, ls="--", lw=1, color=colors[(len(curves) + k) % len(colors)], label=name)
+    ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)"), ax.set_title(title), ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

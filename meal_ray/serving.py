@@ -315,38 +315,14 @@ def build_app(args: dict) -> serve.Application:
 
 def _connect(address: Optional[str] = None) -> None:
     """Connect this process to a running Ray cluster (never starts one)."""
-    import ray
+    from meal_ray.launch import ensure_ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    _token_auth_for(address)
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ensure_ray(address, start_local=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise TeachersNotRunningError(f"no Ray cluster found at {address!r} ({str(e).splitlines()[0]}). "
+        where = address or os.environ.get("RAY_ADDRESS") or "auto"
+        raise TeachersNotRunningError(f"no Ray cluster found at {where!r} ({str(e).splitlines()[0]}). "
                                       f"{HOW_TO_START}") from None
-
-
-def _token_auth_for(address: str) -> None:
-    """Send this machine's Ray auth token to an explicit address too.
-
-    Ray 2.60 turns token authentication on for new local clusters (token in ~/.ray/auth_token)
-    but a client only sends the token to a cluster it found by itself (``auto``); connecting to
-    an explicit ``host:port`` of such a cluster then fails with InvalidAuthToken. Do what Ray
-    does for ``auto`` (only when RAY_AUTH_MODE is unset and a token exists); clusters without
-    authentication accept such clients too.
-    """
-    if address in (None, "auto") or os.environ.get("RAY_AUTH_MODE") is not None:
-        return
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    except Exception:  # another Ray version: leave it to RAY_AUTH_MODE
-        pass
 
 
 def _name(state) -> str:

@@ -286,3 +286,25 @@ def test_every_shipped_job_config_is_valid():
         assert all(timm.is_model(t.model) for t in cfg.teachers.models), path
         if cfg.data.dataset == "imagefolder":  # the paper's settings
             assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.d_lr) == (180, 512, 0.01, 1e-4), path
+
+
+def test_demo_summary_is_mean_and_sample_std_over_seeds():
+    from meal_ray.demo import format_summary, summarize
+
+    def run(seed, control, meal):
+        rows = [dict(model=m, arch="a", params=10, top1=t, top5=99.0, gap_to_ensemble=t - 90.0,
+                     similar_classes=t - 5, dissimilar_classes=t + 5)
+                for m, t in (("teacher ensemble", 90.0), ("control (hard labels)", control),
+                             ("MEAL V2 (ensemble soft labels)", meal))]
+        return {"seed": seed, "rows": rows}
+
+    runs = [run(0, 85.0, 86.0), run(1, 85.5, 86.5), run(2, 86.0, 87.5)]
+    summary = summarize(runs)
+    meal = summary[-1]
+    assert meal["n"] == 3 and meal["top1"]["mean"] == pytest.approx(86.6666667)
+    assert meal["top1"]["std"] == pytest.approx(0.7637626, rel=1e-6)  # sample std of 86, 86.5, 87.5
+    assert meal["top1"]["per_seed"] == [86.0, 86.5, 87.5] and meal["top1"]["min"] == 86.0
+    assert summary[0]["top1"]["std"] == 0.0  # the shared ensemble row does not vary
+    text = format_summary(summary, {"per_seed": [1.0, 1.0, 1.5], "mean": 7 / 6, "std": 0.288675}, [0, 1, 2])
+    assert "| MEAL V2 (ensemble soft labels) | a | 0.00M | 86.67 ± 0.76 |" in text
+    assert "MEAL V2 - control (top-1): +1.17 ± 0.29 points (per seed: +1.00, +1.00, +1.50)" in text

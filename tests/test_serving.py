@@ -8,11 +8,6 @@ exactly as `meal-ray teachers up` does, and deleted at the end.
 from __future__ import annotations
 
 import glob
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -353,75 +348,3 @@ def test_teachers_down_deletes_the_app(app):
     with pytest.raises(TeachersNotRunningError, match="meal-ray teachers up"):
         ServedSoftLabels(APP)
     assert teachers_down(APP) == []
-
-
-# ----------------------------------------------------------------------------- `serve deploy` on a `ray start` cluster
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MEAL_RAY_TEST_RAY_START"),
-                    reason="starts a second Ray cluster (1.5-3 min on 2 busy cores); set MEAL_RAY_TEST_RAY_START=1")
-def test_serve_deploy_on_a_ray_start_cluster_reaches_running(tiny_teachers, tmp_path):
-    """`ray start --head` + `serve deploy <config>` + `serve status` -> RUNNING, then stop that cluster only.
-
-    Relative weights paths resolve against the cluster's working directory (where `ray start`
-    ran). `ray start --block` is stopped with SIGTERM (it takes its processes down): `ray stop`
-    would stop every Ray cluster on the machine.
-    """
-    bindir = os.path.dirname(sys.executable)
-    gcs, dash, client, agent, agent_grpc, metrics, runtime_env_agent = _free_ports(7)
-    temp = Path(f"/tmp/mrs{os.getpid()}")
-    for i, t in enumerate(tiny_teachers):  # relative paths, as in deployments/fashion-mnist.yaml
-        shutil.copytree(t["weights"], tmp_path / "runs" / f"t{i}" / "student")
-    teachers = [dict(t, weights=f"runs/t{i}/student") for i, t in enumerate(tiny_teachers)]
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(_config(teachers, app="meal-ray-teachers")))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["OMP_NUM_THREADS"] = "1"
-    if (Path.home() / ".ray" / "auth_token").is_file():  # `ray start` then enables token auth; the serve CLI
-        env.setdefault("RAY_AUTH_MODE", "token")  # sends the token to an explicit address only when told
-    head = subprocess.Popen(
-        [f"{bindir}/ray", "start", "--head", "--block", "--num-cpus", "4", f"--port={gcs}",
-         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
-         f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 300
-        deployed, out, status = False, "", {}
-        while time.monotonic() < deadline:
-            assert head.poll() is None, head.stdout.read()
-            if not deployed:
-                r = subprocess.run([f"{bindir}/serve", "deploy", str(path), "--address", address],
-                                   env=env, capture_output=True, text=True, timeout=60)
-                deployed = r.returncode == 0
-            else:
-                r = subprocess.run([f"{bindir}/serve", "status", "--address", address],
-                                   env=env, capture_output=True, text=True, timeout=60)
-                out = r.stdout
-                status = (yaml.safe_load(out) or {}).get("applications", {}).get("meal-ray-teachers", {})
-                assert status.get("status") != "DEPLOY_FAILED", out
-                if status.get("status") == "RUNNING":
-                    break
-            time.sleep(2)
-        assert "status: RUNNING" in out, out
-        assert all(d["status"] == "HEALTHY" for d in status["deployments"].values())
-    finally:
-        head.terminate()  # drains for up to 30 s, then stops its processes
-        try:
-            head.wait(90)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(temp, ignore_errors=True)
