@@ -26,11 +26,11 @@ DATA = dict(dataset="fashion-mnist", image_size=32, crop_scale=[0.35, 1.0], crop
             mean=[0.2860], std=[0.3530])
 PRESETS = {
     # --quick: shows the whole pipeline in minutes; the gain is not expected here.
-    "quick": dict(subset=6000, val_subset=None, teacher_epochs=2, init_epochs=2, arm_epochs=2, batch=128,
+    "quick": dict(subset=6000, val_subset=None, teacher_epochs=2, init_epochs=2, arm_epochs=2, arm_lr=0.05, batch=128,
                   teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050"),
     # full: a stratified 20000-image third of the training set keeps the first run under an hour on
     # 2 CPU cores; the test set is always the whole 10000 images.
-    "full": dict(subset=20000, val_subset=None, teacher_epochs=10, init_epochs=8, arm_epochs=10, batch=128,
+    "full": dict(subset=20000, val_subset=None, teacher_epochs=10, init_epochs=8, arm_epochs=10, arm_lr=0.05, batch=128,
                  teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050"),
 }
 
@@ -50,17 +50,23 @@ def _stage_config(name: str, mode: str, out: Path, model: str, epochs: int, pres
     return load_config(data=base)
 
 
-def _run_or_reuse(cfg: JobConfig, log) -> dict:
-    from meal_ray.launch import run_job
+def _reusable(cfg: JobConfig) -> bool:
+    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI."""
     from meal_ray.models import is_export_dir
 
     out = cfg.output_dir
-    metrics = out / "metrics.json"
-    if metrics.is_file() and is_export_dir(out / "student"):
-        saved = json.loads((out / "run.json").read_text())["config"]
-        if saved == cfg.to_dict() or _same_but_tracking(saved, cfg.to_dict()):
-            log(f"[demo] reusing finished stage {cfg.name} ({out})")
-            return json.loads(metrics.read_text())
+    if not ((out / "metrics.json").is_file() and is_export_dir(out / "student") and (out / "run.json").is_file()):
+        return False
+    saved = json.loads((out / "run.json").read_text())["config"]
+    return saved == cfg.to_dict() or _same_but_tracking(saved, cfg.to_dict())
+
+
+def _run_or_reuse(cfg: JobConfig, log) -> dict:
+    from meal_ray.launch import run_job
+
+    if _reusable(cfg):
+        log(f"[demo] reusing finished stage {cfg.name} ({cfg.output_dir})")
+        return json.loads((cfg.output_dir / "metrics.json").read_text())
     log(f"[demo] stage {cfg.name}: {cfg.mode} {cfg.student.model} for {cfg.optim.epochs} epochs")
     return run_job(cfg, overwrite=True, log=log)
 
@@ -81,14 +87,18 @@ def _ablation_tag(no_discriminator, weight_decay, hard_label_weight, student_ini
 
 def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
-             tracking_uri: Optional[str] = None, address: Optional[str] = None, log=print) -> dict:
-    """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std."""
+             tracking_uri: Optional[str] = None, address: Optional[str] = None, log=print,
+             preset: Optional[dict] = None) -> dict:
+    """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std.
+
+    ``preset`` replaces the quick/full settings (tests use tiny models)."""
     from ray import serve
 
     from meal_ray.launch import ensure_ray
     from meal_ray.serving import build_app
 
-    preset = PRESETS["quick" if quick else "full"]
+    preset_name = "custom" if preset else "quick" if quick else "full"
+    preset = dict(preset or PRESETS[preset_name])
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
@@ -109,8 +119,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     shared = _evaluate_shared(teachers)
 
     # 2. per seed: the student's good initialization (hard labels), then two arms from it, same epochs
-    arm_optim = dict(lr=0.01, lr_schedule="step", lr_milestones=[max(1, int(preset["arm_epochs"] * 0.6))],
-                     weight_decay=weight_decay)
+    arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=weight_decay)
     runs, served = [], False
     try:
         for n, seed in enumerate(seeds):
@@ -133,7 +142,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                 loss=dict(discriminator="off" if no_discriminator else "reference",
                           hard_label_weight=hard_label_weight))
             _run_or_reuse(control, log)
-            if not served and not _finished(meal):
+            if not served and not _reusable(meal):
                 log("[demo] starting the teacher ensemble as a Ray Serve application")
                 serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
                 served = True
@@ -153,7 +162,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     summary = summarize(runs)
     gains = [r["gain_over_control"] for r in runs]
     results = {
-        "preset": "quick" if quick else "full", "seeds": seeds, "ablation": ablation,
+        "preset": preset_name, "seeds": seeds, "ablation": ablation,
         "summary": summary,
         "gain_over_control": {"per_seed": gains, "mean": statistics.mean(gains),
                               "std": statistics.stdev(gains) if len(gains) > 1 else 0.0},
@@ -169,10 +178,6 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     log(tables)
     _log_demo_run(out, results, tracking_uri)
     return results
-
-
-def _finished(cfg: JobConfig) -> bool:
-    return (cfg.output_dir / "metrics.json").is_file()
 
 
 def _write(path: Path, text: str) -> None:

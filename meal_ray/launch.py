@@ -59,6 +59,16 @@ def _optimizer_norm(optimizer) -> float:
     return total ** 0.5
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train 2.60 logs every report() with its whole metrics dict at INFO (logger named by file path)."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except Exception:  # another Ray version: keep its logs
+        pass
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -75,7 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Train V2 patches print() to tee into its logger, so every line would reach the driver twice;
     # write to stdout directly, and keep Train's per-report INFO lines (a full dict each) out of it.
     log = (lambda s: (sys.stdout.write(f"[meal-ray] {s}\n"), sys.stdout.flush())) if rank == 0 else (lambda s: None)
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_train_reports()
     source = build_source(cfg, device)
     wrap = ray.train.torch.prepare_model if world > 1 else (lambda m: m.to(device))
     engine = Engine(cfg, source=source, device=device, wrap_model=wrap, log=log)

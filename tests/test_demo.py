@@ -1,0 +1,59 @@
+"""`meal-ray demo` end to end with tiny models: stages, served teachers, both arms, seeds, table, exports, reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(subset=600, val_subset=500, teacher_epochs=1, init_epochs=1, arm_epochs=1, arm_lr=0.05, batch=64,
+            teachers=("test_resnet", "resnet10t"), student="test_efficientnet")
+
+
+def test_demo_runs_two_seeds_writes_the_table_and_reuses_finished_stages(tmp_path, ray_cluster):
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.demo import run_demo
+    from meal_ray.evaluate_export import evaluate_export
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines: list = []
+    results = run_demo(str(tmp_path / "demo"), seeds=[0, 1], tracking_uri=uri, log=lines.append, preset=TINY)
+    out = tmp_path / "demo"
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and len(saved["runs"]) == 2
+    models = [r["model"] for r in saved["summary"]]
+    assert models == ["test_resnet", "resnet10t", "teacher ensemble", "student init", "control (hard labels)",
+                      "MEAL V2 (ensemble soft labels)"]
+    for i, row in enumerate(saved["summary"]):  # each summary row is the mean of the per-seed rows
+        per_seed = [run["rows"][i]["top1"] for run in saved["runs"]]
+        assert row["top1"]["per_seed"] == per_seed and row["top1"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    gains = [run["rows"][-1]["top1"] - run["rows"][-2]["top1"] for run in saved["runs"]]
+    assert saved["gain_over_control"]["per_seed"] == pytest.approx(gains)
+    ens = saved["runs"][0]["rows"][2]
+    assert ens["gap_to_ensemble"] == 0 and ens["params"] == sum(r["params"] for r in saved["runs"][0]["rows"][:2])
+    assert set(saved["runs"][0]["per_class"]["MEAL V2 (ensemble soft labels)"]) >= {"Shirt", "Trouser", "Bag"}
+
+    # the exports are seed 0's arms and re-evaluate to the reported top-1 on the whole test set
+    meal_top1 = saved["runs"][0]["rows"][-1]["top1"]
+    assert saved["exports"]["student"] == {"seed": 0, "top1": meal_top1}
+    result, _ = evaluate_export(str(out / "student"))
+    assert result.top1 == pytest.approx(meal_top1, abs=1e-9) and result.count == 10000
+    for png in ("per_class_accuracy.png", "arms_test_top1.png", "training_curves_meal_v2.png"):
+        assert (out / png).stat().st_size > 10_000
+    table = (out / "results.md").read_text()
+    assert "mean ± std over seeds 0, 1" in table and "MEAL V2 - control (top-1)" in table
+    demo_runs = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("meal-ray-demo").experiment_id],
+        filter_string="tags.mlflow.runName = 'demo-custom-seeds0-1'")
+    assert demo_runs and demo_runs[0].data.metrics["gain_over_control_mean"] == pytest.approx(
+        results["gain_over_control"]["mean"])
+
+    # a second run finds every stage finished and trains nothing
+    again: list = []
+    run_demo(str(out), seeds=[0, 1], tracking_uri=uri, log=again.append, preset=TINY)
+    assert sum("reusing finished stage" in line for line in again) == 2 + 3 * 2
+    assert not any("for 1 epochs" in line for line in again)
