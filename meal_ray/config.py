@@ -148,6 +148,7 @@ class RunConfig:
     checkpoints_to_keep: int = 2
     max_failures: int = 1
     log_every: int = 20  # steps between progress lines
+    channels_last: bool = True  # student in NHWC memory layout: same math, ~2.7x faster mobile nets on CPU (bench/)
 
     def validate(self) -> None:
         _positive("run.num_workers", self.num_workers)
@@ -252,6 +253,11 @@ def _coerce_value(hint, value, path: str, owner, key):
             raise ConfigError(f"{path}={value!r} must be true or false.")
         return value
     if hint in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r} must be a number.")
         if hint is int and float(value) != int(value):

@@ -314,15 +314,16 @@ def _subset(ds, indices):
 
 
 class Normalize(torch.nn.Module):
-    """uint8 NCHW -> float (x/255 - mean)/std on the model's device."""
+    """uint8 NCHW -> float (x/255 - mean)/std on the model's device, optionally in channels-last layout."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
         super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
 def build_loaders(cfg: DataConfig, num_classes: int, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -80,6 +80,8 @@ class Engine:
         self.distill = cfg.mode == "distill"
         torch.manual_seed(cfg.run.seed)  # identical init on every rank
         self.student_raw = build_student(cfg).to(self.device)
+        if cfg.run.channels_last:
+            self.student_raw = self.student_raw.to(memory_format=torch.channels_last)
         self.discriminator_raw = (
             Discriminator(cfg.student.num_classes).to(self.device)
             if self.distill and cfg.loss.discriminator != "off" else None
@@ -87,7 +89,7 @@ class Engine:
         self.optimizer = build_optimizer(self.student_raw, self.discriminator_raw, cfg.optim)
         self.student = wrap_model(self.student_raw)
         self.discriminator = wrap_model(self.discriminator_raw) if self.discriminator_raw is not None else None
-        self.normalize = Normalize(cfg.data.mean, cfg.data.std).to(self.device)
+        self.normalize = Normalize(cfg.data.mean, cfg.data.std, cfg.run.channels_last).to(self.device)
         self.train_loader, self.val_loader, self.classes = build_loaders(
             cfg.data, cfg.student.num_classes, cfg.optim.batch_size // self.world_size,
             self.rank, self.world_size, cfg.run.seed)

@@ -7,6 +7,7 @@ file (timm's ``pretrained_cfg_overlay=dict(file=...)``), or a meal-ray export di
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -119,6 +120,8 @@ def export_model(model: nn.Module, out_dir: str | Path, data_config: dict,
     from timm.models import save_for_hf
 
     model = getattr(model, "module", model)  # unwrap DDP
+    if any(not t.is_contiguous() for t in model.state_dict().values()):  # channels-last: safetensors wants dense rows
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

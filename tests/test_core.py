@@ -214,6 +214,14 @@ def test_export_roundtrip_is_timm_loadable(tmp_path):
     assert tuple(plain.pretrained_cfg["mean"]) == (0.286,) and tuple(plain.pretrained_cfg["input_size"]) == (1, 28, 28)
     with pytest.raises(ClassCountMismatchError, match="num_classes=10"):
         create_model("test_efficientnet", num_classes=100, in_chans=1, weights=str(out))
+    # a channels-last student (run.channels_last, the engine's default; 3x3 convs are then not dense rows)
+    # exports to a plain timm model with the same outputs, and stays channels-last itself
+    resnet = create_model("test_resnet", num_classes=10, in_chans=1, data_config=dc).eval()
+    resnet = resnet.to(memory_format=torch.channels_last)
+    cl = export_model(resnet, tmp_path / "cl", dc)
+    with torch.no_grad():
+        torch.testing.assert_close(timm.create_model(f"local-dir:{cl}", pretrained=True).eval()(x), resnet(x))
+    assert not all(p.is_contiguous() for p in resnet.parameters())
 
 
 BASE = {"data": {"dataset": "fashion-mnist"}, "teachers": {"models": ["a"]}}
@@ -232,9 +240,11 @@ def test_bad_config_values_and_unknown_keys_are_named():
         load_config(data=dict(BASE, optim={"batch_size": 64}, run={"num_workers": 3}))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("jobs/no-such-job.yaml")
-    cfg = load_config(data=BASE, overrides=["optim.epochs=3", "data.crop_scale=[0.5,1]"])
+    cfg = load_config(data=BASE, overrides=["optim.epochs=3", "data.crop_scale=[0.5,1]", "optim.weight_decay=5e-5"])
     assert cfg.optim.epochs == 3 and cfg.data.crop_scale == (0.5, 1)
+    assert cfg.optim.weight_decay == 5e-5  # YAML 1.1 reads 5e-5 as a string; numbers in that form are accepted
     # the paper's defaults
+    cfg = load_config(data=BASE)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.d_lr) == (0.01, 0.9, 0.0, 1e-4)
     assert cfg.optim.lr_milestones == (100,) and cfg.loss.hard_label_weight == 0.0
 
