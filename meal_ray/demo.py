@@ -22,22 +22,29 @@ SIMILAR = ("T-shirt/top", "Shirt", "Pullover", "Coat")
 DISSIMILAR = ("Trouser", "Bag", "Sandal", "Ankle boot")
 DEMO_APP = "meal-ray-demo-teachers"
 
-DATA = dict(dataset="fashion-mnist", image_size=32, crop_scale=[0.35, 1.0], crop_pct=0.875,
+# Teachers' data: 28 px upsampled to 32. Mild crops (scale 0.85-1, near-square) and no eval crop margin:
+# Fashion-MNIST items fill the frame, so ImageNet-style 0.35-1 crops starve the compact student (measured:
+# its train accuracy stayed below its test accuracy) and crop_pct 0.875 cuts off sleeves and hems.
+DATA = dict(dataset="fashion-mnist", image_size=32, crop_scale=[0.85, 1.0], crop_ratio=[0.9, 1.1], crop_pct=1.0,
             mean=[0.2860], std=[0.3530])
 PRESETS = {
     # --quick: shows the whole pipeline in minutes; the gain is not expected here.
     "quick": dict(subset=6000, val_subset=None, teacher_epochs=2, init_epochs=2, arm_epochs=2, arm_lr=0.05, batch=128,
-                  teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050"),
-    # full: a stratified 20000-image third of the training set keeps the first run under an hour on
-    # 2 CPU cores; the test set is always the whole 10000 images.
-    "full": dict(subset=20000, val_subset=None, teacher_epochs=10, init_epochs=8, arm_epochs=10, arm_lr=0.05, batch=128,
-                 teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050"),
+                  teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050", student_size=64),
+    # full: a stratified 20000-image third of the training set keeps the first run under an hour on 2 CPU cores;
+    # the test set is always the whole 10000 images. The student trains at 64 px (the teachers' soft labels come
+    # from the same crop resized to their 32 px): at 32 px its last feature map is 1x1 and it underfits (measured
+    # init: 83.7% after 8 epochs at 32 px, 88.5% after 10 at 64 px).
+    "full": dict(subset=20000, val_subset=None, teacher_epochs=10, init_epochs=10, arm_epochs=15, arm_lr=0.05,
+                 batch=128, teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050", student_size=64),
 }
 
 
 def _stage_config(name: str, mode: str, out: Path, model: str, epochs: int, preset: dict, seed: int,
                   tracking_uri: Optional[str], **over) -> JobConfig:
     data = dict(DATA, train_subset=preset["subset"], val_subset=preset["val_subset"])
+    if over.pop("student_stage", False):  # the student trains at its own resolution; teachers resize its crop
+        data["image_size"] = preset.get("student_size", DATA["image_size"])
     base = dict(
         name=name, mode=mode, data=data,
         student=dict(model=model, num_classes=10, weights=over.pop("weights", None)),
@@ -127,16 +134,16 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
             init_weights = None
             if student_init == "pretrained":
                 cfg = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"],
-                                    preset["init_epochs"], preset, seed, tracking_uri,
+                                    preset["init_epochs"], preset, seed, tracking_uri, student_stage=True,
                                     optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
                 _run_or_reuse(cfg, log)
                 init_weights = str(cfg.output_dir / "student")
             control = _stage_config(f"control{tag}-seed{seed}", "pretrain", out, preset["student"],
                                     preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
-                                    optim=arm_optim)
+                                    student_stage=True, optim=arm_optim)
             meal = _stage_config(
                 f"meal-v2{tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset, seed,
-                tracking_uri, weights=init_weights, optim=arm_optim,
+                tracking_uri, weights=init_weights, optim=arm_optim, student_stage=True,
                 teachers=dict(source="served", app_name=DEMO_APP,
                               models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
                 loss=dict(discriminator="off" if no_discriminator else "reference",
@@ -164,8 +171,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     results = {
         "preset": preset_name, "seeds": seeds, "ablation": ablation,
         "summary": summary,
-        "gain_over_control": {"per_seed": gains, "mean": statistics.mean(gains),
-                              "std": statistics.stdev(gains) if len(gains) > 1 else 0.0},
+        "gain_over_control": gain_over_control(summary, gains),
         "exports": {"student": {"seed": first["seed"], "top1": first["rows"][-1]["top1"]},
                     "control": {"seed": first["seed"], "top1": first["rows"][-2]["top1"]}},
         "runs": [{k: r[k] for k in ("seed", "rows", "per_class", "gain_over_control")} for r in runs],
@@ -304,6 +310,15 @@ def _log_demo_run(out: Path, results: dict, tracking_uri: Optional[str]) -> None
     tracker.end()
 
 
+def gain_over_control(summary: list, gains: list) -> dict:
+    """MEAL V2 minus control top-1 per seed, and whether the mean gain exceeds the seed spread: the larger
+    sample std of the two arms' top-1 (the issue's bar for "beats the control")."""
+    spread = max(r["top1"]["std"] for r in summary[-2:])
+    mean = statistics.mean(gains)
+    return {"per_seed": gains, "mean": mean, "std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+            "seed_spread": spread, "beats_seed_spread": len(gains) > 1 and mean > spread}
+
+
 def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
     f = fmt.replace("{:", "{:+") if signed else fmt
     return f.format(stat["mean"]) + (" ± " + fmt.format(stat["std"]) if stat.get("std") else "")
@@ -320,6 +335,10 @@ def format_summary(summary: list, gain: dict, seeds: list) -> str:
                      f"{_pm(r['dissimilar_classes'])} |")
     per_seed = ", ".join(f"{g:+.2f}" for g in gain["per_seed"])
     lines.append(f"\nMEAL V2 - control (top-1): {_pm(gain, signed=True)} points (per seed: {per_seed})")
+    if len(gain["per_seed"]) > 1:
+        verdict = "beats" if gain["beats_seed_spread"] else "does NOT beat"
+        lines.append(f"MEAL V2 {verdict} the control by more than the seed spread "
+                     f"(larger arm top-1 std: {gain['seed_spread']:.2f} points)")
     lines.append(f"\n*mean accuracy on {', '.join(SIMILAR)}; **on {', '.join(DISSIMILAR)}")
     return "\n".join(lines)
 

@@ -299,7 +299,7 @@ def test_every_shipped_job_config_is_valid():
 
 
 def test_demo_summary_is_mean_and_sample_std_over_seeds():
-    from meal_ray.demo import format_summary, summarize
+    from meal_ray.demo import format_summary, gain_over_control, summarize
 
     def run(seed, control, meal):
         rows = [dict(model=m, arch="a", params=10, top1=t, top5=99.0, gap_to_ensemble=t - 90.0,
@@ -315,6 +315,11 @@ def test_demo_summary_is_mean_and_sample_std_over_seeds():
     assert meal["top1"]["std"] == pytest.approx(0.7637626, rel=1e-6)  # sample std of 86, 86.5, 87.5
     assert meal["top1"]["per_seed"] == [86.0, 86.5, 87.5] and meal["top1"]["min"] == 86.0
     assert summary[0]["top1"]["std"] == 0.0  # the shared ensemble row does not vary
-    text = format_summary(summary, {"per_seed": [1.0, 1.0, 1.5], "mean": 7 / 6, "std": 0.288675}, [0, 1, 2])
+    gain = gain_over_control(summary, [1.0, 1.0, 1.5])
+    assert gain["mean"] == pytest.approx(7 / 6) and gain["std"] == pytest.approx(0.288675, rel=1e-5)
+    assert gain["seed_spread"] == pytest.approx(0.7637626, rel=1e-6) and gain["beats_seed_spread"]
+    text = format_summary(summary, gain, [0, 1, 2])
     assert "| MEAL V2 (ensemble soft labels) | a | 0.00M | 86.67 ± 0.76 |" in text
     assert "MEAL V2 - control (top-1): +1.17 ± 0.29 points (per seed: +1.00, +1.00, +1.50)" in text
+    assert "MEAL V2 beats the control by more than the seed spread (larger arm top-1 std: 0.76 points)" in text
+    assert not gain_over_control(summary, [0.5, 0.6, 0.4])["beats_seed_spread"]  # 0.5 < 0.76
