@@ -43,8 +43,7 @@ PRESETS = {
 def _stage_config(name: str, mode: str, out: Path, model: str, epochs: int, preset: dict, seed: int,
                   tracking_uri: Optional[str], **over) -> JobConfig:
     data = dict(DATA, train_subset=preset["subset"], val_subset=preset["val_subset"])
-    if over.pop("student_stage", False):  # the student trains at its own resolution; teachers resize its crop
-        data["image_size"] = preset.get("student_size", DATA["image_size"])
+    data["image_size"] = over.pop("image_size", DATA["image_size"])  # served teachers resize the student's crop
     base = dict(
         name=name, mode=mode, data=data,
         student=dict(model=model, num_classes=10, weights=over.pop("weights", None)),
@@ -115,12 +114,15 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay,
                     hard_label_weight=hard_label_weight, student_init=student_init)
     tag = _ablation_tag(**ablation)
+    student_size = preset.get("student_size", DATA["image_size"])
+    teacher_sizes = preset.get("teacher_sizes", {})
 
     # 1. teachers (fixed seeds: every demo seed distills from the same ensemble), reused when finished
     teachers = []
     for i, arch in enumerate(preset["teachers"]):
         cfg = _stage_config(f"teacher-{arch}", "pretrain", out, arch, preset["teacher_epochs"], preset, i,
-                            tracking_uri, optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
+                            tracking_uri, image_size=teacher_sizes.get(arch, DATA["image_size"]),
+                            optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
         _run_or_reuse(cfg, log)
         teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
     shared = _evaluate_shared(teachers)
@@ -134,16 +136,16 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
             init_weights = None
             if student_init == "pretrained":
                 cfg = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"],
-                                    preset["init_epochs"], preset, seed, tracking_uri, student_stage=True,
+                                    preset["init_epochs"], preset, seed, tracking_uri, image_size=student_size,
                                     optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
                 _run_or_reuse(cfg, log)
                 init_weights = str(cfg.output_dir / "student")
             control = _stage_config(f"control{tag}-seed{seed}", "pretrain", out, preset["student"],
                                     preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
-                                    student_stage=True, optim=arm_optim)
+                                    image_size=student_size, optim=arm_optim)
             meal = _stage_config(
                 f"meal-v2{tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset, seed,
-                tracking_uri, weights=init_weights, optim=arm_optim, student_stage=True,
+                tracking_uri, weights=init_weights, optim=arm_optim, image_size=student_size,
                 teachers=dict(source="served", app_name=DEMO_APP,
                               models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
                 loss=dict(discriminator="off" if no_discriminator else "reference",
@@ -262,7 +264,8 @@ def _evaluate_ensemble(teachers) -> dict:
     from meal_ray.evaluation import evaluate
 
     ensemble = TeacherEnsemble.from_specs([TeacherSpec(t["model"], t["weights"]) for t in teachers])
-    cfg = DataConfig(**{k: v for k, v in DATA.items()})
+    # at the largest teacher input size: each teacher resizes to its own, as it does with the student's crops
+    cfg = DataConfig(**dict(DATA, image_size=max(t.size[0] for t in ensemble.teachers)))
     _, val, classes = load_datasets(cfg, 10)
     loader = DataLoader(EvalView(val, EvalTransform(cfg.image_size, cfg.crop_pct, cfg.interpolation)), batch_size=500)
     result = evaluate(lambda x: ensemble(x)[0], loader, 10)
