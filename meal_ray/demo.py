@@ -84,11 +84,14 @@ def _same_but_tracking(a: dict, b: dict) -> bool:
     return a == b
 
 
-def _ablation_tag(no_discriminator, weight_decay, hard_label_weight, student_init) -> str:
-    """Stage-name suffix for non-default ablation flags, so ablation arms never replace the default ones."""
-    tag = ("-no-disc" if no_discriminator else "") + (f"-wd{weight_decay:g}" if weight_decay else "")
-    tag += (f"-hard{hard_label_weight:g}" if hard_label_weight else "") + ("-random-init" if student_init == "random" else "")
-    return tag
+def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init) -> tuple:
+    """Stage-name suffixes (control, MEAL V2) for non-default ablation flags, so ablation arms never replace the
+    default ones. The control is tagged only by the flags that change it (weight decay, random init): a
+    ``--no-discriminator`` or ``--hard-label-weight`` ablation reuses the default control."""
+    wd = f"-wd{weight_decay:g}" if weight_decay else ""
+    init = "-random-init" if student_init == "random" else ""
+    hard = f"-hard{hard_label_weight:g}" if hard_label_weight else ""
+    return wd + init, ("-no-disc" if no_discriminator else "") + wd + hard + init
 
 
 def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
@@ -113,7 +116,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, 6))  # logical CPUs: teacher replicas + a train worker
     ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay,
                     hard_label_weight=hard_label_weight, student_init=student_init)
-    tag = _ablation_tag(**ablation)
+    control_tag, tag = _arm_tags(**ablation)
     student_size = preset.get("student_size", DATA["image_size"])
 
     # 1. teachers (fixed seeds: every demo seed distills from the same ensemble), reused when finished
@@ -138,7 +141,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                                     optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
                 _run_or_reuse(cfg, log)
                 init_weights = str(cfg.output_dir / "student")
-            control = _stage_config(f"control{tag}-seed{seed}", "pretrain", out, preset["student"],
+            control = _stage_config(f"control{control_tag}-seed{seed}", "pretrain", out, preset["student"],
                                     preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
                                     image_size=student_size, optim=arm_optim)
             meal = _stage_config(
@@ -161,11 +164,14 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
         if served:
             serve.delete(DEMO_APP)
 
-    # 3. results.json, exports (first seed), plots, tables
+    # 3. results.json, exports (first seed), plots, tables; an ablation reports into its own folder so the
+    # default run's results are never replaced
     first = runs[0]
+    report = out / f"ablation{tag}" if tag else out
+    report.mkdir(exist_ok=True)
     for name, cfg in (("student", first["meal"]), ("control", first["control"])):
-        shutil.rmtree(out / name, ignore_errors=True)
-        shutil.copytree(cfg.output_dir / "student", out / name)
+        shutil.rmtree(report / name, ignore_errors=True)
+        shutil.copytree(cfg.output_dir / "student", report / name)
     summary = summarize(runs)
     results = {
         "preset": preset_name, "seeds": seeds, "ablation": ablation,
@@ -175,13 +181,13 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                     "control": {"seed": first["seed"], "top1": first["rows"][-2]["top1"]}},
         "runs": [{k: r[k] for k in ("seed", "rows", "per_class", "gain_over_control")} for r in runs],
     }
-    _write(out / "results.json", json.dumps(results, indent=2))
-    _plots(out, runs)
+    _write(report / "results.json", json.dumps(results, indent=2))
+    _plots(report, runs)
     tables = format_summary(summary, results["gain_over_control"], seeds) + "\n\n" + format_table(
         first["rows"], first["per_class"], title=f"Seed {first['seed']} (the exports in student/ and control/)")
-    _write(out / "results.md", tables + "\n")
+    _write(report / "results.md", tables + "\n")
     log(tables)
-    _log_demo_run(out, results, tracking_uri)
+    _log_demo_run(report, results, tracking_uri, tag)
     return results
 
 
@@ -295,12 +301,12 @@ def _plots(out: Path, runs: list) -> None:
         plot_training_curves(history, out / f"training_curves_{name}.png", f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
 
 
-def _log_demo_run(out: Path, results: dict, tracking_uri: Optional[str]) -> None:
+def _log_demo_run(out: Path, results: dict, tracking_uri: Optional[str], tag: str = "") -> None:
     from meal_ray.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
     seeds = "-".join(str(s) for s in results["seeds"])
-    tracker.start("meal-ray-demo", f"demo-{results['preset']}-seeds{seeds}", dict(results["ablation"], seeds=seeds))
+    tracker.start("meal-ray-demo", f"demo-{results['preset']}{tag}-seeds{seeds}", dict(results["ablation"], seeds=seeds))
     tracker.log_metrics({f"top1_mean/{r['model']}": r["top1"]["mean"] for r in results["summary"]}, step=0)
     tracker.log_metrics({f"top1_std/{r['model']}": r["top1"]["std"] for r in results["summary"]}, step=0)
     tracker.log_metrics({"gain_over_control_mean": results["gain_over_control"]["mean"],

@@ -325,3 +325,11 @@ def test_demo_summary_is_mean_and_sample_std_over_seeds():
     assert "MEAL V2 beats the control by more than the seed spread (larger arm top-1 std: 0.76 points)" in text
     close = summarize([run(0, 85.0, 85.3), run(1, 85.5, 85.9), run(2, 86.0, 86.2)])
     assert not gain_over_control(close)["beats_seed_spread"]  # mean gain 0.3 < control std 0.5
+
+
+def test_demo_ablations_reuse_the_control_they_do_not_change():
+    from meal_ray.demo import _arm_tags
+
+    assert _arm_tags(False, 0.0, 0.0, "pretrained") == ("", "")
+    assert _arm_tags(True, 0.0, 0.5, "pretrained") == ("", "-no-disc-hard0.5")  # same control as the default run
+    assert _arm_tags(False, 1e-4, 0.0, "random") == ("-wd0.0001-random-init", "-wd0.0001-random-init")
