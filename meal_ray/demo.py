@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from meal_ray.config import JobConfig, load_config
+from meal_ray.config import JobConfig, LossConfig, OptimConfig, load_config
 from meal_ray.errors import ConfigError
 
 SIMILAR = ("T-shirt/top", "Shirt", "Pullover", "Coat")
@@ -111,6 +111,11 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    try:  # the arms' own validation, before hours of teacher training rather than after
+        OptimConfig(weight_decay=weight_decay).validate()
+        LossConfig(hard_label_weight=hard_label_weight).validate()
+    except ConfigError as e:
+        raise ConfigError(f"demo ablation flags (--weight-decay, --hard-label-weight): {e}") from None
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, 6))  # logical CPUs: teacher replicas + a train worker

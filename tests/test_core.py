@@ -333,3 +333,13 @@ def test_demo_ablations_reuse_the_control_they_do_not_change():
     assert _arm_tags(False, 0.0, 0.0, "pretrained") == ("", "")
     assert _arm_tags(True, 0.0, 0.5, "pretrained") == ("", "-no-disc-hard0.5")  # same control as the default run
     assert _arm_tags(False, 1e-4, 0.0, "random") == ("-wd0.0001-random-init", "-wd0.0001-random-init")
+
+
+def test_demo_refuses_bad_ablation_values_before_training(tmp_path):
+    from meal_ray.demo import run_demo
+
+    for kwargs, text in ((dict(weight_decay=-1e-4), "optim.weight_decay"), (dict(hard_label_weight=-0.5), "hard_label_weight=-0.5")):
+        with pytest.raises(ConfigError, match="--weight-decay, --hard-label-weight") as err:
+            run_demo(str(tmp_path / "demo"), **kwargs)
+        assert text in str(err.value)
+    assert not (tmp_path / "demo").exists()  # nothing started, nothing written
