@@ -148,16 +148,19 @@ def distill(**kwargs):
 @click.option("--hard-label-weight", default=0.0, show_default=True, help="Ablation: add hard-label CE to MEAL V2.")
 @click.option("--student-init", type=click.Choice(["pretrained", "random"]), default="pretrained", show_default=True,
               help="Ablation (paper Fig. 6): start both arms from the hard-label init or from random weights.")
+@click.option("--cutmix/--no-cutmix", default=None,
+              help="Ablation: CutMix in both arms on or off (default: the preset's; the full demo uses CutMix).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")
 @friendly_errors
-def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, tracking_uri, address):
+def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, cutmix, tracking_uri,
+         address):
     """Reproduce MEAL V2's claims on Fashion-MNIST: teachers, student init, control vs MEAL V2, table + plots."""
     from meal_ray.demo import run_demo
 
     run_demo(output, quick=quick, seeds=_seed_list(seeds), no_discriminator=no_discriminator, weight_decay=weight_decay,
-             hard_label_weight=hard_label_weight, student_init=student_init, tracking_uri=tracking_uri,
-             address=address)
+             hard_label_weight=hard_label_weight, student_init=student_init, cutmix=cutmix,
+             tracking_uri=tracking_uri, address=address)
 
 
 def _seed_list(text: str) -> list:

@@ -333,6 +333,8 @@ def test_demo_ablations_reuse_the_control_they_do_not_change():
     assert _arm_tags(False, 0.0, 0.0, "pretrained") == ("", "")
     assert _arm_tags(True, 0.0, 0.5, "pretrained") == ("", "-no-disc-hard0.5")  # same control as the default run
     assert _arm_tags(False, 1e-4, 0.0, "random") == ("-wd0.0001-random-init", "-wd0.0001-random-init")
+    # CutMix other than the preset's changes both arms
+    assert _arm_tags(False, 0.0, 0.0, "pretrained", cutmix=False) == ("-no-cutmix", "-no-cutmix")
 
 
 def test_demo_refuses_bad_ablation_values_before_training(tmp_path):
