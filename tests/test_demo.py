@@ -38,14 +38,16 @@ def test_demo_runs_two_seeds_writes_the_table_and_reuses_finished_stages(tmp_pat
     assert set(saved["runs"][0]["per_class"]["MEAL V2 (ensemble soft labels)"]) >= {"Shirt", "Trouser", "Bag"}
 
     # teachers pretrain on their own (larger) subset; the student's init and both arms share the student subset
-    def saved(stage):
+    def stage_config(stage):
         return json.loads((out / stage / "run.json").read_text())["config"]
 
-    assert [saved(s)["data"]["train_subset"] for s in ("teacher-test_resnet", "teacher-resnet10t")] == [1200, 1200]
-    assert {saved(f"{s}-seed{n}")["data"]["train_subset"] for s in ("student-init", "control", "meal-v2")
+    teacher_subsets = [stage_config(s)["data"]["train_subset"] for s in ("teacher-test_resnet", "teacher-resnet10t")]
+    assert teacher_subsets == [1200, 1200]
+    assert {stage_config(f"{s}-seed{n}")["data"]["train_subset"] for s in ("student-init", "control", "meal-v2")
             for n in (0, 1)} == {600}
     # the preset's CutMix reaches both arms (the MEAL V2 arm's mixed images go through the served teachers)
-    assert [saved(f"{s}-seed0")["optim"]["cutmix"] for s in ("student-init", "control", "meal-v2")] == [False, True, True]
+    cutmix = [stage_config(f"{s}-seed0")["optim"]["cutmix"] for s in ("student-init", "control", "meal-v2")]
+    assert cutmix == [False, True, True]
 
     # the exports are seed 0's arms and re-evaluate to the reported top-1 on the whole test set
     meal_top1 = saved["runs"][0]["rows"][-1]["top1"]
