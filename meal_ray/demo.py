@@ -34,7 +34,7 @@ PRESETS = {
     # full: the teachers are pretrained on all 60000 training images (like the paper's, pretrained models well above
     # the student); the student (init and both arms) trains on a stratified 10000-image subset, so the control's
     # hard labels carry less than the teachers know. With teachers and student on the same 20000 images the
-    # teachers ended <1 point above the control and MEAL V2 lost to it (README, "what was tried"). The test set is
+    # teachers ended <1 point above the control and MEAL V2 lost to it (README, the demo section's last paragraph). The test set is
     # always the whole 10000 images. The student trains at 64 px (the teachers' soft labels come from the same crop
     # resized to their 32 px): at 32 px its last feature map is 1x1 and it underfits (measured init: 83.7% after 8
     # epochs at 32 px, 88.5% after 10 at 64 px).
@@ -129,10 +129,9 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, 6))  # logical CPUs: teacher replicas + a train worker
     preset_cutmix = bool(preset.get("cutmix", False))
-    if cutmix is not None and bool(cutmix) == preset_cutmix:
-        cutmix = None  # the preset's own setting: the default arms, no ablation
-    ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay,
-                    hard_label_weight=hard_label_weight, student_init=student_init, cutmix=cutmix)
+    arm_cutmix = preset_cutmix if cutmix is None else bool(cutmix)
+    ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay, hard_label_weight=hard_label_weight,
+                    student_init=student_init, cutmix=None if arm_cutmix == preset_cutmix else arm_cutmix)
     control_tag, tag = _arm_tags(**ablation)
     student_size = preset.get("student_size", DATA["image_size"])
 
@@ -147,8 +146,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     shared = _evaluate_shared(teachers)
 
     # 2. per seed: the student's good initialization (hard labels), then two arms from it, same epochs
-    arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=weight_decay,
-                     cutmix=preset_cutmix if cutmix is None else bool(cutmix))
+    arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=weight_decay, cutmix=arm_cutmix)
     runs, served = [], False
     try:
         for n, seed in enumerate(seeds):
@@ -193,7 +191,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
         shutil.copytree(cfg.output_dir / "student", report / name)
     summary = summarize(runs)
     results = {
-        "preset": preset_name, "settings": dict(preset, cutmix=arm_optim["cutmix"]), "seeds": seeds,
+        "preset": preset_name, "settings": dict(preset, cutmix=arm_cutmix), "seeds": seeds,
         "ablation": ablation,
         "summary": summary,
         "gain_over_control": gain_over_control(summary),
