@@ -28,7 +28,7 @@ def engine_for(model: str, channels_last: bool, size: int, batch: int) -> Engine
                   mean=[0.2860], std=[0.3530], train_subset=4000),
         student=dict(model=model, num_classes=10), optim=dict(batch_size=batch, lr=0.01),
         run=dict(channels_last=channels_last, log_every=0)))
-    return Engine(cfg, log=lambda s: None)
+    return Engine.for_job(cfg, log=lambda s: None)
 
 
 def images_per_s(engine: Engine, steps: int) -> float:

@@ -9,6 +9,8 @@ import sys
 import click
 
 from meal_ray.errors import MealRayError
+from meal_ray.config import DEFAULT_APP_NAME
+from meal_ray.sources.registry import describe_sources
 
 
 def friendly_errors(fn):
@@ -67,14 +69,14 @@ def data_fashion_mnist(root, download, check):
 @main.command()
 @click.option("--model", "model_dir", required=True, help="A meal-ray export directory (model.safetensors + config.json).")
 @click.option("--dataset", default="fashion-mnist", show_default=True, type=click.Choice(["fashion-mnist", "imagefolder"]))
-@click.option("--root", default=None, help="Dataset root (imagefolder: folder with val/).")
+@click.option("--root", default=None, help="Dataset root (imagefolder: the folder holding val/<class>/).")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--val-subset", default=None, type=int, help="Evaluate on a stratified subset of this many images (as a run's data.val_subset).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
 def evaluate(model_dir, dataset, root, batch_size, val_subset, as_json):
     """Evaluate an exported student on the validation/test set with the preprocessing in its config.json."""
-    from meal_ray.evaluate_export import evaluate_export
+    from meal_ray.evaluation import evaluate_export
 
     result, classes = evaluate_export(model_dir, dataset, root, batch_size, val_subset)
     if as_json:
@@ -106,7 +108,7 @@ def _job_options(fn):
 
 def _run(mode, config_path, overrides, output, tracking_uri, address, resume, overwrite):
     from meal_ray.config import load_config
-    from meal_ray.launch import run_job
+    from meal_ray.train.driver import run_job
 
     extra = list(overrides)
     if output:
@@ -127,11 +129,11 @@ def pretrain(**kwargs):
     _run("pretrain", **kwargs)
 
 
-@main.command()
+@main.command(help="MEAL V2 distillation from the teacher ensemble as a Ray Train job. Soft labels come from "
+                    f"teachers.source: {describe_sources(with_soft_labels_only=True)}.")
 @_job_options
 @friendly_errors
 def distill(**kwargs):
-    """MEAL V2 distillation from the teacher ensemble (served, local or cached soft labels) as a Ray Train job."""
     _run("distill", **kwargs)
 
 
@@ -190,7 +192,7 @@ def teachers():
 @friendly_errors
 def teachers_up_cmd(config_path, address, num_cpus, block):
     """Deploy the teacher application(s) of a Serve config and wait until they are RUNNING."""
-    from meal_ray.serving import teachers_up
+    from meal_ray.serve.lifecycle import teachers_up
 
     teachers_up(config_path, address=address, block=block, num_cpus=num_cpus, log=click.echo)
 
@@ -201,7 +203,7 @@ def teachers_up_cmd(config_path, address, num_cpus, block):
 @friendly_errors
 def teachers_status_cmd(address, as_json):
     """Show the Serve applications, their deployments and replicas."""
-    from meal_ray.serving import format_status, teachers_status
+    from meal_ray.serve.lifecycle import format_status, teachers_status
 
     status = teachers_status(address)
     click.echo(json.dumps(status, indent=2) if as_json else format_status(status))
@@ -209,12 +211,12 @@ def teachers_status_cmd(address, as_json):
 
 @teachers.command("down")
 @click.option("--config", "config_path", default=None, help="Delete every application of this Serve config file.")
-@click.option("--app", "app_name", default="meal-ray-teachers", show_default=True, help="Application to delete.")
+@click.option("--app", "app_name", default=DEFAULT_APP_NAME, show_default=True, help="Application to delete.")
 @click.option("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else the local cluster).")
 @friendly_errors
 def teachers_down_cmd(config_path, app_name, address):
     """Delete the teacher application(s) (an embedded `teachers up` then exits)."""
-    from meal_ray.serving import teachers_down
+    from meal_ray.serve.lifecycle import teachers_down
 
     deleted = teachers_down(config_path or app_name, address=address)
     click.echo(f"Deleted {', '.join(deleted)}." if deleted else f"Nothing to delete: {config_path or app_name} is not deployed.")

@@ -18,6 +18,24 @@ from meal_ray.errors import ConfigError, suggest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+AUTOCAST_MODES = (None, "bf16", "fp16")
+DEFAULT_APP_NAME = "meal-ray-teachers"  # the Serve teacher application's name
+
+
+def check_autocast(key: str, value) -> None:
+    if value not in AUTOCAST_MODES:
+        raise ConfigError(f"{key}={value!r}: use bf16, fp16 or leave it empty (fp32).")
+
+
+def check_batching(prefix: str, max_batch_size, batch_wait_timeout_s) -> None:
+    """Dynamic batching of a teacher deployment (Serve app args and a deployment's user_config)."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ConfigError(f"{prefix}max_batch_size={max_batch_size!r} must be a whole number >= 1 "
+                          "(crops per teacher forward pass).")
+    if isinstance(batch_wait_timeout_s, bool) or not isinstance(batch_wait_timeout_s, (int, float)) \
+            or batch_wait_timeout_s < 0:
+        raise ConfigError(f"{prefix}batch_wait_timeout_s={batch_wait_timeout_s!r} must be a number >= 0 (seconds).")
 
 
 @dataclass
@@ -53,7 +71,7 @@ class DataConfig:
             raise ConfigError(f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}; give one per channel.")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std={list(self.std)} must be positive.")
-        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+        if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"data.interpolation={self.interpolation!r}: use bilinear, bicubic or nearest.")
 
     @property
@@ -69,23 +87,53 @@ class TeacherSpec:
     name: Optional[str] = None  # Serve deployment name; defaults to teacher<i>
 
 
+def teacher_list(teachers) -> list:
+    """A list of TeacherSpec from TeacherSpec objects, dicts or bare architecture names."""
+    return [t if isinstance(t, TeacherSpec) else TeacherSpec(**t) if isinstance(t, dict) else TeacherSpec(model=t)
+            for t in teachers]
+
+
 @dataclass
 class TeachersConfig:
-    source: str = "served"  # served | local | none (hard labels only: pretraining)
-    models: list = field(default_factory=list)  # list[TeacherSpec]
-    app_name: str = "meal-ray-teachers"  # Serve application name for the served source
+    source: str = "served"  # a name in meal_ray.sources.registry.SOURCES (served | local | none)
+    models: list = field(default_factory=list, metadata={"items": TeacherSpec})
+    app_name: str = DEFAULT_APP_NAME  # Serve application name for the served source
     prefetch: int = 4  # batches kept in flight to the teachers (served source)
     autocast: Optional[str] = None  # None | "bf16" | "fp16" for teacher inference
 
     def validate(self) -> None:
-        if self.source not in ("served", "local", "none"):
-            raise ConfigError(f"teachers.source={self.source!r}: use served, local or none.")
+        from meal_ray.sources.registry import SOURCES
+
+        if self.source not in SOURCES:
+            raise ConfigError(f"teachers.source={self.source!r} is not a soft-label source.{suggest(self.source, SOURCES)}"
+                              f" Use one of: {', '.join(SOURCES)}.")
         if self.source != "none" and not self.models:
             raise ConfigError("teachers.models is empty: list at least one teacher, or set teachers.source=none.")
         if self.prefetch < 1:
             raise ConfigError(f"teachers.prefetch={self.prefetch} must be >= 1.")
-        if self.autocast not in (None, "bf16", "fp16"):
-            raise ConfigError(f"teachers.autocast={self.autocast!r}: use bf16, fp16 or leave it empty.")
+        check_autocast("teachers.autocast", self.autocast)
+
+
+@dataclass
+class TeacherAppConfig:
+    """``args`` of the Serve teacher application (``meal_ray.serve.app:build_app``), validated like a job config."""
+
+    teachers: list = field(default_factory=list, metadata={"items": TeacherSpec})
+    max_batch_size: int = 64  # crops per teacher forward pass (dynamic batching merges requests up to this)
+    batch_wait_timeout_s: float = 0.01
+    autocast: Optional[str] = None
+    base_dir: Optional[str] = None  # relative weights paths resolve against this (default: working directory)
+    retry_s: float = 60.0  # how long the ingress waits for a replaced teacher replica
+
+    def validate(self) -> "TeacherAppConfig":
+        if not self.teachers:
+            raise ConfigError("args.teachers must be a non-empty list, e.g. "
+                              "[{name: resnet18, model: resnet18, weights: runs/fmnist-teacher-resnet18/student}].")
+        check_batching("args.", self.max_batch_size, self.batch_wait_timeout_s)
+        check_autocast("args.autocast", self.autocast)
+        if self.retry_s < 0:
+            raise ConfigError(f"args.retry_s={self.retry_s} must be >= 0 (seconds).")
+        return self
 
 
 @dataclass
@@ -176,7 +224,10 @@ class JobConfig:
         if self.mode == "pretrain" and self.teachers.source != "none":
             raise ConfigError("mode=pretrain trains with hard labels: set teachers.source=none.")
         if self.mode == "distill" and self.teachers.source == "none":
-            raise ConfigError("mode=distill needs teachers: set teachers.source to served or local.")
+            from meal_ray.sources.registry import SOURCES
+
+            raise ConfigError("mode=distill needs soft labels: set teachers.source to one of "
+                              f"{', '.join(s for s in SOURCES if s != 'none')}.")
         _positive("student.num_classes", self.student.num_classes)
         if self.optim.batch_size % self.run.num_workers:
             raise ConfigError(
@@ -232,7 +283,8 @@ def _coerce(cls, data: Any, path: str):
 
 
 def _coerce_value(hint, value, path: str, owner, key):
-    if owner is TeachersConfig and key == "models":
+    items = next(f.metadata.get("items") for f in dataclasses.fields(owner) if f.name == key)
+    if items is TeacherSpec:
         if not isinstance(value, list):
             raise ConfigError(f"{path} must be a list of teachers, e.g. [{{model: resnet18, weights: path}}].")
         return [_coerce(TeacherSpec, v if isinstance(v, dict) else {"model": v}, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -299,6 +351,11 @@ def read_yaml(path: str | Path, what: str = "config file", examples: str = "jobs
         return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from None
+
+
+def load_app_config(args: Optional[dict]) -> TeacherAppConfig:
+    """Validate the Serve teacher application's ``args`` with the job config's machinery."""
+    return _coerce(TeacherAppConfig, dict(args or {}), "args").validate()
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, data: Optional[dict] = None) -> JobConfig:

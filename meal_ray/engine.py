@@ -1,8 +1,10 @@
 """The one training loop: hard-label pretraining and MEAL V2 distillation, for every soft-label source.
 
-Plain PyTorch (no Ray): Ray Train calls it from each worker, tests call it in-process. Models
-are wrapped for DDP by a callable the caller passes in (``wrap_model``), and checkpoints,
-metrics and exports are handed to callbacks, so the edges decide where they go.
+Plain PyTorch (no Ray): Ray Train calls it from each worker, tests call it in-process. The
+caller hands it the job config, the loaders (so it decides which crops are trained on) and the
+soft-label source; models are wrapped for DDP by a callable the caller passes in
+(``wrap_model``), and checkpoints, metrics and exports are handed to callbacks, so the edges
+decide where they go.
 """
 
 from __future__ import annotations
@@ -10,18 +12,20 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from meal_ray.config import JobConfig, OptimConfig
-from meal_ray.data import Normalize, build_loaders
+from meal_ray.data.batch import Batch, batches_from_loader, cutmix
+from meal_ray.data.crops import CropSampler
+from meal_ray.data.loaders import Normalize, build_loaders
 from meal_ray.evaluation import EvalResult, evaluate_model
 from meal_ray.losses import hard_label_cross_entropy, meal_v2_loss
 from meal_ray.models import Discriminator, create_model
-from meal_ray.soft_labels import Batch, NoSoftLabels, batches_from_loader, cutmix
+from meal_ray.sources.base import NoSoftLabels
 
 
 def student_data_config(cfg: JobConfig) -> dict:
@@ -53,7 +57,8 @@ def student_lr(optim: OptimConfig, epoch: int, step_fraction: float = 0.0) -> fl
     return optim.lr * optim.lr_gamma ** sum(epoch >= m for m in optim.lr_milestones)
 
 
-def _world() -> tuple[int, int]:
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed, (0, 1) without it."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -69,13 +74,19 @@ def _all_reduce_sum(values: dict, device) -> dict:
 
 
 class Engine:
-    """Builds student, discriminator, optimizer and data for one worker and runs epochs."""
+    """Builds student, discriminator and optimizer for one worker and runs epochs over the loaders it is handed.
 
-    def __init__(self, cfg: JobConfig, source=None, device: torch.device | str = "cpu",
+    ``train_loader`` yields (uint8 crops, labels, sample ids, crops) with a per-epoch
+    ``sampler.set_epoch``; ``val_loader`` yields (uint8 images, labels) of this rank's shard.
+    :meth:`for_job` builds both from the job's data config, as a caller usually wants.
+    """
+
+    def __init__(self, cfg: JobConfig, train_loader, val_loader, classes: Sequence[str], source=None,
+                 device: torch.device | str = "cpu",
                  wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
                  log: Callable[[str], None] = print):
         self.cfg, self.device, self.log = cfg, torch.device(device), log
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         self.source = source or NoSoftLabels()
         self.distill = cfg.mode == "distill"
         torch.manual_seed(cfg.run.seed)  # identical init on every rank
@@ -90,12 +101,21 @@ class Engine:
         self.student = wrap_model(self.student_raw)
         self.discriminator = wrap_model(self.discriminator_raw) if self.discriminator_raw is not None else None
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, cfg.run.channels_last).to(self.device)
-        self.train_loader, self.val_loader, self.classes = build_loaders(
-            cfg.data, cfg.student.num_classes, cfg.optim.batch_size // self.world_size,
-            self.rank, self.world_size, cfg.run.seed)
+        self.train_loader, self.val_loader, self.classes = train_loader, val_loader, tuple(classes)
         self.epoch = 0  # next epoch to run
         self._rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # per-rank augmentation stream
+
+    @classmethod
+    def for_job(cls, cfg: JobConfig, source=None, device: torch.device | str = "cpu",
+                wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+                log: Callable[[str], None] = print, crop_sampler: Optional[CropSampler] = None) -> "Engine":
+        """An engine on this rank's shard of the job's data (random crops unless ``crop_sampler`` says otherwise)."""
+        rank, world_size = world()
+        train_loader, val_loader, classes = build_loaders(
+            cfg.data, cfg.student.num_classes, cfg.optim.batch_size // world_size, rank, world_size, cfg.run.seed,
+            crop_sampler)
+        return cls(cfg, train_loader, val_loader, classes, source, device, wrap_model, log)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:

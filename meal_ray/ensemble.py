@@ -1,16 +1,29 @@
-"""Frozen teachers and their ensemble: each teacher preprocesses the shared uint8 crop its own way."""
+"""Frozen teachers, their ensemble, and the TeacherSet that names them.
+
+Each teacher preprocesses the shared uint8 crop its own way (input size, mean/std,
+interpolation from its timm data config). A :class:`TeacherSet` is the list of teacher specs
+plus a fingerprint of what produces the soft labels (architecture, weights content,
+preprocessing, autocast), so a job, a Serve application and a soft-label cache can show they
+use the same teachers without loading them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_ray.errors import ClassCountMismatchError
-from meal_ray.models import create_model, model_data_config
+from meal_ray.config import INTERPOLATIONS, TeacherSpec, TeachersConfig, teacher_list
+from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError
+from meal_ray.models import check_model_name, create_model, is_export_dir, model_data_config, read_export_config
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +38,7 @@ class Teacher(nn.Module):
         self.in_chans, height, width = (int(v) for v in cfg["input_size"])
         self.size = (height, width)
         self.interpolation = cfg.get("interpolation", "bilinear")
-        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+        if self.interpolation not in INTERPOLATIONS:  # timm's "random"/"box" etc.: bilinear, as timm's eval does
             self.interpolation = "bilinear"
         self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1) * 255)
@@ -63,15 +76,127 @@ class Teacher(nn.Module):
 def load_teacher(spec, autocast: Optional[str] = None, num_classes: Optional[int] = None,
                  in_chans: Optional[int] = None) -> Teacher:
     """Build a Teacher from a TeacherSpec-like object (model, weights, pretrained)."""
-    from meal_ray.models import is_export_dir, read_export_config
-
     if spec.weights and is_export_dir(spec.weights):
         cfg = read_export_config(spec.weights)
         num_classes = cfg["num_classes"] if num_classes is None else num_classes
         in_chans = cfg.get("model_args", {}).get("in_chans", 3) if in_chans is None else in_chans
     model = create_model(spec.model, num_classes=num_classes or 1000, in_chans=in_chans or 3,
                          pretrained=spec.pretrained, weights=spec.weights)
-    return Teacher(model, autocast=autocast)
+    return Teacher(model, data_config=teacher_data_config(spec), autocast=autocast)
+
+
+def teacher_data_config(spec) -> dict:
+    """The preprocessing a teacher applies, resolved from its export's config.json or timm's pretrained cfg, without
+    building the model (what :func:`load_teacher` gives the Teacher, so the fingerprint describes what runs)."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    if spec.weights and is_export_dir(spec.weights):
+        pretrained_cfg = read_export_config(spec.weights).get("pretrained_cfg", {})
+    else:
+        found = get_pretrained_cfg(spec.model)
+        pretrained_cfg = found.to_dict() if found is not None else {}
+    return resolve_data_config(pretrained_cfg=dict(pretrained_cfg) or {"input_size": (3, 224, 224)})
+
+
+_HASHES: dict = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's content (cached per path, size and mtime: teacher weights are hashed once per process)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def weights_file(spec) -> Optional[Path]:
+    """The file holding a spec's weights (an export's model.safetensors, or the weights file), None for timm's."""
+    if not spec.weights:
+        return None
+    p = Path(os.path.expanduser(str(spec.weights)))
+    return p / "model.safetensors" if is_export_dir(p) else p
+
+
+def describe_teacher(spec) -> dict:
+    """What makes a teacher's soft labels: architecture, weights content, preprocessing (not its deployment name)."""
+    path = weights_file(spec)
+    if path is not None:
+        if not path.is_file():
+            raise ModelNotFoundError(f"teacher {spec.model!r}: weights {spec.weights!r} not found (looked at {path}). "
+                                     "Give a meal-ray export directory or a weights file that exists here.")
+        weights = f"sha256:{file_sha256(path)}"
+    else:
+        weights = "timm-pretrained" if spec.pretrained else "random-init"
+    dc = teacher_data_config(spec)
+    return {"model": spec.model, "weights": weights, "input_size": [int(v) for v in dc["input_size"]],
+            "mean": [round(float(v), 6) for v in dc["mean"]], "std": [round(float(v), 6) for v in dc["std"]],
+            "interpolation": dc.get("interpolation", "bilinear")}
+
+
+def fingerprint(descriptions: Sequence[dict], autocast: Optional[str] = None) -> str:
+    """Short stable hash of a teacher set's descriptions (order matters: the average does not, the records do)."""
+    blob = json.dumps({"teachers": list(descriptions), "autocast": autocast}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe_differences(ours: Sequence[dict], theirs: Sequence[dict], ours_name: str = "job",
+                         theirs_name: str = "served", autocast: tuple = (None, None)) -> list:
+    """Human-readable differences between two teacher-set descriptions."""
+    out = []
+    if autocast[0] != autocast[1]:
+        out.append(f"autocast: {ours_name} {autocast[0]}, {theirs_name} {autocast[1]}")
+    if len(ours) != len(theirs):
+        out.append(f"{ours_name} has {len(ours)} teachers ({', '.join(d['model'] for d in ours)}), "
+                   f"{theirs_name} has {len(theirs)} ({', '.join(d['model'] for d in theirs)})")
+        return out
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        for key in ("model", "weights", "input_size", "mean", "std", "interpolation"):
+            if a.get(key) != b.get(key):
+                va, vb = a.get(key), b.get(key)
+                if key == "weights":
+                    va, vb = str(va)[:19], str(vb)[:19]
+                out.append(f"teacher {i} {key}: {ours_name} {va}, {theirs_name} {vb}")
+    return out
+
+
+@dataclass(frozen=True)
+class TeacherSet:
+    """The teachers of a job (or a Serve application / a soft-label cache): specs in order, plus autocast."""
+
+    specs: tuple
+    autocast: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, teachers: TeachersConfig) -> "TeacherSet":
+        return cls(tuple(teacher_list(teachers.models)), teachers.autocast)
+
+    def check_files(self) -> None:
+        """Model names and weights files exist (before Ray starts or any teacher is loaded)."""
+        for spec in self.specs:
+            check_model_name(spec.model)
+            path = weights_file(spec)
+            if path is not None and not path.exists():
+                raise ModelNotFoundError(
+                    f"teacher {spec.model!r}: weights {spec.weights!r} not found (looked at {path.resolve()}). "
+                    "Give a meal-ray export directory (model.safetensors + config.json) or a weights file; "
+                    "produce Fashion-MNIST teachers with `meal-ray pretrain --config jobs/fmnist-teacher-<arch>.yaml`.")
+
+    def describe(self) -> list:
+        self.check_files()
+        return [describe_teacher(s) for s in self.specs]
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.describe(), self.autocast)
+
+    def load(self, num_classes: Optional[int] = None, in_chans: Optional[int] = None) -> "TeacherEnsemble":
+        return TeacherEnsemble([load_teacher(s, self.autocast, num_classes, in_chans) for s in self.specs])
 
 
 class TeacherEnsemble(nn.Module):
@@ -98,7 +223,7 @@ class TeacherEnsemble(nn.Module):
     @classmethod
     def from_specs(cls, specs, autocast: Optional[str] = None, num_classes: Optional[int] = None,
                    in_chans: Optional[int] = None) -> "TeacherEnsemble":
-        return cls([load_teacher(s, autocast, num_classes, in_chans) for s in specs])
+        return TeacherSet(tuple(teacher_list(specs)), autocast).load(num_classes, in_chans)
 
     def check_student(self, num_classes: int, in_chans: int) -> None:
         """Raise a clear error when the student cannot be distilled from these teachers."""

@@ -30,6 +30,14 @@ class TeachersNotRunningError(MealRayError, RuntimeError):
     """The Serve teacher application is not deployed or not healthy."""
 
 
+class ProtocolError(MealRayError, ValueError):
+    """A teacher request or reply does not follow the Serve protocol (wrong type, dtype, shape or version)."""
+
+
+class TeacherSetMismatchError(MealRayError, ValueError):
+    """The served (or cached) teachers are not the ones the job names."""
+
+
 class OutputDirError(MealRayError, FileExistsError):
     """The output directory holds a different run."""
 

@@ -1,4 +1,5 @@
-"""Evaluation: top-1, top-5, per-class accuracy and the confusion matrix (summed over ranks when distributed)."""
+"""Evaluation: top-1, top-5, per-class accuracy and the confusion matrix (summed over ranks when distributed),
+and re-evaluation of an exported student with exactly the preprocessing recorded in its config.json."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from meal_ray.config import INTERPOLATIONS, DataConfig
+from meal_ray.data.crops import EvalTransform
+from meal_ray.data.datasets import load_datasets
+from meal_ray.data.loaders import EvalView, Normalize
+from meal_ray.models import load_export, model_data_config
 
 
 @dataclass
@@ -60,3 +68,21 @@ def evaluate_model(model: torch.nn.Module, normalize: torch.nn.Module, loader: I
         return evaluate(lambda x: model(normalize(x)), loader, num_classes, device)
     finally:
         model.train(was_training)
+
+
+def evaluate_export(model_dir: str, dataset: str = "fashion-mnist", root: Optional[str] = None,
+                    batch_size: int = 256, val_subset: Optional[int] = None) -> tuple[EvalResult, tuple]:
+    """Evaluate a meal-ray export on ``dataset``'s validation/test split with its config.json preprocessing."""
+    model = load_export(model_dir)
+    dc = model_data_config(model)
+    interp = dc.get("interpolation", "bilinear")
+    data_cfg = DataConfig(dataset=dataset, root=root, image_size=int(dc["input_size"][-1]),
+                          crop_pct=float(dc.get("crop_pct", 0.875)), mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                          interpolation=interp if interp in INTERPOLATIONS else "bilinear", val_subset=val_subset)
+    data_cfg.validate()
+    _, val, classes = load_datasets(data_cfg, model.num_classes)
+    loader = DataLoader(EvalView(val, EvalTransform(data_cfg.image_size, data_cfg.crop_pct, data_cfg.interpolation)),
+                        batch_size=batch_size)
+    result = evaluate_model(model, Normalize(data_cfg.mean, data_cfg.std), loader, model.num_classes,
+                            torch.device("cpu"))
+    return result, classes

@@ -25,7 +25,8 @@ from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError, suggest
 DISCRIMINATOR_MIN_WIDTH = 8
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Raise ModelNotFoundError (with close names) unless timm knows ``name`` (hub and local-dir names pass)."""
     if name.startswith(("hf-hub:", "local-dir:")):
         return
     if not timm.is_model(name):
@@ -53,7 +54,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrain
     or a local weights file in any format timm loads (the classifier is re-initialized when
     the class count differs, as timm does for pretrained weights).
     """
-    _check_name(name)
+    check_model_name(name)
     if weights and is_export_dir(weights):
         cfg = read_export_config(weights)
         got_classes = cfg.get("num_classes")

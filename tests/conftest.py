@@ -38,7 +38,7 @@ def trained_teachers(tmp_path_factory):
     out = []
     for i, arch in enumerate(("resnet10t", "test_resnet")):
         cfg = make_config("pretrain", arch, epochs=3, lr=0.05, subset=12000, seed=i)
-        engine = Engine(cfg, log=lambda s: None)
+        engine = Engine.for_job(cfg, log=lambda s: None)
         result = engine.fit()
         out.append({"model": arch, "weights": str(export_model(engine.student_raw, root / arch, student_data_config(cfg))),
                     "top1": result.top1})

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import FMNIST_DATA, make_config as _cfg
 from meal_ray.config import TeacherSpec, load_config
-from meal_ray.data import (CropParams, FashionMNIST, TrainTransform, TrainView, render_crop, read_idx,
+from meal_ray.data import (CropParams, FashionMNIST, RandomCropSampler, TrainView, render_crop, read_idx,
                            stratified_indices)
 from meal_ray.ensemble import TeacherEnsemble
 from meal_ray.errors import ClassCountMismatchError, ConfigError, DatasetError, ModelNotFoundError
@@ -156,7 +156,7 @@ def test_fashion_mnist_sizes_and_class_balance():
 def test_recorded_crop_rerenders_identically():
     torch.manual_seed(3)
     base = FashionMNIST(train=False)
-    view = TrainView(base, TrainTransform(32, scale=(0.2, 1.0)))
+    view = TrainView(base, RandomCropSampler(scale=(0.2, 1.0)), 32)
     flips = set()
     for i in range(20):
         crop, label, index, params = view[i]
@@ -255,12 +255,12 @@ def test_bad_config_values_and_unknown_keys_are_named():
 def test_short_distillation_moves_a_weak_student_toward_the_teachers(trained_teachers):
     from meal_ray.engine import Engine
     from meal_ray.evaluation import evaluate
-    from meal_ray.soft_labels import LocalSoftLabels
+    from meal_ray.sources.local import LocalSoftLabels
 
     specs = [{"model": t["model"], "weights": t["weights"]} for t in trained_teachers]
     cfg = _cfg("distill", "test_efficientnet", epochs=3, lr=0.05, subset=6000, teachers=specs)
     ensemble = TeacherEnsemble.from_specs(cfg.teachers.models)
-    engine = Engine(cfg, source=LocalSoftLabels(ensemble), log=lambda s: None)
+    engine = Engine.for_job(cfg, source=LocalSoftLabels(ensemble), log=lambda s: None)
     ensemble_top1 = evaluate(lambda x: ensemble(x)[0], engine.val_loader, 10).top1
     assert ensemble_top1 > 70, trained_teachers
 

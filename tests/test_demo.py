@@ -16,7 +16,7 @@ def test_demo_runs_two_seeds_writes_the_table_and_reuses_finished_stages(tmp_pat
     from mlflow.tracking import MlflowClient
 
     from meal_ray.demo import run_demo
-    from meal_ray.evaluate_export import evaluate_export
+    from meal_ray.evaluation import evaluate_export
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lines: list = []

@@ -20,7 +20,8 @@ import yaml
 from meal_ray.config import TeacherSpec
 from meal_ray.ensemble import TeacherEnsemble
 from meal_ray.errors import ClassCountMismatchError, ConfigError, ModelNotFoundError, TeachersNotRunningError
-from meal_ray.soft_labels import Batch
+from meal_ray.data import Batch
+from meal_ray.serve.protocol import PROTOCOL_VERSION, TeacherRequest
 
 APP = "meal-ray-test-teachers"
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ def _config(teachers, app=APP, max_batch_size=64, wait=0.05):
     return {
         "proxy_location": "Disabled",
         "applications": [{
-            "name": app, "import_path": "meal_ray.serving:build_app", "route_prefix": None,
+            "name": app, "import_path": "meal_ray.serve.app:build_app", "route_prefix": None,
             "args": {"teachers": [dict(t, name=n) for t, n in zip(teachers, ("small", "tiny10t"))],
                      "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait},
             "deployments": [
@@ -44,7 +45,7 @@ def _config(teachers, app=APP, max_batch_size=64, wait=0.05):
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, tiny_teachers, tmp_path_factory):
-    from meal_ray.serving import teachers_down, teachers_up
+    from meal_ray.serve.lifecycle import teachers_down, teachers_up
 
     path = tmp_path_factory.mktemp("serve") / "teachers.yaml"
     path.write_text(yaml.safe_dump(_config(tiny_teachers)))
@@ -79,7 +80,7 @@ def _teacher_handle(name):
 
 
 def test_build_app_rejects_bad_args_with_clear_messages(tiny_teachers, tmp_path):
-    from meal_ray.serving import build_app
+    from meal_ray.serve.app import build_app
 
     with pytest.raises(ConfigError, match="max_batch_sizes.*Did you mean: max_batch_size"):
         build_app({"teachers": tiny_teachers, "max_batch_sizes": 8})
@@ -96,8 +97,9 @@ def test_build_app_rejects_bad_args_with_clear_messages(tiny_teachers, tmp_path)
     assert type(app).__name__ == "Application"
 
 
-def test_validate_crops_names_expected_dtype_and_shape():
-    from meal_ray.serving import validate_crops
+def test_protocol_validates_requests_and_replies_in_one_place():
+    from meal_ray.errors import ProtocolError
+    from meal_ray.serve.protocol import TeacherReply, validate_crops
 
     ok = np.zeros((2, 1, 28, 28), np.uint8)
     assert validate_crops(ok, 1) is ok
@@ -107,22 +109,36 @@ def test_validate_crops_names_expected_dtype_and_shape():
         validate_crops(ok[0], 1)
     with pytest.raises(ValueError, match=r"got 3 channels"):
         validate_crops(np.zeros((2, 3, 28, 28), np.uint8), 1)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ProtocolError, match="non-empty"):
         validate_crops(np.zeros((0, 1, 28, 28), np.uint8), 1)
+    request = TeacherRequest.from_images(torch.from_numpy(ok))
+    assert TeacherRequest.parse(request, 1) is request and request.version == PROTOCOL_VERSION
+    reply = TeacherReply.from_tensors(torch.full((2, 10), 0.1), torch.zeros(2, 10), 0.5)
+    assert TeacherReply.parse(reply, 2) is reply and reply.probs.dtype == np.float16 and reply.num_classes == 10
+    with pytest.raises(ProtocolError, match="returned probs \\(2, 10\\).*request of 3 crops"):
+        TeacherReply.parse(reply, 3)
+    old_server = TeacherReply(reply.probs, reply.logits, 0.5, version=PROTOCOL_VERSION - 1)
+    with pytest.raises(ProtocolError, match=rf"the teacher application speaks meal-ray teacher protocol "
+                                            rf"v{PROTOCOL_VERSION - 1}.*redeploy"):
+        TeacherReply.parse(old_server, 2)
+    with pytest.raises(ProtocolError, match="replied with a dict, not a TeacherReply"):
+        TeacherReply.parse({"probs": reply.probs}, 2)
 
 
 def test_repo_serve_configs_follow_the_serve_schema_and_name_every_deployment():
     from ray.serve.schema import ServeDeploySchema
 
-    from meal_ray.serving import INGRESS_NAME, parse_teachers
+    from meal_ray.config import load_app_config
+    from meal_ray.serve.app import resolve_teachers
+    from meal_ray.serve.deployments import INGRESS_NAME
 
     files = sorted(glob.glob(str(ROOT / "deployments" / "*.yaml")))
     assert {Path(f).name for f in files} >= {"fashion-mnist.yaml", "imagenet-224.yaml", "imagenet-380.yaml"}
     for f in files:
         config = ServeDeploySchema.model_validate(yaml.safe_load(Path(f).read_text()))
         for app in config.applications:
-            assert app.import_path == "meal_ray.serving:build_app" and app.route_prefix is None
-            names = [t["name"] for t in parse_teachers(app.args, check_files=False)]
+            assert app.import_path == "meal_ray.serve.app:build_app" and app.route_prefix is None
+            names = [t["name"] for t in resolve_teachers(load_app_config(app.args), check_files=False)]
             assert {d.name for d in app.deployments} == set(names) | {INGRESS_NAME}, f
     models = yaml.safe_load((ROOT / "deployments/imagenet-224.yaml").read_text())["applications"][0]["args"]["teachers"]
     assert [m["model"] for m in models] == ["senet154.gluon_in1k", "resnet152s.gluon_in1k"]
@@ -132,7 +148,7 @@ def test_repo_serve_configs_follow_the_serve_schema_and_name_every_deployment():
 
 
 def test_served_source_raises_when_the_app_is_not_deployed(ray_cluster):
-    from meal_ray.serving import ServedSoftLabels
+    from meal_ray.sources.served import ServedSoftLabels
 
     with pytest.raises(TeachersNotRunningError) as e:
         ServedSoftLabels("no-such-teachers")
@@ -146,7 +162,8 @@ def test_served_source_raises_when_the_app_is_not_deployed(ray_cluster):
 
 @pytest.mark.slow
 def test_served_averages_equal_the_in_process_ensemble(app, ensemble):
-    from meal_ray.serving import ServedSoftLabels, teachers_status
+    from meal_ray.serve.lifecycle import teachers_status
+    from meal_ray.sources.served import ServedSoftLabels
 
     status = teachers_status()[app]
     assert status["status"] == "RUNNING"
@@ -172,10 +189,10 @@ def test_served_averages_equal_the_in_process_ensemble(app, ensemble):
             torch.testing.assert_close(b.teacher_probs, probs, atol=2e-3, rtol=0)
             torch.testing.assert_close(b.teacher_logits, logits, atol=2e-3, rtol=1e-3)
             assert b.teacher_latency_s > 0 and b.wait_s >= 0
-    reply = source.handle.remote(_crops(3).numpy()).result()
-    assert reply["probs"].dtype == np.float16 and reply["logits"].dtype == np.float16
-    assert reply["num_classes"] == 10 and reply["latency_s"] > 0
-    np.testing.assert_allclose(reply["probs"].astype(np.float32).sum(1), 1.0, atol=3e-3)
+    reply = source.handle.remote(TeacherRequest.from_images(_crops(3))).result()
+    assert reply.probs.dtype == np.float16 and reply.logits.dtype == np.float16
+    assert reply.num_classes == 10 and reply.latency_s > 0 and reply.version == PROTOCOL_VERSION
+    np.testing.assert_allclose(reply.probs.astype(np.float32).sum(1), 1.0, atol=3e-3)
     source.close()
 
 
@@ -191,8 +208,9 @@ def test_two_concurrent_clients_are_merged_into_larger_teacher_batches(app):
         try:
             handle = serve.get_app_handle(app)
             for round_ in range(3):  # a prefetch window of 4 requests of 8 crops, three times
-                pending = [handle.remote(_crops(8, seed=seed * 100 + round_ * 10 + k).numpy()) for k in range(4)]
-                replies.extend(r.result(timeout_s=60)["probs"].shape for r in pending)
+                pending = [handle.remote(TeacherRequest.from_images(_crops(8, seed=seed * 100 + round_ * 10 + k)))
+                           for k in range(4)]
+                replies.extend(r.result(timeout_s=60).probs.shape for r in pending)
         except Exception as e:  # surfaced below
             errors.append(e)
 
@@ -217,9 +235,9 @@ def test_oversized_request_is_split_at_max_batch_size(app, ensemble):
     teacher = _teacher_handle("small")
     seen = len(teacher.batch_sizes.remote().result())
     crops = _crops(150, seed=7)
-    reply = serve.get_app_handle(app).remote(crops.numpy()).result(timeout_s=60)
+    reply = serve.get_app_handle(app).remote(TeacherRequest.from_images(crops)).result(timeout_s=60)
     probs, _ = ensemble(crops)
-    torch.testing.assert_close(torch.from_numpy(reply["probs"].astype(np.float32)), probs, atol=2e-3, rtol=0)
+    torch.testing.assert_close(reply.tensors()[0], probs, atol=2e-3, rtol=0)
     sizes = teacher.batch_sizes.remote().result()[seen:]
     assert sum(sizes) == 150 and max(sizes) == 64
 
@@ -228,28 +246,35 @@ def test_oversized_request_is_split_at_max_batch_size(app, ensemble):
 def test_malformed_requests_get_clear_errors_and_the_replicas_keep_serving(app):
     from ray import serve
 
+    from meal_ray.errors import ProtocolError
+
     ingress, teacher = serve.get_app_handle(app), _teacher_handle("small")
     replica = teacher.replica_actor_name.remote().result()
     good = _crops(4).numpy()
-    bad = [(good.astype(np.float32), r"uint8 numpy array of shape \[B, 1, H, W\].*got dtype float32"),
-           (np.zeros((4, 3, 28, 28), np.uint8), r"got 3 channels.*teachers take 1-channel"),
-           (good[0], r"got 3 dims, shape \(1, 28, 28\)")]
+    bad = [(TeacherRequest(good.astype(np.float32)), r"uint8 numpy array of shape \[B, 1, H, W\].*got dtype float32"),
+           (TeacherRequest(np.zeros((4, 3, 28, 28), np.uint8)), r"got 3 channels.*teachers take 1-channel"),
+           (TeacherRequest(good[0]), r"got 3 dims, shape \(1, 28, 28\)"),
+           (good, r"bare array \(an older meal-ray client"),  # a client without the protocol
+           (TeacherRequest(good, version=PROTOCOL_VERSION + 1),
+            rf"the client speaks meal-ray teacher protocol v{PROTOCOL_VERSION + 1}, this side speaks v{PROTOCOL_VERSION}"),
+           ({"images": good}, "must be a meal_ray.serve.protocol.TeacherRequest, got dict")]
     for handle in (ingress, teacher):  # validated by the ingress and, called directly, by each teacher
-        for images, message in bad:
-            with pytest.raises(ValueError, match=message):
-                handle.remote(images).result(timeout_s=60)
+        for request, message in bad:
+            with pytest.raises(ProtocolError, match=message):
+                handle.remote(request).result(timeout_s=60)
     # a bad request sent concurrently with good ones fails alone
-    responses = [ingress.remote(good), teacher.remote(good.astype(np.int64)), ingress.remote(good)]
-    assert responses[0].result(timeout_s=60)["probs"].shape == (4, 10)
-    with pytest.raises(ValueError, match="got dtype int64"):
+    ok = TeacherRequest(good)
+    responses = [ingress.remote(ok), teacher.remote(TeacherRequest(good.astype(np.int64))), ingress.remote(ok)]
+    assert responses[0].result(timeout_s=60).probs.shape == (4, 10)
+    with pytest.raises(ProtocolError, match="got dtype int64"):
         responses[1].result(timeout_s=60)
-    assert responses[2].result(timeout_s=60)["probs"].shape == (4, 10)
+    assert responses[2].result(timeout_s=60).probs.shape == (4, 10)
     assert teacher.replica_actor_name.remote().result() == replica  # the replica was not restarted
 
 
 @pytest.mark.slow
 def test_prefetch_window_keeps_several_requests_in_flight(app, ensemble):
-    from meal_ray.serving import ServedSoftLabels
+    from meal_ray.sources.served import ServedSoftLabels
 
     source = ServedSoftLabels(app, prefetch=3)
     in_flight, peak, pulled = 0, 0, []
@@ -297,7 +322,7 @@ def test_cli_teachers_status(app):
 
 @pytest.mark.slow
 def test_teachers_up_keeps_other_apps_and_reports_failed_deploys(app, tiny_teachers, tmp_path):
-    from meal_ray.serving import teachers_down, teachers_status, teachers_up
+    from meal_ray.serve.lifecycle import teachers_down, teachers_status, teachers_up
 
     other = _config(tiny_teachers[:1], app="meal-ray-test-other")
     other["applications"][0]["deployments"] = other["applications"][0]["deployments"][::2]  # small + ensemble
@@ -329,19 +354,20 @@ def test_killed_teacher_replica_is_replaced_and_requests_succeed_again(app, ray_
     deadline, reply, failures = time.monotonic() + 120, None, []
     while reply is None:
         try:
-            reply = ingress.remote(_crops(5).numpy()).result(timeout_s=60)
+            reply = ingress.remote(TeacherRequest.from_images(_crops(5))).result(timeout_s=60)
         except Exception as e:
             failures.append(type(e).__name__)
             assert time.monotonic() < deadline, f"no successful request within 120 s after the kill: {failures}"
             time.sleep(1)
-    assert reply["probs"].shape == (5, 10)
+    assert reply.probs.shape == (5, 10)
     new = teacher.replica_actor_name.remote().result()
     assert new != old
 
 
 @pytest.mark.slow
 def test_teachers_down_deletes_the_app(app):
-    from meal_ray.serving import ServedSoftLabels, teachers_down, teachers_status
+    from meal_ray.serve.lifecycle import teachers_down, teachers_status
+    from meal_ray.sources.served import ServedSoftLabels
 
     assert teachers_down(APP) == [APP]
     assert APP not in teachers_status()

@@ -38,7 +38,7 @@ def job(tmp_path, name, teachers, source, epochs=1, **over):
 def served_teachers(ray_cluster, tiny_teachers):
     from ray import serve
 
-    from meal_ray.serving import build_app
+    from meal_ray.serve.app import build_app
 
     app = build_app({"teachers": tiny_teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005})
     serve.run(app, name=APP, route_prefix=None)
@@ -49,8 +49,8 @@ def served_teachers(ray_cluster, tiny_teachers):
 def test_served_and_local_distillation_agree_and_track_everything(tmp_path, served_teachers):
     from mlflow.tracking import MlflowClient
 
-    from meal_ray.evaluate_export import evaluate_export
-    from meal_ray.launch import run_job
+    from meal_ray.evaluation import evaluate_export
+    from meal_ray.train import run_job
 
     served = run_job(job(tmp_path, "served", served_teachers, "served"))
     local = run_job(job(tmp_path, "local", served_teachers, "local"))
@@ -81,7 +81,7 @@ def test_served_and_local_distillation_agree_and_track_everything(tmp_path, serv
 
 
 def test_stopped_run_resumes_at_next_epoch_with_optimizer_state(tmp_path, ray_cluster, tiny_teachers):
-    from meal_ray.launch import STATE_FILE, run_job
+    from meal_ray.train import STATE_FILE, run_job
 
     first = run_job(job(tmp_path, "resume", tiny_teachers, "local", epochs=1))
     assert [h["epoch"] for h in first["history"]] == [1]
@@ -135,7 +135,7 @@ def _kill_a_train_worker_after_first_checkpoint(train_dir, stop: threading.Event
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, ray_cluster, tiny_teachers):
     """FailureConfig: a worker killed mid-run is replaced and training continues from the saved epoch."""
-    from meal_ray.launch import run_job
+    from meal_ray.train import run_job
 
     cfg = job(tmp_path, "crash", tiny_teachers, "local", epochs=3)
     cfg.data.train_subset = 2048
@@ -157,7 +157,7 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, ray_clust
 
 
 def test_served_source_without_teachers_says_how_to_start_them(tmp_path, ray_cluster, tiny_teachers):
-    from meal_ray.launch import run_job
+    from meal_ray.train import run_job
 
     cfg = job(tmp_path, "noteachers", tiny_teachers, "served")
     cfg.teachers.app_name = "no-such-teacher-app"
@@ -166,13 +166,12 @@ def test_served_source_without_teachers_says_how_to_start_them(tmp_path, ray_clu
 
 
 def test_class_count_mismatch_and_unknown_key(tmp_path, ray_cluster, tiny_teachers):
-    from meal_ray.launch import build_source
+    from meal_ray.errors import ClassCountMismatchError
+    from meal_ray.sources.local import LocalSoftLabels
 
     cfg = job(tmp_path, "mismatch", tiny_teachers, "local")
     cfg.student.num_classes = 12
-    from meal_ray.errors import ClassCountMismatchError
-
     with pytest.raises(ClassCountMismatchError, match="student.num_classes=10"):
-        build_source(cfg, "cpu")
+        LocalSoftLabels.from_config(cfg, "cpu")
     with pytest.raises(ConfigError, match="unknown config key 'optim.lr_sched'"):
         load_config(data=dict(data=FMNIST_DATA, optim={"lr_sched": "cosine"}, teachers={"models": ["x"]}))

@@ -1,9 +1,7 @@
-"""Datasets and the paper's transforms, on uint8 tensors.
+"""Datasets as uint8 tensors: Fashion-MNIST (idx files, checksummed) and ImageNet-layout folders.
 
-Images stay uint8 until they reach the model: the student normalizes on its device and every
-teacher applies its own preprocessing, so the same uint8 crop can go to both (and over the
-wire to Serve) at a quarter of float32's size. The train transform records each sample's
-crop box and flip so the identical crop can be rendered again (teachers, soft-label cache).
+Every training sample has a *sample id*, its index in the full training set, which batches
+record and renderers look up (:func:`sample_by_id`), whatever subset a job trains on.
 """
 
 from __future__ import annotations
@@ -15,17 +13,17 @@ import shutil
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
 from meal_ray.config import DataConfig
-from meal_ray.errors import DatasetError
+from meal_ray.errors import ClassCountMismatchError, DatasetError
 
+IMAGE_MODES = {1: "L", 3: "RGB"}  # channels -> the PIL mode images are converted to
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -49,16 +47,6 @@ _FIX = (
     "Install it with `apt-get install dataset-fashion-mnist`, or run `meal-ray data fashion-mnist` "
     "to download and verify it, or set data.root to a folder holding the four idx(.gz) files."
 )
-
-_INTERP = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
-
-
-def interpolation_mode(name: str) -> InterpolationMode:
-    return _INTERP[name]
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -100,11 +88,17 @@ def find_fashion_mnist(root: Optional[str] = None) -> Path:
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST from its idx files as uint8 tensors [N, 1, 28, 28] and int64 labels."""
+    """Fashion-MNIST from its idx files as uint8 tensors [N, channels, 28, 28] and int64 labels.
+
+    The images are grayscale; ``channels=3`` replicates them (for RGB students and teachers).
+    """
 
     classes = FASHION_MNIST_CLASSES
 
-    def __init__(self, root: Optional[str] = None, train: bool = True):
+    def __init__(self, root: Optional[str] = None, train: bool = True, channels: int = 1):
+        if channels not in IMAGE_MODES:
+            raise DatasetError(f"Fashion-MNIST can be read as 1 (grayscale) or 3 (replicated) channels, not "
+                               f"{channels}; give data.mean/data.std one value or three.")
         self.root = find_fashion_mnist(root)
         prefix = "train" if train else "t10k"
         images = read_idx(_open_idx(self.root, f"{prefix}-images-idx3-ubyte"), f"{prefix}-images")
@@ -112,6 +106,8 @@ class FashionMNIST(Dataset):
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DatasetError(f"Fashion-MNIST {prefix} images {images.shape} and labels {labels.shape} disagree. {_FIX}")
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
+        if channels == 3:
+            self.images = self.images.repeat(1, 3, 1, 1)
         self.targets = torch.from_numpy(labels.astype(np.int64))
 
     def __len__(self) -> int:
@@ -166,116 +162,68 @@ def verify_fashion_mnist(root: Optional[str] = None) -> Path:
 
 
 class ImageFolderUint8(Dataset):
-    """ImageNet-layout folder (one subfolder per class) decoded to uint8 CHW RGB tensors."""
+    """ImageNet-layout folder (one subfolder per class) decoded to uint8 CHW tensors with ``channels`` channels.
 
-    def __init__(self, root: str | Path):
+    Every image is converted to the configured channel count with PIL: grayscale images in an
+    RGB job are replicated to three channels, RGB images in a grayscale job become luminance
+    (ITU-R 601-2, PIL's ``convert("L")``), so mixed folders never reach a model in the wrong shape.
+    """
+
+    def __init__(self, root: str | Path, channels: int = 3):
         from torchvision.datasets import ImageFolder
 
+        if channels not in IMAGE_MODES:
+            raise DatasetError(f"image folders can be read as 1 (grayscale) or 3 (RGB) channels, not {channels}; "
+                               "give data.mean/data.std one value (grayscale) or three (RGB).")
         root = Path(root)
         if not root.is_dir():
-            raise DatasetError(f"image folder {root} does not exist; expected the ImageNet layout root/{{train,val}}/<class>/*.JPEG.")
+            raise DatasetError(f"image folder {root} does not exist; expected the ImageNet layout "
+                               "root/{train,val}/<class>/<image>.(jpg|png|...).")
         try:
             self.folder = ImageFolder(str(root))
-        except FileNotFoundError as e:
-            raise DatasetError(f"{root}: {e}") from None
-        self.classes = self.folder.classes
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DatasetError(f"{root}: {e} Expected one subfolder per class holding .jpg/.png images.") from None
+        self.mode = IMAGE_MODES[channels]
+        self.classes = tuple(self.folder.classes)
         self.targets = torch.tensor(self.folder.targets, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, i: int):
-        path, label = self.folder.samples[i]
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(path) as im:
-            img = TF.pil_to_tensor(im.convert("RGB"))
+        path, label = self.folder.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = TF.pil_to_tensor(im.convert(self.mode))
+        except (OSError, UnidentifiedImageError) as e:
+            raise DatasetError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
         return img, label
 
 
-# ----------------------------------------------------------------------------- transforms
+# ----------------------------------------------------------------------------- subsets and sample ids
 
 
-@dataclass(frozen=True)
-class CropParams:
-    """Where a training crop came from: box (top, left, height, width) in the source image, and flip."""
+class SampleSubset(Subset):
+    """A subset that keeps its samples' ids in the full dataset (what batches record), targets and class names."""
 
-    top: int
-    left: int
-    height: int
-    width: int
-    flip: bool
-
-    def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.top, self.left, self.height, self.width, int(self.flip)], dtype=torch.int64)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "CropParams":
-        top, left, h, w, flip = (int(v) for v in t.tolist())
-        return cls(top, left, h, w, bool(flip))
+    def __init__(self, dataset: Dataset, indices):
+        super().__init__(dataset, list(indices))
+        self.ids = torch.as_tensor(self.indices, dtype=torch.int64)
+        self.targets = dataset.targets[self.ids]
+        self.classes = getattr(dataset, "classes", None)
 
 
-def render_crop(image: torch.Tensor, params: CropParams, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """Render the recorded crop of a uint8 CHW image at ``size`` x ``size`` (deterministic)."""
-    out = TF.resized_crop(
-        image, params.top, params.left, params.height, params.width, [size, size],
-        interpolation=_INTERP[interpolation], antialias=True,
-    )
-    return TF.horizontal_flip(out) if params.flip else out
+def sample_ids(dataset: Dataset) -> torch.Tensor:
+    """Sample id of each position of ``dataset``: its index in the full dataset."""
+    return dataset.ids if isinstance(dataset, SampleSubset) else torch.arange(len(dataset))
 
 
-class TrainTransform:
-    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip, recording the crop."""
-
-    def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 interpolation: str = "bilinear"):
-        self.size, self.scale, self.ratio, self.interpolation = size, tuple(scale), tuple(ratio), interpolation
-
-    def sample(self, image: torch.Tensor) -> CropParams:
-        top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        return CropParams(top, left, h, w, bool(torch.rand(()) < 0.5))
-
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, CropParams]:
-        params = self.sample(image)
-        return render_crop(image, params, self.size, self.interpolation), params
-
-
-class EvalTransform:
-    """Resize(size / crop_pct) + CenterCrop(size): 256/224 for ImageNet."""
-
-    def __init__(self, size: int, crop_pct: float = 224 / 256, interpolation: str = "bilinear"):
-        self.size, self.resize, self.interpolation = size, int(round(size / crop_pct)), interpolation
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        out = TF.resize(image, [self.resize], interpolation=_INTERP[self.interpolation], antialias=True)
-        return TF.center_crop(out, [self.size, self.size])
-
-
-class TrainView(Dataset):
-    """Yields (uint8 crop, label, sample index, crop params [top, left, h, w, flip])."""
-
-    def __init__(self, base: Dataset, transform: TrainTransform):
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        image, label = self.base[i]
-        crop, params = self.transform(image)
-        return crop, label, i, params.as_tensor()
-
-
-class EvalView(Dataset):
-    def __init__(self, base: Dataset, transform: EvalTransform):
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        image, label = self.base[i]
-        return self.transform(image), label
+def sample_by_id(dataset: Dataset, sample_id: int):
+    """``(image, label)`` of a sample id, whether ``dataset`` is the full dataset or a subset of it."""
+    full = dataset.dataset if isinstance(dataset, SampleSubset) else dataset
+    return full[int(sample_id)]
 
 
 def stratified_indices(targets: torch.Tensor, n: int, num_classes: int) -> list[int]:
@@ -288,57 +236,22 @@ def stratified_indices(targets: torch.Tensor, n: int, num_classes: int) -> list[
 def load_datasets(cfg: DataConfig, num_classes: int) -> tuple[Dataset, Dataset, tuple]:
     """Return (train base, val base, class names) with optional stratified subsets."""
     if cfg.dataset == "fashion-mnist":
-        train, val = FashionMNIST(cfg.root, True), FashionMNIST(cfg.root, False)
+        train, val = FashionMNIST(cfg.root, True, cfg.in_chans), FashionMNIST(cfg.root, False, cfg.in_chans)
         classes = FASHION_MNIST_CLASSES
     else:
-        train, val = ImageFolderUint8(Path(cfg.root) / "train"), ImageFolderUint8(Path(cfg.root) / "val")
+        train = ImageFolderUint8(Path(cfg.root) / "train", cfg.in_chans)
+        val = ImageFolderUint8(Path(cfg.root) / "val", cfg.in_chans)
         classes = tuple(train.classes)
+        if tuple(val.classes) != classes:
+            raise DatasetError(f"{cfg.root}/train and {cfg.root}/val hold different class folders "
+                               f"({len(classes)} vs {len(val.classes)}); give both the same class subfolders.")
     if len(classes) != num_classes:
-        from meal_ray.errors import ClassCountMismatchError
-
         raise ClassCountMismatchError(
             f"the dataset has {len(classes)} classes but student.num_classes={num_classes}; "
             f"set student.num_classes={len(classes)}."
         )
     if cfg.train_subset:
-        train = _subset(train, stratified_indices(train.targets, cfg.train_subset, num_classes))
+        train = SampleSubset(train, stratified_indices(train.targets, cfg.train_subset, num_classes))
     if cfg.val_subset:
-        val = _subset(val, stratified_indices(val.targets, cfg.val_subset, num_classes))
+        val = SampleSubset(val, stratified_indices(val.targets, cfg.val_subset, num_classes))
     return train, val, classes
-
-
-def _subset(ds, indices):
-    sub = Subset(ds, indices)
-    sub.targets = ds.targets[indices]
-    return sub
-
-
-class Normalize(torch.nn.Module):
-    """uint8 NCHW -> float (x/255 - mean)/std on the model's device, optionally in channels-last layout."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
-        super().__init__()
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
-def build_loaders(cfg: DataConfig, num_classes: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                  seed: int = 0, epoch_seeded: bool = True):
-    """Train loader (sharded, shuffled per epoch via ``loader.sampler.set_epoch``) and this rank's val shard."""
-    from torch.utils.data.distributed import DistributedSampler
-
-    train, val, classes = load_datasets(cfg, num_classes)
-    train_view = TrainView(train, TrainTransform(cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.interpolation))
-    sampler = DistributedSampler(train_view, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    train_loader = DataLoader(train_view, batch_size=batch_size, sampler=sampler, drop_last=True,
-                              num_workers=cfg.loader_workers, generator=gen,
-                              persistent_workers=cfg.loader_workers > 0)
-    val_view = EvalView(val, EvalTransform(cfg.image_size, cfg.crop_pct, cfg.interpolation))
-    val_shard = Subset(val_view, list(range(rank, len(val_view), world_size)))
-    val_loader = DataLoader(val_shard, batch_size=max(batch_size, 256), shuffle=False, num_workers=cfg.loader_workers)
-    return train_loader, val_loader, classes

@@ -1,0 +1,109 @@
+"""Finding or starting Ray, token auth, and every private-Ray call behind one small shim.
+
+Ray 2.60 has no public API for three things meal-ray needs; each is wrapped here, tried, and
+degrades to Ray's default behaviour on another Ray version:
+
+- :func:`deploy_serve_config`: deploy a Serve config the way ``serve deploy`` / ``serve run
+  config.yaml`` do (``ray.serve._private.api``), keeping applications deployed from other files;
+- :func:`quiet_train_reports`: Ray Train V2 logs every ``report()`` with its whole metrics dict
+  (``ray.train.v2._internal``);
+- :func:`_token_auth_for`: send this machine's auth token to an explicit address
+  (``ray._private.authentication``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from meal_ray.errors import TeachersNotRunningError
+from meal_ray.serve.protocol import HOW_TO_START
+
+
+def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, start_local: bool = True,
+               log_to_driver: bool = True) -> None:
+    """Connect to a cluster (``address``, else RAY_ADDRESS), else start an embedded local Ray.
+
+    With ``start_local=False`` it only connects (``auto`` finds a cluster on this machine).
+    Inside `ray job submit` RAY_ADDRESS points at the job's cluster, so jobs join it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or (None if start_local else "auto")
+    if address:
+        _token_auth_for(address)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver)
+
+
+def connect(address: Optional[str] = None) -> None:
+    """Connect this process to a running Ray cluster (never starts one); no cluster -> TeachersNotRunningError."""
+    try:
+        ensure_ray(address, start_local=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or os.environ.get("RAY_ADDRESS") or "auto"
+        raise TeachersNotRunningError(f"no Ray cluster found at {where!r} ({str(e).splitlines()[0]}). "
+                                      f"{HOW_TO_START}") from None
+
+
+def _token_auth_for(address: str) -> None:
+    """Send this machine's Ray auth token to an explicit address too.
+
+    Ray 2.60 turns token authentication on for new local clusters (token in ~/.ray/auth_token)
+    but a client only sends the token to a cluster it found by itself (``auto``); connecting to
+    an explicit ``host:port`` of such a cluster then fails with InvalidAuthToken. Do what Ray
+    does for ``auto`` (only when RAY_AUTH_MODE is unset and a token exists); clusters without
+    authentication accept such clients too.
+    """
+    if address == "auto" or os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception:  # another Ray version: leave it to RAY_AUTH_MODE
+        pass
+
+
+def quiet_train_reports() -> None:
+    """Ray Train 2.60 logs every report() with its whole metrics dict at INFO (logger named by file path)."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except Exception:  # another Ray version: keep its logs
+        pass
+
+
+def deploy_serve_config(config, keep_others: bool = True, log=print) -> None:
+    """Deploy a validated ``ServeDeploySchema`` as `serve deploy` does (its ``deployments:`` overrides apply).
+
+    A config deploy replaces the cluster's whole set of config-deployed applications; with
+    ``keep_others`` the applications deployed earlier from other files are kept.
+    """
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
+    names = {app.name for app in config.applications}
+    apps = list(config.applications)
+    if keep_others:
+        try:
+            for name, details in client.get_serve_details().get("applications", {}).items():
+                deployed = details.get("deployed_app_config")
+                if deployed and name not in names:
+                    apps.append(ServeApplicationSchema.model_validate(deployed))
+        except Exception as e:  # best effort
+            log(f"(could not read the deployed applications: {e})")
+    merged = config.model_dump(exclude_unset=True)
+    merged["applications"] = [a.model_dump(exclude_unset=True) for a in apps]
+    client.deploy_apps(ServeDeploySchema.model_validate(merged))

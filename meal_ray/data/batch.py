@@ -1,0 +1,95 @@
+"""The Batch every soft-label source and the training loop pass along, and CutMix that records its mix.
+
+A batch fully describes its pixels: sample ids, crop box + flip, and (under CutMix) each
+sample's partner id, partner crop and pasted box. :func:`render_batch` renders them again,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from meal_ray.data.crops import CropParams, MixParams, render_sample
+from meal_ray.data.datasets import sample_by_id
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, C, H, W], what student *and* teachers see
+    labels: torch.Tensor  # int64 [B]
+    indices: Optional[torch.Tensor] = None  # int64 [B]: sample ids in the full training set
+    crops: Optional[torch.Tensor] = None  # int64 [B, 5]: top, left, height, width, flip
+    labels_b: Optional[torch.Tensor] = None  # CutMix partner labels
+    lam: float = 1.0  # CutMix: fraction of the image from the original sample
+    mix_ids: Optional[torch.Tensor] = None  # int64 [B]: CutMix partner sample ids
+    mix_crops: Optional[torch.Tensor] = None  # int64 [B, 5]: the partners' crops
+    mix_boxes: Optional[torch.Tensor] = None  # int64 [B, 4]: pasted box (top, left, height, width) in crop pixels
+    teacher_probs: Optional[torch.Tensor] = None  # p_e [B, C]
+    teacher_logits: Optional[torch.Tensor] = None  # z_e [B, C]
+    wait_s: float = 0.0  # time the training loop blocked waiting for these soft labels
+    teacher_latency_s: Optional[float] = None  # teacher inference time reported by the source
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def crop_params(self, i: int) -> CropParams:
+        return CropParams.from_tensor(self.crops[i])
+
+    def mix_params(self, i: int) -> Optional[MixParams]:
+        if self.mix_ids is None:
+            return None
+        return MixParams(int(self.mix_ids[i]), CropParams.from_tensor(self.mix_crops[i]),
+                         tuple(int(v) for v in self.mix_boxes[i]))
+
+    def render(self, dataset, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+        """This batch's uint8 images, rendered again from ``dataset`` and the records alone."""
+        return render_batch(dataset, self.indices, self.crops, size, interpolation,
+                            self.mix_ids, self.mix_crops, self.mix_boxes)
+
+
+def batches_from_loader(loader: Iterable) -> Iterator[Batch]:
+    for images, labels, indices, crops in loader:
+        yield Batch(images, labels, indices, crops)
+
+
+def render_batch(dataset, ids: torch.Tensor, crops: torch.Tensor, size: int, interpolation: str = "bilinear",
+                 mix_ids: Optional[torch.Tensor] = None, mix_crops: Optional[torch.Tensor] = None,
+                 mix_boxes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 [B, C, size, size] from sample ids + crops (+ CutMix records), looked up in ``dataset`` by sample id."""
+    images = []
+    for i, sid in enumerate(ids.tolist()):
+        mix = partner = None
+        if mix_ids is not None:
+            mix = MixParams(int(mix_ids[i]), CropParams.from_tensor(mix_crops[i]), tuple(int(v) for v in mix_boxes[i]))
+            partner = sample_by_id(dataset, mix.partner_id)[0]
+        image = sample_by_id(dataset, sid)[0]
+        images.append(render_sample(image, CropParams.from_tensor(crops[i]), size, interpolation, mix, partner))
+    return torch.stack(images)
+
+
+def cutmix(batch: Batch, beta: float = 1.0, prob: float = 1.0, generator: Optional[torch.Generator] = None) -> Batch:
+    """CutMix on the uint8 batch *before* the teachers see it, so teacher and student share the mixed image.
+
+    One box and one partner permutation per batch (the CutMix paper's way); the batch records,
+    per sample, the partner's id and crop and the box, so the mixed pixels can be rendered again.
+    """
+    if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
+        return batch
+    b, _, h, w = batch.images.shape
+    lam = float(torch.distributions.Beta(beta, beta).sample())
+    perm = torch.randperm(b, generator=generator)
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(torch.randint(h, (), generator=generator)), int(torch.randint(w, (), generator=generator))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    images = batch.images.clone()
+    images[:, :, y0:y1, x0:x1] = batch.images[perm, :, y0:y1, x0:x1]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    record = {}
+    if batch.indices is not None and batch.crops is not None:
+        record = dict(mix_ids=batch.indices[perm], mix_crops=batch.crops[perm],
+                      mix_boxes=torch.tensor([y0, x0, y1 - y0, x1 - x0], dtype=torch.int64).repeat(b, 1))
+    return replace(batch, images=images, labels_b=batch.labels[perm], lam=lam, **record)

@@ -1,0 +1,141 @@
+"""Crops that can be rendered again.
+
+A training crop is fully described by its source sample, its box and flip (:class:`CropParams`)
+and, under CutMix, the partner sample, the partner's crop and the pasted box
+(:class:`MixParams`). :func:`render_sample` turns such a record back into the exact uint8
+pixels, so a teacher replica, the relabel job and a replaying loader all see what the student
+saw. A :class:`CropSampler` decides the crops: :class:`RandomCropSampler` draws them
+(RandomResizedCrop + RandomHorizontalFlip, today's augmentation) and
+:class:`ReplayedCropSampler` replays a recorded list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Protocol, Sequence
+
+import torch
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+_INTERP = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    return _INTERP[name]
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Where a training crop came from: box (top, left, height, width) in the source image, and flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.top, self.left, self.height, self.width, int(self.flip)], dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "CropParams":
+        top, left, h, w, flip = (int(v) for v in t.tolist())
+        return cls(top, left, h, w, bool(flip))
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """CutMix record of one sample: the partner's sample id and crop, and the box (top, left, height, width), in
+    rendered-crop pixels, where the partner's rendered crop replaces this sample's."""
+
+    partner_id: int
+    partner_crop: CropParams
+    box: tuple
+
+    def as_tensors(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        return self.partner_id, self.partner_crop.as_tensor(), torch.tensor(self.box, dtype=torch.int64)
+
+
+def render_crop(image: torch.Tensor, params: CropParams, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Render the recorded crop of a uint8 CHW image at ``size`` x ``size`` (deterministic)."""
+    out = TF.resized_crop(
+        image, params.top, params.left, params.height, params.width, [size, size],
+        interpolation=_INTERP[interpolation], antialias=True,
+    )
+    return TF.horizontal_flip(out) if params.flip else out
+
+
+def render_sample(image: torch.Tensor, crop: CropParams, size: int, interpolation: str = "bilinear",
+                  mix: Optional[MixParams] = None, partner_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The uint8 pixels a recorded sample had: its crop, with the CutMix partner's crop pasted into ``mix.box``."""
+    out = render_crop(image, crop, size, interpolation)
+    if mix is None:
+        return out
+    if partner_image is None:
+        raise ValueError("a mixed sample needs its partner's image to be rendered")
+    top, left, height, width = (int(v) for v in mix.box)
+    partner = render_crop(partner_image, mix.partner_crop, size, interpolation)
+    out = out.clone()
+    out[:, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
+    return out
+
+
+class CropSampler(Protocol):
+    """Decides the crop of sample ``sample_id`` in epoch ``epoch`` (``image`` is the uint8 CHW source)."""
+
+    def sample(self, image: torch.Tensor, sample_id: int, epoch: int) -> CropParams: ...
+
+
+class RandomCropSampler:
+    """RandomResizedCrop(scale, ratio) + RandomHorizontalFlip(0.5), drawn from torch's global RNG exactly as
+    torchvision draws them (the paper's train augmentation; the loader seeds the stream)."""
+
+    def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)):
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+
+    def sample(self, image: torch.Tensor, sample_id: int = 0, epoch: int = 0) -> CropParams:
+        top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        return CropParams(top, left, h, w, bool(torch.rand(()) < 0.5))
+
+
+class ReplayedCropSampler:
+    """Crops from a record: ``record[(pass, sample_id)]``; epoch ``e`` replays pass ``e % passes``."""
+
+    def __init__(self, record: Mapping[tuple, CropParams], passes: Optional[int] = None):
+        self.record = dict(record)
+        self.passes = passes or (1 + max((p for p, _ in self.record), default=0))
+
+    @classmethod
+    def from_batches(cls, batches_per_pass: Sequence[Iterable]) -> "ReplayedCropSampler":
+        """Record the crops of already-drawn batches (anything with ``indices`` and ``crops``), one list per pass."""
+        record = {}
+        for p, batches in enumerate(batches_per_pass):
+            for batch in batches:
+                for sid, crop in zip(batch.indices.tolist(), batch.crops):
+                    record[(p, int(sid))] = CropParams.from_tensor(crop)
+        return cls(record, len(batches_per_pass))
+
+    def sample(self, image: torch.Tensor, sample_id: int, epoch: int = 0) -> CropParams:
+        key = (epoch % self.passes, int(sample_id))
+        try:
+            return self.record[key]
+        except KeyError:
+            raise KeyError(f"no recorded crop for sample {sample_id} in pass {key[0]} (epoch {epoch}); "
+                           f"the record holds {len(self.record)} crops over {self.passes} passes") from None
+
+
+class EvalTransform:
+    """Resize(size / crop_pct) + CenterCrop(size): 256/224 for ImageNet."""
+
+    def __init__(self, size: int, crop_pct: float = 224 / 256, interpolation: str = "bilinear"):
+        self.size, self.resize, self.interpolation = size, int(round(size / crop_pct)), interpolation
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        out = TF.resize(image, [self.resize], interpolation=_INTERP[self.interpolation], antialias=True)
+        return TF.center_crop(out, [self.size, self.size])

@@ -1,0 +1,99 @@
+"""Loaders: the training view (a crop sampler decides each sample's crop), the eval view, normalization.
+
+The caller builds the loaders and hands them to the engine, so a job can train on random
+crops (today's augmentation) or on exactly the crops of a record (:class:`ReplayedCropSampler`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from meal_ray.config import DataConfig
+from meal_ray.data.crops import CropSampler, EvalTransform, RandomCropSampler, render_crop
+from meal_ray.data.datasets import load_datasets, sample_ids
+
+
+class TrainView(Dataset):
+    """Yields (uint8 crop, label, sample id, crop [top, left, h, w, flip]).
+
+    Index with ``i`` or with ``(i, epoch)`` (what :class:`EpochSampler` yields), so a replayed
+    sampler knows which pass to replay.
+    """
+
+    def __init__(self, base: Dataset, sampler: CropSampler, size: int, interpolation: str = "bilinear"):
+        self.base, self.sampler, self.size, self.interpolation = base, sampler, size, interpolation
+        self.ids = sample_ids(base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        image, label = self.base[i]
+        sid = int(self.ids[i])
+        params = self.sampler.sample(image, sid, epoch)
+        return render_crop(image, params, self.size, self.interpolation), label, sid, params.as_tensor()
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (per-rank shard, shuffled per epoch) that yields ``(index, epoch)``."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((i, epoch) for i in super().__iter__())
+
+
+class EvalView(Dataset):
+    def __init__(self, base: Dataset, transform: EvalTransform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+class Normalize(torch.nn.Module):
+    """uint8 NCHW -> float (x/255 - mean)/std on the model's device, optionally in channels-last layout."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+        super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+def build_train_loader(train: Dataset, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                       seed: int = 0, crop_sampler: Optional[CropSampler] = None) -> DataLoader:
+    """This rank's shard, reshuffled per epoch via ``loader.sampler.set_epoch``; crops from ``crop_sampler``
+    (default: random, as the paper)."""
+    sampler_ = crop_sampler or RandomCropSampler(cfg.crop_scale, cfg.crop_ratio)
+    view = TrainView(train, sampler_, cfg.image_size, cfg.interpolation)
+    sampler = EpochSampler(view, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    return DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=cfg.loader_workers,
+                      generator=gen, persistent_workers=cfg.loader_workers > 0)
+
+
+def build_val_loader(val: Dataset, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's strided shard of the validation set (Resize + CenterCrop)."""
+    view = EvalView(val, EvalTransform(cfg.image_size, cfg.crop_pct, cfg.interpolation))
+    shard = Subset(view, list(range(rank, len(view), world_size)))
+    return DataLoader(shard, batch_size=max(batch_size, 256), shuffle=False, num_workers=cfg.loader_workers)
+
+
+def build_loaders(cfg: DataConfig, num_classes: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                  seed: int = 0, crop_sampler: Optional[CropSampler] = None):
+    """(train loader, this rank's val loader, class names) for a job's data config."""
+    train, val, classes = load_datasets(cfg, num_classes)
+    return (build_train_loader(train, cfg, batch_size, rank, world_size, seed, crop_sampler),
+            build_val_loader(val, cfg, batch_size, rank, world_size), classes)

@@ -1,0 +1,194 @@
+"""The demo's report: test-set rows per stage, mean ± std over seeds, the verdict, tables, plots, MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Optional
+
+from meal_ray.config import JobConfig
+
+SIMILAR = ("T-shirt/top", "Shirt", "Pullover", "Coat")
+DISSIMILAR = ("Trouser", "Bag", "Sandal", "Ankle boot")
+# Teachers' data: 28 px upsampled to 32. Mild crops (scale 0.85-1, near-square) and no eval crop margin:
+# Fashion-MNIST items fill the frame, so ImageNet-style 0.35-1 crops starve the compact student (measured:
+# its train accuracy stayed below its test accuracy) and crop_pct 0.875 cuts off sleeves and hems.
+DATA = dict(dataset="fashion-mnist", image_size=32, crop_scale=[0.85, 1.0], crop_ratio=[0.9, 1.1], crop_pct=1.0,
+            mean=[0.2860], std=[0.3530])
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def evaluate_shared(teachers) -> dict:
+    """Test-set rows and per-class accuracy of each teacher and of their ensemble (same for every seed)."""
+    rows, per_class = [], {}
+    for t in teachers:
+        row, pc = evaluate_row(t["model"], t["weights"])
+        rows.append(row)
+        per_class[t["model"]] = pc
+    ens = evaluate_ensemble(teachers)
+    per_class["teacher ensemble"] = ens["per_class"]
+    rows.append(dict(model="teacher ensemble", arch="+".join(t["model"] for t in teachers), top1=ens["top1"],
+                     top5=ens["top5"], params=sum(r["params"] for r in rows)))
+    return {"rows": rows, "per_class": per_class}
+
+
+def evaluate_row(label: str, path: str) -> tuple[dict, dict]:
+    from meal_ray.evaluation import evaluate_export
+    from meal_ray.models import count_parameters, load_export
+
+    result, classes = evaluate_export(path)
+    model = load_export(path)
+    row = dict(model=label, arch=model.pretrained_cfg.get("architecture", ""), top1=result.top1, top5=result.top5,
+               params=count_parameters(model))
+    return row, dict(zip(classes, result.per_class))
+
+
+def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, meal: JobConfig) -> dict:
+    rows, per_class = [dict(r) for r in shared["rows"]], dict(shared["per_class"])
+    exports = {}
+    if init_weights:
+        exports["student init"] = init_weights
+    exports["control (hard labels)"] = str(control.output_dir / "student")
+    exports["MEAL V2 (ensemble soft labels)"] = str(meal.output_dir / "student")
+    for label, path in exports.items():
+        row, per_class[label] = evaluate_row(label, path)
+        rows.append(row)
+    ens_top1 = shared["rows"][-1]["top1"]
+    for r in rows:
+        r["gap_to_ensemble"] = r["top1"] - ens_top1
+        pc = per_class[r["model"]]
+        r["similar_classes"] = statistics.mean(pc[c] for c in SIMILAR)
+        r["dissimilar_classes"] = statistics.mean(pc[c] for c in DISSIMILAR)
+    return {"seed": seed, "rows": rows, "per_class": per_class, "control": control, "meal": meal,
+            "gain_over_control": rows[-1]["top1"] - rows[-2]["top1"]}
+
+
+SUMMARY_FIELDS = ("top1", "top5", "gap_to_ensemble", "similar_classes", "dissimilar_classes")
+
+
+def summarize(runs: list) -> list:
+    """Per table row: mean, sample std, min and max over seeds of every numeric column."""
+    out = []
+    for i, row in enumerate(runs[0]["rows"]):
+        entry = {"model": row["model"], "arch": row["arch"], "params": row["params"], "n": len(runs)}
+        for f in SUMMARY_FIELDS:
+            values = [r["rows"][i][f] for r in runs]
+            entry[f] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "min": min(values), "max": max(values), "per_seed": values}
+        out.append(entry)
+    return out
+
+
+def evaluate_ensemble(teachers) -> dict:
+    from torch.utils.data import DataLoader
+
+    from meal_ray.config import DataConfig, TeacherSpec
+    from meal_ray.data import EvalTransform, EvalView, load_datasets
+    from meal_ray.ensemble import TeacherEnsemble
+    from meal_ray.evaluation import evaluate
+
+    ensemble = TeacherEnsemble.from_specs([TeacherSpec(t["model"], t["weights"]) for t in teachers])
+    # at the largest teacher input size: each teacher resizes to its own, as it does with the student's crops
+    cfg = DataConfig(**dict(DATA, image_size=max(t.size[0] for t in ensemble.teachers)))
+    _, val, classes = load_datasets(cfg, 10)
+    loader = DataLoader(EvalView(val, EvalTransform(cfg.image_size, cfg.crop_pct, cfg.interpolation)), batch_size=500)
+    result = evaluate(lambda x: ensemble(x)[0], loader, 10)
+    return {"top1": result.top1, "top5": result.top5, "per_class": dict(zip(classes, result.per_class))}
+
+
+def plot_demo(out: Path, runs: list) -> None:
+    from meal_ray.plots import plot_arms, plot_per_class, plot_training_curves
+
+    def mean_per_class(label):
+        return [statistics.mean(r["per_class"][label][c] for r in runs) for c in classes]
+
+    classes = list(runs[0]["per_class"]["control (hard labels)"].keys())
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    plot_per_class(classes, {k: mean_per_class(k) for k in
+                             ("control (hard labels)", "MEAL V2 (ensemble soft labels)", "teacher ensemble")},
+                   out / "per_class_accuracy.png", f"Fashion-MNIST test accuracy per class (mean over seeds {seeds})")
+    curves = {"control (hard labels)": {}, "MEAL V2 (ensemble soft labels)": {}}
+    for r in runs:
+        for arm, cfg in (("control (hard labels)", r["control"]), ("MEAL V2 (ensemble soft labels)", r["meal"])):
+            curves[arm][r["seed"]] = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
+    rows = {row["model"]: row["top1"] for row in runs[0]["rows"]}
+    reference = {"teacher ensemble": rows["teacher ensemble"]}
+    if "student init" in rows:
+        reference["student init (seed %d)" % runs[0]["seed"]] = rows["student init"]
+    plot_arms(curves, out / "arms_test_top1.png", f"control vs MEAL V2 from the same init (seeds {seeds})", reference)
+    for name, key in (("control", "control"), ("meal_v2", "meal")):
+        cfg = runs[0][key]
+        history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
+        plot_training_curves(history, out / f"training_curves_{name}.png", f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
+
+
+def log_demo_run(out: Path, results: dict, tracking_uri: Optional[str], tag: str = "") -> None:
+    from meal_ray.tracking import Tracker
+
+    tracker = Tracker(tracking_uri)
+    seeds = "-".join(str(s) for s in results["seeds"])
+    tracker.start("meal-ray-demo", f"demo-{results['preset']}{tag}-seeds{seeds}", dict(results["ablation"], seeds=seeds))
+    tracker.log_metrics({f"top1_mean/{r['model']}": r["top1"]["mean"] for r in results["summary"]}, step=0)
+    tracker.log_metrics({f"top1_std/{r['model']}": r["top1"]["std"] for r in results["summary"]}, step=0)
+    tracker.log_metrics({"gain_over_control_mean": results["gain_over_control"]["mean"],
+                         "gain_over_control_std": results["gain_over_control"]["std"]}, step=0)
+    for p in sorted(out.glob("*.png")) + [out / "results.json", out / "results.md"]:
+        tracker.log_artifact(p)
+    tracker.end()
+
+
+def gain_over_control(summary: list) -> dict:
+    """MEAL V2 minus control top-1 per seed (the summary's last two rows), and whether the mean gain exceeds the
+    seed spread: the larger sample std of the two arms' top-1 (the issue's bar for "beats the control")."""
+    control, meal = summary[-2]["top1"], summary[-1]["top1"]
+    gains = [m - c for m, c in zip(meal["per_seed"], control["per_seed"])]
+    spread = max(control["std"], meal["std"])
+    mean = statistics.mean(gains)
+    return {"per_seed": gains, "mean": mean, "std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+            "seed_spread": spread, "beats_seed_spread": len(gains) > 1 and mean > spread}
+
+
+def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
+    f = fmt.replace("{:", "{:+") if signed else fmt
+    return f.format(stat["mean"]) + (" ± " + fmt.format(stat["std"]) if stat.get("std") else "")
+
+
+def format_summary(summary: list, gain: dict, seeds: list) -> str:
+    """The paper-style table over seeds: mean ± sample std of each row."""
+    lines = [f"Fashion-MNIST test set (10000 images), mean ± std over seeds {', '.join(map(str, seeds))}",
+             "", "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
+        lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {_pm(r['top1'])} | {_pm(r['top5'])} | "
+                     f"{_pm(r['gap_to_ensemble'], signed=True)} | {_pm(r['similar_classes'])} | "
+                     f"{_pm(r['dissimilar_classes'])} |")
+    per_seed = ", ".join(f"{g:+.2f}" for g in gain["per_seed"])
+    lines.append(f"\nMEAL V2 - control (top-1): {_pm(gain, signed=True)} points (per seed: {per_seed})")
+    if len(gain["per_seed"]) > 1:
+        verdict = "beats" if gain["beats_seed_spread"] else "does NOT beat"
+        lines.append(f"MEAL V2 {verdict} the control by more than the seed spread "
+                     f"(larger arm top-1 std: {gain['seed_spread']:.2f} points)")
+    lines.append(f"\n*mean accuracy on {', '.join(SIMILAR)}; **on {', '.join(DISSIMILAR)}")
+    return "\n".join(lines)
+
+
+def format_table(rows, per_class, title: str = "") -> str:
+    lines = ([title, ""] if title else []) + [
+        "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
+        "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {r['top1']:.2f} | {r['top5']:.2f} | "
+                     f"{r['gap_to_ensemble']:+.2f} | {r['similar_classes']:.2f} | {r['dissimilar_classes']:.2f} |")
+    lines.append(f"\n*mean accuracy on {', '.join(SIMILAR)}; **on {', '.join(DISSIMILAR)}\n")
+    names = list(per_class)
+    lines.append("| class | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---:|" * len(names))
+    for c in per_class[names[0]]:
+        lines.append(f"| {c} | " + " | ".join(f"{per_class[n][c]:.1f}" for n in names) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The teacher application builder (``import_path: meal_ray.serve.app:build_app``) and Serve config files.
+
+Deploy with a Serve config file (see ``deployments/``): ``meal-ray teachers up --config
+deployments/fashion-mnist.yaml`` (embedded local Ray) or ``serve deploy
+deployments/fashion-mnist.yaml`` on a running cluster. The ``args`` are validated by the job
+config's machinery (:class:`meal_ray.config.TeacherAppConfig`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from meal_ray.config import TeacherAppConfig, load_app_config, read_yaml
+from meal_ray.errors import ConfigError, ModelNotFoundError
+from meal_ray.models import check_model_name
+from meal_ray.serve.deployments import INGRESS_NAME, EnsembleIngress, TeacherModel
+
+IMPORT_PATH = "meal_ray.serve.app:build_app"
+
+
+def resolve_teachers(app: TeacherAppConfig, base_dir: Optional[str] = None, check_files: bool = True) -> list:
+    """Teacher specs as dicts with deployment names (``teacher<i>`` by default) and absolute weights paths."""
+    base = Path(base_dir or app.base_dir or os.getcwd())
+    specs, names = [], set()
+    for i, t in enumerate(app.teachers):
+        if not t.model:
+            raise ConfigError(f"args.teachers[{i}] needs a timm architecture: model: resnet18.")
+        check_model_name(t.model)
+        name = t.name or f"teacher{i}"
+        if name in names or name == INGRESS_NAME or "#" in name or "/" in name:
+            raise ConfigError(f"teacher deployment name {name!r} must be unique, not {INGRESS_NAME!r}, "
+                              "and contain no '#' or '/'.")
+        names.add(name)
+        weights = t.weights
+        if weights:
+            path = Path(os.path.expanduser(str(weights)))
+            path = path if path.is_absolute() else base / path
+            if check_files and not path.exists():
+                hint = ""
+                if "fmnist-teacher-" in str(weights):
+                    job = str(weights).split("fmnist-teacher-")[1].split("/")[0]
+                    hint = f" Produce it with `meal-ray pretrain --config jobs/fmnist-teacher-{job}.yaml`."
+                raise ModelNotFoundError(
+                    f"teacher {name!r}: weights {weights!r} not found (looked at {path}; relative paths are "
+                    f"resolved against {base}).{hint} Or give an absolute path / the right working directory.")
+            weights = str(path)
+        specs.append({"name": name, "model": t.model, "weights": weights, "pretrained": bool(t.pretrained)})
+    return specs
+
+
+def build_app(args: dict):
+    """Serve application builder: one TeacherModel deployment per teacher + the EnsembleIngress.
+
+    ``args`` (from a Serve config file or ``serve.run``): ``teachers`` (list of ``{name, model,
+    weights, pretrained}``), ``max_batch_size`` (crops per forward pass), ``batch_wait_timeout_s``,
+    ``autocast`` (bf16 | fp16 | null), ``base_dir`` (relative weights paths), ``retry_s``.
+    Bad args are refused here, before any replica starts (so ``serve deploy`` fails fast).
+    """
+    app = load_app_config(args)
+    specs = resolve_teachers(app)
+    bound = [TeacherModel.options(name=s["name"]).bind(s, app.autocast, app.max_batch_size,
+                                                       float(app.batch_wait_timeout_s)) for s in specs]
+    return EnsembleIngress.options(name=INGRESS_NAME).bind(bound, [s["name"] for s in specs], float(app.retry_s),
+                                                           app.autocast)
+
+
+def load_serve_config(config_path: str | Path, base_dir: Optional[str] = None):
+    """Read a Serve config file (the `serve deploy` schema); resolve meal-ray apps' relative weights paths."""
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(config_path)
+    raw = read_yaml(path, "Serve config", "deployments/")
+    try:
+        config = ServeDeploySchema.model_validate(raw)
+    except Exception as e:  # pydantic ValidationError: names the field
+        raise ConfigError(f"Serve config {str(path)!r} does not follow the `serve deploy` schema: {e}") from None
+    for app in config.applications:
+        if app.import_path == IMPORT_PATH:
+            app_args = dict(app.args or {})
+            app_args["teachers"] = resolve_teachers(load_app_config(app_args), base_dir=base_dir)  # fail fast
+            app_args.pop("base_dir", None)
+            app.args = app_args
+    return config

@@ -1,0 +1,190 @@
+"""`meal-ray teachers up|status|down`: deploy the teacher application from a Serve config, watch it, delete it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from ray import serve
+
+from meal_ray.cluster import connect, deploy_serve_config
+from meal_ray.errors import ConfigError, TeachersNotRunningError
+from meal_ray.serve.app import load_serve_config
+from meal_ray.serve.protocol import DEFAULT_APP_NAME, HOW_TO_START
+
+
+def state_name(state) -> str:
+    """Serve status enums print as 'ApplicationStatus.RUNNING'; we want 'RUNNING'."""
+    return str(getattr(state, "value", state))
+
+
+def app_status(app_name: str):
+    """The application's Serve status object, or None when it (or Serve) is not there."""
+    try:
+        return serve.status().applications.get(app_name)
+    except Exception:  # no Serve controller on this cluster
+        return None
+
+
+def _last_line(message: str) -> str:
+    """Serve reports build/constructor failures as a traceback; its last line is the error."""
+    lines = [line for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _wait_running(app_names: list, timeout_s: float, log=print) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        status = teachers_status()
+        states = {n: status.get(n, {}).get("status", "NOT_DEPLOYED") for n in app_names}
+        if states != last:
+            log("  " + ", ".join(f"{n}: {s}" for n, s in states.items()))
+            last = states
+        if all(s == "RUNNING" for s in states.values()):
+            return status
+        failed = {n: status[n] for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed or time.monotonic() > deadline:
+            detail = "; ".join(f"{n}: {v['status']}: {_last_line(v['message'])}" for n, v in (failed or {
+                n: status.get(n, {"status": states[n], "message": ""}) for n in app_names}).items())
+            raise TeachersNotRunningError(
+                f"the teacher application did not reach RUNNING{'' if failed else f' within {timeout_s:.0f}s'} ({detail}). "
+                "See `meal-ray teachers status` / `serve status` and the replica logs.")
+        time.sleep(1.0)
+
+
+def teachers_up(config_path: str | Path, address: Optional[str] = None, block: Optional[bool] = None,
+                num_cpus: Optional[float] = None, timeout_s: float = 600.0, log=print) -> dict:
+    """Deploy the applications of a Serve config file and wait until they are RUNNING.
+
+    Without ``address`` (and no RAY_ADDRESS, and no Ray already initialized in this process)
+    Ray is started embedded here; the cluster lives as long as this process, so then
+    ``block`` defaults to True: print status until Ctrl-C (or until the apps are deleted with
+    ``teachers down``), then shut Serve and Ray down. With a cluster address the apps are
+    deployed there and this returns. Uses Ray's own config-deploy path (what `serve run
+    config.yaml` does), so the config's ``deployments:`` overrides apply exactly as with `serve deploy`.
+    Applications deployed earlier from other config files are kept (`serve deploy` would remove them).
+    """
+    import ray
+
+    config = load_serve_config(config_path)
+    names = [app.name for app in config.applications]
+    address = address or os.environ.get("RAY_ADDRESS")
+    embedded = False
+    if not ray.is_initialized():
+        if address:
+            connect(address)
+        else:
+            needed = sum(_app_cpus(app) for app in config.applications)
+            cpus = num_cpus or (os.cpu_count() or 1) + needed  # the machine stays free for training workers
+            ray.init(num_cpus=cpus, logging_level=logging.WARNING)
+            embedded = True
+            gcs = ray.get_runtime_context().gcs_address
+            log(f"Started embedded Ray ({cpus:g} logical CPUs) at {gcs}; it lives as long as this command.")
+            log(f"  train against it with: --address {gcs}   (or RAY_ADDRESS={gcs})")
+    block = embedded if block is None else block
+    try:
+        status = _deploy(config, names, config_path, timeout_s, log)
+    except BaseException:
+        if embedded:  # nothing else uses this cluster
+            ray.shutdown()
+        raise
+    if not block:
+        return status
+    log("Teachers are up. Ctrl-C (or `meal-ray teachers down`) stops them.")
+    try:
+        while True:
+            time.sleep(5.0)
+            now = teachers_status()
+            if not any(n in now for n in names):
+                log("The teacher applications were deleted; shutting down.")
+                break
+            for n in names:
+                if n in now and now[n]["status"] != status.get(n, {}).get("status"):
+                    log(format_status({n: now[n]}))
+            status = now
+    except KeyboardInterrupt:
+        log("Stopping the teachers ...")
+    finally:
+        if embedded:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    return status
+
+
+def _deploy(config, names: list, config_path, timeout_s: float, log) -> dict:
+    """Ray's config-deploy path (what `serve run config.yaml` does), keeping other config-deployed apps."""
+    deploy_serve_config(config, keep_others=True, log=log)
+    log(f"Deploying {', '.join(names)} from {config_path} ...")
+    status = _wait_running(names, timeout_s, log)
+    for name in names:
+        log(format_status({name: status[name]}))
+    return status
+
+
+def _app_cpus(app) -> float:
+    """Logical CPUs a config's application asks for (replicas x num_cpus; autoscaling: min replicas)."""
+    total = 0.0
+    for d in app.deployments or []:
+        opts = getattr(d, "ray_actor_options", None)
+        cpus = opts.get("num_cpus") if isinstance(opts, dict) else getattr(opts, "num_cpus", None)
+        cpus = 1.0 if cpus is None else float(cpus)  # Serve's default: one CPU per replica
+        replicas = getattr(d, "num_replicas", None)
+        if not isinstance(replicas, int):
+            auto = getattr(d, "autoscaling_config", None)
+            low = auto.get("min_replicas") if isinstance(auto, dict) else getattr(auto, "min_replicas", None)
+            replicas = low or 1
+        total += cpus * max(int(replicas), 1)
+    return total
+
+
+def teachers_status(address: Optional[str] = None) -> dict:
+    """``{app: {"status", "message", "deployments": {name: {"status", "message", "replicas"}}}}`` of the cluster."""
+    connect(address)
+    try:
+        apps = serve.status().applications
+    except Exception:
+        return {}
+    out = {}
+    for name, app in apps.items():
+        out[name] = {
+            "status": state_name(app.status), "message": app.message or "",
+            "deployments": {d: {"status": state_name(s.status), "message": s.message or "",
+                                "replicas": {state_name(k): v for k, v in (s.replica_states or {}).items()}}
+                            for d, s in app.deployments.items()},
+        }
+    return out
+
+
+def format_status(status: dict) -> str:
+    if not status:
+        return f"No Serve applications are running. {HOW_TO_START}"
+    lines = []
+    for name, app in status.items():
+        lines.append(f"{name}: {app['status']}" + (f" ({app['message']})" if app["message"] else ""))
+        for d, s in app["deployments"].items():
+            replicas = ", ".join(f"{n} {k}" for k, n in s["replicas"].items()) or "no replicas"
+            lines.append(f"  {d}: {s['status']} [{replicas}]" + (f" {s['message']}" if s["message"] else ""))
+    return "\n".join(lines)
+
+
+def teachers_down(target: str | Path = DEFAULT_APP_NAME, address: Optional[str] = None) -> list:
+    """Delete the teacher application(s): an app name, or a Serve config file (all its applications)."""
+    names = [str(target)]
+    p = Path(str(target))
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"Serve config {str(p)!r} does not exist.")
+        import yaml
+
+        names = [a.get("name", "default") for a in (yaml.safe_load(p.read_text()) or {}).get("applications", [])]
+    running = teachers_status(address)
+    deleted = [n for n in names if n in running]
+    for n in deleted:
+        serve.delete(n)
+    return deleted

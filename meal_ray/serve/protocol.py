@@ -1,0 +1,128 @@
+"""The wire format between soft-label clients and the teacher application: typed, validated once, versioned.
+
+A :class:`TeacherRequest` carries one mini-batch of uint8 crops ``[B, C, H, W]`` (each teacher
+replica applies its own preprocessing); a :class:`TeacherReply` carries the ensemble's fp16
+averaged probabilities and logits ``[B, C]`` and the teachers' inference time. Both carry
+``PROTOCOL_VERSION``; a client and a server of different versions refuse each other with a
+:class:`~meal_ray.errors.ProtocolError` that says which side to upgrade. Plain numpy, no Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from meal_ray.config import DEFAULT_APP_NAME
+from meal_ray.errors import ProtocolError
+
+__all__ = ["DEFAULT_APP_NAME", "HOW_TO_START", "PROTOCOL_VERSION", "TeacherReply", "TeacherRequest", "check_version",
+           "validate_crops"]
+
+PROTOCOL_VERSION = 1
+HOW_TO_START = (
+    "Start the teachers with `meal-ray teachers up --config deployments/fashion-mnist.yaml` "
+    "(embedded local Ray; keep it running) or, on a running cluster (`ray start --head`), "
+    "`serve deploy deployments/fashion-mnist.yaml`; check with `meal-ray teachers status` / `serve status`. "
+    "Or train with teachers.source=local (in-process teachers)."
+)
+_UPGRADE = "Run the same meal-ray version on the train workers and in the teacher application (redeploy it)."
+
+
+def check_version(version: Any, what: str) -> None:
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} speaks meal-ray teacher protocol v{version}, this side speaks "
+                            f"v{PROTOCOL_VERSION}. {_UPGRADE}")
+
+
+def _expected(in_chans: Optional[int]) -> str:
+    return f"uint8 numpy array of shape [B, {in_chans if in_chans is not None else 'C'}, H, W] (raw 0..255 pixels)"
+
+
+def validate_crops(images: Any, in_chans: Optional[int] = None) -> np.ndarray:
+    """Check a crop batch: a numpy uint8 array [B, C, H, W] with ``in_chans`` channels. Raise ProtocolError otherwise."""
+    expected = _expected(in_chans)
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise ProtocolError(f"teacher request images must be a {expected}; got {type(images).__name__}. "
+                            "Send batch.images.numpy().")
+    if images.dtype != np.uint8:
+        raise ProtocolError(f"teacher request images must be a {expected}; got dtype {images.dtype}. "
+                            "Send the uint8 crops before normalization; each teacher normalizes them itself.")
+    if images.ndim != 4:
+        raise ProtocolError(f"teacher request images must be a {expected}; got {images.ndim} dims, "
+                            f"shape {tuple(images.shape)}.")
+    if in_chans is not None and images.shape[1] != in_chans:
+        raise ProtocolError(f"teacher request images must be a {expected}; got {images.shape[1]} channels, "
+                            f"shape {tuple(images.shape)}. The teachers take {in_chans}-channel images.")
+    if min(images.shape) == 0:
+        raise ProtocolError(f"teacher request images must be a non-empty {expected}; got shape {tuple(images.shape)}.")
+    return images
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """One mini-batch of crops for the teacher ensemble."""
+
+    images: np.ndarray  # uint8 [B, C, H, W]
+    version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_images(cls, images) -> "TeacherRequest":
+        """From a uint8 tensor or array (zero-copy for a contiguous CPU tensor)."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().contiguous().numpy()
+        return cls(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @staticmethod
+    def parse(obj: Any, in_chans: Optional[int] = None) -> "TeacherRequest":
+        """Validate what a replica received; the one place requests are checked."""
+        if isinstance(obj, (np.ndarray, torch.Tensor)):
+            raise ProtocolError("teacher request is a bare array (an older meal-ray client without a protocol "
+                                f"version?); send meal_ray.serve.protocol.TeacherRequest(images). {_UPGRADE}")
+        if not isinstance(obj, TeacherRequest):
+            raise ProtocolError(f"teacher request must be a meal_ray.serve.protocol.TeacherRequest, got "
+                                f"{type(obj).__name__}.")
+        check_version(getattr(obj, "version", None), "the client")
+        validate_crops(obj.images, in_chans)
+        return obj
+
+
+@dataclass(frozen=True)
+class TeacherReply:
+    """The ensemble's answer to one request: p_e and z_e in fp16, and the teachers' inference time."""
+
+    probs: np.ndarray  # float16 [B, C]: mean of the teachers' softmax
+    logits: np.ndarray  # float16 [B, C]: mean of the teachers' logits
+    latency_s: float  # teacher inference wall time measured in the ingress
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.probs.shape[1])
+
+    @classmethod
+    def from_tensors(cls, probs: torch.Tensor, logits: torch.Tensor, latency_s: float) -> "TeacherReply":
+        return cls(probs.numpy().astype(np.float16), logits.numpy().astype(np.float16), float(latency_s))
+
+    @staticmethod
+    def parse(obj: Any, rows: int) -> "TeacherReply":
+        """Validate what the client received for a request of ``rows`` crops."""
+        if not isinstance(obj, TeacherReply):
+            raise ProtocolError(f"the teacher application replied with a {type(obj).__name__}, not a TeacherReply "
+                                f"(an older meal-ray server?). {_UPGRADE}")
+        check_version(getattr(obj, "version", None), "the teacher application")
+        if obj.probs.shape != obj.logits.shape or obj.probs.ndim != 2 or obj.probs.shape[0] != rows:
+            raise ProtocolError(f"the teacher application returned probs {obj.probs.shape} and logits "
+                                f"{obj.logits.shape} for a request of {rows} crops.")
+        return obj
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (probs, logits) tensors for the training step."""
+        return (torch.from_numpy(self.probs.astype(np.float32)), torch.from_numpy(self.logits.astype(np.float32)))

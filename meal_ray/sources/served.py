@@ -1,0 +1,118 @@
+"""Soft labels from the Ray Serve teacher application (deployment handles, no HTTP), several batches in flight."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional
+
+from meal_ray.config import JobConfig
+from meal_ray.ensemble import TeacherSet, check_compatible, describe_differences
+from meal_ray.errors import TeacherSetMismatchError, TeachersNotRunningError
+from meal_ray.serve.protocol import (
+    DEFAULT_APP_NAME,
+    HOW_TO_START,
+    PROTOCOL_VERSION,
+    TeacherReply,
+    TeacherRequest,
+    check_version,
+)
+from meal_ray.sources.base import PrefetchWindow
+
+
+class ServedSoftLabels:
+    """Soft labels from the Serve teacher application, with ``prefetch`` batches in flight.
+
+    Works on the driver and inside Ray Train workers (the handle is obtained in the process
+    that constructs it). On connecting it checks the application's protocol version.
+    """
+
+    name = "served"
+
+    def __init__(self, app_name: str = DEFAULT_APP_NAME, prefetch: int = 4, address: Optional[str] = None,
+                 timeout_s: Optional[float] = 600.0):
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+
+        from meal_ray.cluster import connect
+        from meal_ray.serve.lifecycle import app_status, state_name
+
+        connect(address)
+        self.app_name, self.timeout_s = app_name, timeout_s
+        status = app_status(app_name)
+        state = state_name(getattr(status, "status", "NOT_DEPLOYED"))
+        if status is None or state in ("DEPLOY_FAILED", "DELETING", "NOT_STARTED"):
+            reason = f"status {state}" + (f": {status.message}" if status is not None and status.message else "")
+            raise TeachersNotRunningError(f"the Serve teacher application {app_name!r} is not running ({reason}). "
+                                          f"{HOW_TO_START}")
+        try:
+            self.handle = serve.get_app_handle(app_name)
+        except RayServeException as e:
+            raise TeachersNotRunningError(f"the Serve teacher application {app_name!r} is not running ({e}). "
+                                          f"{HOW_TO_START}") from None
+        self._info: Optional[dict] = None
+        check_version(self.info().get("protocol_version"), f"the teacher application {app_name!r}")
+        self.window = PrefetchWindow(self._submit, self._collect, prefetch)
+
+    # ------------------------------------------------------------------ the source protocol
+    @classmethod
+    def check_config(cls, cfg: JobConfig) -> None:
+        TeacherSet.from_config(cfg.teachers).check_files()
+
+    @classmethod
+    def preflight(cls, cfg: JobConfig) -> None:
+        """The application runs, speaks our protocol, serves this job's teachers and fits its student."""
+        source = cls(cfg.teachers.app_name)
+        source.check_teachers(TeacherSet.from_config(cfg.teachers))
+        source.check_student(cfg.student.num_classes, cfg.data.in_chans)
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, device=None) -> "ServedSoftLabels":
+        source = cls(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch)
+        source.check_student(cfg.student.num_classes, cfg.data.in_chans)
+        return source
+
+    def attach(self, batches: Iterable) -> Iterator:
+        return self.window.attach(batches)
+
+    def close(self) -> None:
+        self._info = None
+
+    # ------------------------------------------------------------------ requests
+    def _submit(self, batch):
+        # zero-copy: the array is serialized when the request goes out; the window keeps the batch until collected
+        request = TeacherRequest.from_images(batch.images)
+        return self.handle.remote(request), len(request)
+
+    def _collect(self, pending) -> tuple:
+        response, rows = pending
+        reply = TeacherReply.parse(response.result(timeout_s=self.timeout_s), rows)
+        probs, logits = reply.tensors()
+        return probs, logits, float(reply.latency_s)
+
+    # ------------------------------------------------------------------ checks
+    def info(self) -> dict:
+        """The ingress's info(): protocol version, TeacherSet fingerprint, num_classes, in_chans, each teacher."""
+        if self._info is None:
+            self._info = self.handle.info.remote().result(timeout_s=self.timeout_s)
+        return self._info
+
+    def check_student(self, num_classes: int, in_chans: int) -> None:
+        """Raise ClassCountMismatchError when the student cannot be distilled from the served teachers."""
+        info = self.info()
+        check_compatible(info["num_classes"], {t["in_chans"] for t in info["teachers"]}, num_classes, in_chans)
+
+    def check_teachers(self, expected: TeacherSet) -> None:
+        """Raise TeacherSetMismatchError, naming the differences, unless the application serves ``expected``."""
+        served = self.info()["teacher_set"]
+        ours = expected.describe()
+        if expected.fingerprint() == served["fingerprint"]:
+            return
+        diff = describe_differences(ours, served["teachers"], "job", "served",
+                                    (expected.autocast, served.get("autocast")))
+        raise TeacherSetMismatchError(
+            f"the Serve application {self.app_name!r} serves other teachers than the job's teachers.models "
+            f"(fingerprint {served['fingerprint']} vs {expected.fingerprint()}): {'; '.join(diff)}. Point "
+            "teachers.models at the served teachers' weights, or deploy this job's teachers "
+            "(teachers.app_name names another application).")
+
+
+__all__ = ["ServedSoftLabels", "PROTOCOL_VERSION"]

@@ -1,0 +1,156 @@
+"""The Ray Train driver for `meal-ray pretrain` and `meal-ray distill` (Ray lives here, not in the engine).
+
+The driver checks the job (before Ray starts), prepares the output directory, checks the
+soft-label source, opens the MLflow run, and runs a ``TorchTrainer`` whose workers each hold
+only the student and the discriminator (:mod:`meal_ray.train.worker`); every epoch is a Ray
+Train checkpoint. It then exports the final student (timm-loadable), writes ``metrics.json``
+and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from meal_ray.cluster import ensure_ray
+from meal_ray.config import JobConfig, load_config
+from meal_ray.errors import ConfigError, ModelNotFoundError, OutputDirError
+from meal_ray.models import check_model_name
+from meal_ray.sources.registry import source_class
+from meal_ray.train.worker import STATE_FILE, train_loop_per_worker
+
+RUN_FILE = "run.json"
+
+
+def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
+    """Refuse to mix runs in one directory; return the saved run record when resuming."""
+    out = cfg.output_dir
+    record_path = out / RUN_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if overwrite:
+            shutil.rmtree(out)
+        elif resume:
+            old, new = dict(record["config"]), cfg.to_dict()
+            for d in (old, new):
+                d["optim"] = {k: v for k, v in d["optim"].items() if k != "epochs"}
+                d["run"] = {k: v for k, v in d["run"].items() if k not in ("tracking_uri", "log_every")}
+            diff = sorted(k for k in new if old.get(k) != new.get(k))
+            if diff:
+                raise OutputDirError(
+                    f"{out} holds a run with a different config (sections {', '.join(diff)} differ); "
+                    "resume with the same config (only optim.epochs may grow), or use --overwrite / another --output."
+                )
+            return record
+        else:
+            raise OutputDirError(
+                f"{out} already holds a run ({record.get('mode')} of {record.get('student')}); "
+                "pass --resume to continue it, --overwrite to replace it, or choose another --output."
+            )
+    elif resume:
+        raise OutputDirError(f"--resume: {out} holds no run to resume; drop --resume to start one.")
+    out.mkdir(parents=True, exist_ok=True)
+    return {}
+
+
+def check_job(cfg: JobConfig, source=None) -> None:
+    """Everything checkable on the driver before Ray starts: model names, weights files, the source's config."""
+    check_model_name(cfg.student.model)
+    if cfg.student.weights and not Path(cfg.student.weights).exists():
+        raise ModelNotFoundError(f"student.weights {cfg.student.weights!r} not found: give a meal-ray export "
+                                 "directory or a weights file (.safetensors/.pth).")
+    (source or source_class(cfg.teachers.source)).check_config(cfg)
+
+
+def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
+            log=print) -> dict:
+    """Run a pretrain or distill job end to end and return the final metrics record."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from meal_ray.tracking import Tracker, default_tracking_uri
+
+    source = source_class(cfg.teachers.source)
+    check_job(cfg, source)
+    record = prepare_output(cfg, resume, overwrite)
+    out = cfg.output_dir
+    needed = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
+    ensure_ray(address, num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
+    source.preflight(cfg)
+    uri = cfg.run.tracking_uri or default_tracking_uri()
+    tracker = Tracker(uri, record.get("mlflow_run_id"), log=log)
+    run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags={"meal_ray.mode": cfg.mode})
+    record = {"name": cfg.name, "mode": cfg.mode, "student": cfg.student.model, "config": cfg.to_dict(),
+              "mlflow_run_id": run_id, "tracking_uri": uri, "started": record.get("started", time.time())}
+    _write_json(out / RUN_FILE, record)
+    config_path = out / "config.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tracker.log_artifact(config_path)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
+                           "threads": max(1, int(cfg.run.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RunConfig(
+            name="train", storage_path=str(out / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+    log(f"[meal-ray] {cfg.mode} {cfg.student.model}: {cfg.run.num_workers} worker(s), {cfg.optim.epochs} epochs, "
+        f"output {out}, MLflow run {run_id} at {uri}")
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return finish(cfg, result.checkpoint, tracker, log)
+
+
+def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:
+    """Export the final student, write metrics.json and plots, and attach them to the MLflow run."""
+    from meal_ray.engine import build_student, student_data_config
+    from meal_ray.models import export_model
+    from meal_ray.plots import plot_per_class, plot_training_curves
+
+    out = cfg.output_dir
+    if checkpoint is None:
+        raise ConfigError("training produced no checkpoint (optim.epochs already reached?)")
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    student = build_student(load_config(data=dict(cfg.to_dict(), student=dict(cfg.to_dict()["student"], weights=None,
+                                                                                pretrained=False))))
+    student.load_state_dict(state["student"])
+    val = state["val"]
+    classes = list(val["per_class"].keys())
+    export_model(student.eval(), out / "student", student_data_config(cfg), label_names=classes)
+    metrics = {"top1": val["top1"], "top5": val["top5"], "per_class": val["per_class"], "epochs": state["epoch"],
+               "count": val["count"], "history": state["history"], "mlflow_run_id": tracker.run_id}
+    _write_json(out / "metrics.json", metrics)
+    plots = [plot_training_curves(state["history"], out / "training_curves.png", f"{cfg.mode}: {cfg.student.model}"),
+             plot_per_class(classes, {cfg.student.model: list(val["per_class"].values())}, out / "per_class.png")]
+    tracker.log_metrics({f"val_acc/{c.replace('/', '-')}": a for c, a in val["per_class"].items()}, step=state["epoch"])
+    tracker.log_metrics({"final_top1": val["top1"], "final_top5": val["top5"]}, step=state["epoch"])
+    for p in plots + [out / "metrics.json"]:
+        tracker.log_artifact(p)
+    tracker.log_artifact(out / "student", "student")
+    tracker.end("FINISHED")
+    log(f"[meal-ray] done: top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  student export {out / 'student'}")
+    return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
