@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from meal_ray.config import INTERPOLATIONS, DataConfig
 from meal_ray.data.crops import EvalTransform
+from meal_ray.errors import ConfigError
 from meal_ray.data.datasets import load_datasets
 from meal_ray.data.loaders import EvalView, Normalize
 from meal_ray.models import load_export, model_data_config
@@ -73,6 +74,8 @@ def evaluate_model(model: torch.nn.Module, normalize: torch.nn.Module, loader: I
 def evaluate_export(model_dir: str, dataset: str = "fashion-mnist", root: Optional[str] = None,
                     batch_size: int = 256, val_subset: Optional[int] = None) -> tuple[EvalResult, tuple]:
     """Evaluate a meal-ray export on ``dataset``'s validation/test split with its config.json preprocessing."""
+    if dataset == "imagefolder" and not root:
+        raise ConfigError("--root is required with --dataset imagefolder: the folder holding val/<class>/<images>.")
     model = load_export(model_dir)
     dc = model_data_config(model)
     interp = dc.get("interpolation", "bilinear")

@@ -100,6 +100,12 @@ def deployed(head, tiny_teachers):
     return status
 
 
+def served_teachers(head) -> list:
+    """The deployed teachers as a job's teachers.models (absolute paths: the job runs in a copy of the repo)."""
+    app = yaml.safe_load((head["cwd"] / "serve.yaml").read_text())["applications"][0]
+    return [{"model": t["model"], "weights": str(head["cwd"] / t["weights"])} for t in app["args"]["teachers"]]
+
+
 def test_ray_job_submit_runs_the_quick_job_to_succeeded(head, deployed, tmp_path):
     """The README's cluster commands: the job runs the uploaded code (`python -m meal_ray.cli`), its driver
     joins the cluster (RAY_ADDRESS, token auth), its 2 workers get soft labels from the served teachers."""
@@ -110,6 +116,7 @@ def test_ray_job_submit_runs_the_quick_job_to_succeeded(head, deployed, tmp_path
     r = _cli(head, "ray", "job", "submit", "--address", head["address"], "--submission-id", sid,
              "--working-dir", str(ROOT), "--",
              "python", "-m", "meal_ray.cli", "distill", "--config", "jobs/fashion-mnist-quick.yaml",
+             "--set", f"teachers.models={json.dumps(served_teachers(head))}",  # the job names the served teachers
              "--output", str(out), "--tracking-uri", f"sqlite:///{db}", timeout=900)
     status = _cli(head, "python", "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
                   "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", head["address"], sid)

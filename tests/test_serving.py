@@ -161,7 +161,7 @@ def test_served_source_raises_when_the_app_is_not_deployed(ray_cluster):
 
 
 @pytest.mark.slow
-def test_served_averages_equal_the_in_process_ensemble(app, ensemble):
+def test_served_averages_equal_the_in_process_ensemble(app, ensemble, tiny_teachers):
     from meal_ray.serve.lifecycle import teachers_status
     from meal_ray.sources.served import ServedSoftLabels
 
@@ -174,6 +174,17 @@ def test_served_averages_equal_the_in_process_ensemble(app, ensemble):
     assert [(t["name"], t["model"], t["input_size"]) for t in info["teachers"]] == [
         ("small", "test_resnet", [1, 28, 28]), ("tiny10t", "resnet10t", [1, 36, 36])]
     source.check_student(10, 1)
+    # the ingress reports the protocol version and the TeacherSet it serves (weights content, not paths or names)
+    from meal_ray.ensemble import TeacherSet
+    from meal_ray.errors import TeacherSetMismatchError
+
+    assert info["protocol_version"] == PROTOCOL_VERSION
+    served_set = TeacherSet(tuple(TeacherSpec(**t) for t in tiny_teachers))
+    assert info["teacher_set"]["fingerprint"] == served_set.fingerprint()
+    assert info["teacher_set"]["teachers"] == served_set.describe()
+    source.check_teachers(served_set)
+    with pytest.raises(TeacherSetMismatchError, match="autocast: job bf16, served None"):
+        source.check_teachers(TeacherSet(served_set.specs, autocast="bf16"))
     with pytest.raises(ClassCountMismatchError, match="10 classes but the student has 100"):
         source.check_student(100, 1)
     with pytest.raises(ClassCountMismatchError, match="input channels"):

@@ -80,6 +80,20 @@ def test_served_and_local_distillation_agree_and_track_everything(tmp_path, serv
     assert metrics_file["top1"] == served["top1"] and set(metrics_file["per_class"]) >= {"Shirt", "Coat"}
 
 
+def test_a_job_whose_teachers_are_not_the_served_ones_stops_before_training(tmp_path, served_teachers):
+    from meal_ray.errors import TeacherSetMismatchError
+    from meal_ray.train import run_job
+
+    swapped = job(tmp_path, "swapped", served_teachers[::-1], "served")
+    with pytest.raises(TeacherSetMismatchError, match=r"serves other teachers than the job's teachers.models "
+                                                      r".*teacher 0 model: job resnet10t, served test_resnet"):
+        run_job(swapped)
+    one = job(tmp_path, "one", served_teachers[:1], "served")
+    with pytest.raises(TeacherSetMismatchError, match=r"job has 1 teachers \(test_resnet\), served has 2"):
+        run_job(one)
+    assert not (tmp_path / "swapped").exists() and not (tmp_path / "one").exists()  # nothing written
+
+
 def test_stopped_run_resumes_at_next_epoch_with_optimizer_state(tmp_path, ray_cluster, tiny_teachers):
     from meal_ray.train import STATE_FILE, run_job
 

@@ -28,15 +28,15 @@ from meal_ray.train.worker import STATE_FILE, train_loop_per_worker
 RUN_FILE = "run.json"
 
 
-def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
-    """Refuse to mix runs in one directory; return the saved run record when resuming."""
+def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
+    """Refuse to mix runs in one directory (nothing is touched here); return the saved run record when resuming."""
     out = cfg.output_dir
     record_path = out / RUN_FILE
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if overwrite:
-            shutil.rmtree(out)
-        elif resume:
+            return {}
+        if resume:
             old, new = dict(record["config"]), cfg.to_dict()
             for d in (old, new):
                 d["optim"] = {k: v for k, v in d["optim"].items() if k != "epochs"}
@@ -48,15 +48,23 @@ def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
                     "resume with the same config (only optim.epochs may grow), or use --overwrite / another --output."
                 )
             return record
-        else:
-            raise OutputDirError(
-                f"{out} already holds a run ({record.get('mode')} of {record.get('student')}); "
-                "pass --resume to continue it, --overwrite to replace it, or choose another --output."
-            )
-    elif resume:
+        raise OutputDirError(
+            f"{out} already holds a run ({record.get('mode')} of {record.get('student')}); "
+            "pass --resume to continue it, --overwrite to replace it, or choose another --output."
+        )
+    if resume:
         raise OutputDirError(f"--resume: {out} holds no run to resume; drop --resume to start one.")
-    out.mkdir(parents=True, exist_ok=True)
     return {}
+
+
+def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
+    """:func:`check_output`, then clear the directory for ``--overwrite`` and create it (after every check passed)."""
+    record = check_output(cfg, resume, overwrite)
+    out = cfg.output_dir
+    if overwrite and (out / RUN_FILE).is_file():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return record
 
 
 def check_job(cfg: JobConfig, source=None) -> None:
@@ -78,12 +86,13 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     from meal_ray.tracking import Tracker, default_tracking_uri
 
     source = source_class(cfg.teachers.source)
-    check_job(cfg, source)
-    record = prepare_output(cfg, resume, overwrite)
-    out = cfg.output_dir
+    check_job(cfg, source)  # before Ray starts: names, files, config
+    check_output(cfg, resume, overwrite)
     needed = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
-    source.preflight(cfg)
+    source.preflight(cfg)  # e.g. the served teachers run, speak our protocol and are the job's teachers
+    record = prepare_output(cfg, resume, overwrite)  # only now is anything on disk touched
+    out = cfg.output_dir
     uri = cfg.run.tracking_uri or default_tracking_uri()
     tracker = Tracker(uri, record.get("mlflow_run_id"), log=log)
     run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags={"meal_ray.mode": cfg.mode})

@@ -1,0 +1,154 @@
+"""What the layout guarantees: batches that render again bit for bit, replayable crops, the source registry,
+TeacherSet fingerprints. Real Fashion-MNIST, real timm teachers; no Ray."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import FMNIST_DATA
+from meal_ray.config import DataConfig, TeacherSpec, load_config
+from meal_ray.data import (ReplayedCropSampler, batches_from_loader, build_train_loader, cutmix, load_datasets,
+                           render_batch)
+from meal_ray.errors import ConfigError, ModelNotFoundError
+
+DATA = DataConfig(**dict(FMNIST_DATA, image_size=32, crop_scale=[0.3, 1.0], train_subset=300))
+
+
+def _train_set():
+    train, _, _ = load_datasets(DATA, 10)
+    return train
+
+
+def _epoch(loader, epoch, mix_generator=None):
+    loader.sampler.set_epoch(epoch)
+    batches = list(batches_from_loader(loader))
+    return [cutmix(b, 1.0, 1.0, mix_generator) for b in batches] if mix_generator is not None else batches
+
+
+def test_a_batch_renders_again_bit_for_bit_with_cutmix():
+    from meal_ray.data.datasets import FashionMNIST
+
+    train = _train_set()
+    torch.manual_seed(11)
+    loader = build_train_loader(train, DATA, batch_size=32, seed=11)
+    batches = _epoch(loader, 0, torch.Generator().manual_seed(5))
+    full = FashionMNIST(train=True)
+    mixed = 0
+    for batch in batches:
+        # sample ids are positions in the full training set, not in the 300-image subset
+        assert torch.equal(full.targets[batch.indices], batch.labels)
+        again = batch.render(train, DATA.image_size, DATA.interpolation)
+        assert again.dtype == torch.uint8 and torch.equal(again, batch.images)
+        assert torch.equal(render_batch(full, batch.indices, batch.crops, 32, "bilinear", batch.mix_ids,
+                                        batch.mix_crops, batch.mix_boxes), batch.images)  # the full set works too
+        mix = batch.mix_params(0)
+        assert mix is not None and 0 < batch.lam < 1
+        assert torch.equal(batch.labels_b, full.targets[batch.mix_ids])
+        mixed += int(mix.box[2] * mix.box[3] > 0)
+        # without the mix record the pixels differ: the record is what makes them reproducible
+        plain = render_batch(train, batch.indices, batch.crops, 32)
+        assert not torch.equal(plain, batch.images) or mix.box[2] * mix.box[3] == 0
+    assert mixed >= len(batches) - 1
+    assert max(int(b.indices.max()) for b in batches) >= 300
+
+
+def test_replayed_crops_reproduce_recorded_epochs_for_any_batch_size_and_worker_count():
+    train = _train_set()
+    torch.manual_seed(3)
+    recorder = build_train_loader(train, DATA, batch_size=50, seed=3)
+    epochs = [_epoch(recorder, e) for e in range(2)]
+    record = ReplayedCropSampler.from_batches(epochs)
+    assert record.passes == 2 and len(record.record) == 2 * 300
+    recorded = [{int(i): img for b in ep for i, img in zip(b.indices, b.images)} for ep in epochs]
+    assert any(not torch.equal(recorded[0][i], recorded[1][i]) for i in recorded[0])  # two passes, two crops
+
+    # the same seed and batch size replay the same batches; two ranks with another batch size see the same crops
+    same = build_train_loader(train, DATA, batch_size=50, seed=3, crop_sampler=record)
+    for a, b in zip(_epoch(same, 1), epochs[1]):
+        assert torch.equal(a.images, b.images) and torch.equal(a.crops, b.crops)
+    seen = set()
+    for rank in (0, 1):
+        loader = build_train_loader(train, DATA, batch_size=30, rank=rank, world_size=2, seed=99, crop_sampler=record)
+        for epoch in (0, 1, 2):  # epoch 2 replays pass 0
+            for batch in _epoch(loader, epoch):
+                for sid, image in zip(batch.indices.tolist(), batch.images):
+                    assert torch.equal(image, recorded[epoch % 2][sid])
+                    seen.add((epoch, sid))
+    assert len(seen) == 3 * 300
+    with pytest.raises(KeyError, match="no recorded crop for sample 7 in pass 1"):
+        ReplayedCropSampler({(0, 1): record.record[(0, next(iter(recorded[0])))]}, passes=2).sample(None, 7, 3)
+
+
+def test_the_engine_trains_on_the_loaders_it_is_handed():
+    from meal_ray.data import build_val_loader
+    from meal_ray.engine import Engine
+
+    cfg = load_config(data=dict(name="t", mode="pretrain", data=dict(FMNIST_DATA, image_size=28, train_subset=200,
+                                                                     val_subset=100),
+                                student=dict(model="test_efficientnet", num_classes=10), teachers=dict(source="none"),
+                                optim=dict(epochs=1, batch_size=50), run=dict(log_every=0)))
+    train, val, classes = load_datasets(cfg.data, 10)
+    subset = torch.utils.data.Subset(train, range(100))  # the caller decides: here half the subset
+    subset.targets = train.targets[:100]
+    loader = build_train_loader(subset, cfg.data, 50)
+    engine = Engine(cfg, loader, build_val_loader(val, cfg.data, 50), classes, log=lambda s: None)
+    metrics = engine.train_epoch()
+    assert metrics["images_per_s"] > 0 and engine.epoch == 1
+    assert 0 <= metrics["train_top1"] <= 100 and len(engine.train_loader) == 2  # 100 images / 50
+
+
+def test_soft_label_sources_come_from_the_registry():
+    from meal_ray.cli import main
+    from meal_ray.sources.registry import SOURCES, source_class
+
+    for name in SOURCES:
+        cls = source_class(name)
+        assert cls.name == name
+        for method in ("check_config", "preflight", "from_config", "attach", "close"):
+            assert callable(getattr(cls, method)), (name, method)
+    with pytest.raises(ConfigError, match=r"teachers.source='serverd' is not a soft-label source. Did you mean: served"):
+        load_config(data=dict(data=FMNIST_DATA, teachers=dict(source="serverd", models=["resnet18"])))
+    with pytest.raises(ConfigError, match="mode=distill needs soft labels: set teachers.source to one of local, served"):
+        load_config(data=dict(data=FMNIST_DATA, teachers=dict(source="none")))
+    help_text = CliRunner().invoke(main, ["distill", "--help"]).output
+    listed = [n for n in SOURCES if f"{n}:" in " ".join(help_text.split())]
+    assert listed == [n for n in SOURCES if n != "none"]
+    assert "cache" not in help_text  # only sources that exist
+
+
+def test_teacher_set_fingerprint_follows_weights_and_preprocessing_not_paths(tiny_teachers, tmp_path):
+    from timm.data import resolve_data_config
+
+    from meal_ray.ensemble import TeacherSet, describe_differences, load_teacher, teacher_data_config
+
+    specs = tuple(TeacherSpec(**t) for t in tiny_teachers)
+    base = TeacherSet(specs)
+    copy = tmp_path / "copy"
+    shutil.copytree(specs[0].weights, copy)
+    moved = TeacherSet((TeacherSpec(specs[0].model, str(copy), name="renamed"), specs[1]))
+    assert moved.fingerprint() == base.fingerprint()  # same bytes elsewhere, another deployment name
+    swapped = TeacherSet(specs[::-1])
+    assert swapped.fingerprint() != base.fingerprint()
+    assert TeacherSet(specs, autocast="bf16").fingerprint() != base.fingerprint()
+    diff = describe_differences(base.describe(), swapped.describe(), "job", "served")
+    assert "teacher 0 model: job test_resnet, served resnet10t" in diff
+    assert any(d.startswith("teacher 0 weights: job sha256:") for d in diff)
+    assert "teacher 0 input_size: job [1, 28, 28], served [1, 36, 36]" in diff
+
+    # the described preprocessing is what the loaded teacher applies (exports and plain timm names)
+    for spec in (*specs, TeacherSpec("test_resnet")):
+        teacher = load_teacher(spec)
+        resolved = resolve_data_config(model=teacher.model)
+        described = teacher_data_config(spec)
+        assert tuple(described["input_size"]) == tuple(resolved["input_size"]) == (teacher.in_chans, *teacher.size)
+        for key in ("mean", "std"):
+            assert tuple(described[key]) == tuple(resolved[key])
+        assert described["interpolation"] == resolved["interpolation"]
+    with pytest.raises(ModelNotFoundError, match="weights '/nope' not found"):
+        TeacherSet((TeacherSpec("resnet18", "/nope"),)).fingerprint()
+    with pytest.raises(ModelNotFoundError, match="unknown timm model 'resnet1888'"):
+        TeacherSet((TeacherSpec("resnet1888"),)).check_files()
