@@ -52,13 +52,13 @@ def latency(batch: int = 64, requests: int = 30) -> dict:
     """Median time for one batch of soft labels: served (handle round trip) vs in-process, tiny teachers."""
     import ray
     import torch
+    from meal_ray.serving import ServedSoftLabels, build_app
+    from meal_ray.soft_labels import Batch
     from ray import serve
 
     from meal_ray.config import TeacherSpec
     from meal_ray.ensemble import TeacherEnsemble
     from meal_ray.models import create_model, export_model
-    from meal_ray.serving import ServedSoftLabels, build_app
-    from meal_ray.soft_labels import Batch
 
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="bench-wire-")

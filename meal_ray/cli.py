@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from meal_ray.errors import MealRayError
 from meal_ray.config import DEFAULT_APP_NAME
+from meal_ray.errors import MealRayError
 from meal_ray.sources.registry import describe_sources
 
 

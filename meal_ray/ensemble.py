@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meal_ray.config import INTERPOLATIONS, TeacherSpec, TeachersConfig, teacher_list
+from meal_ray.config import INTERPOLATIONS, TeachersConfig, teacher_list
 from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError
 from meal_ray.models import check_model_name, create_model, is_export_dir, model_data_config, read_export_config
 

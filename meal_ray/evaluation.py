@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 
 from meal_ray.config import INTERPOLATIONS, DataConfig
 from meal_ray.data.crops import EvalTransform
-from meal_ray.errors import ConfigError
 from meal_ray.data.datasets import load_datasets
 from meal_ray.data.loaders import EvalView, Normalize
+from meal_ray.errors import ConfigError
 from meal_ray.models import load_export, model_data_config
 
 

@@ -90,8 +90,9 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int) -> None:
         if not self.run_id:
             return
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         items = [Metric(re.sub(r"[^A-Za-z0-9_\-. /]", "_", k), float(v), ts, step) for k, v in metrics.items()

@@ -9,17 +9,23 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_config as _cfg
 from torch import nn
 
-from conftest import FMNIST_DATA, make_config as _cfg
 from meal_ray.config import TeacherSpec, load_config
-from meal_ray.data import (CropParams, FashionMNIST, RandomCropSampler, TrainView, render_crop, read_idx,
-                           stratified_indices)
+from meal_ray.data import (
+    CropParams,
+    FashionMNIST,
+    RandomCropSampler,
+    TrainView,
+    read_idx,
+    render_crop,
+    stratified_indices,
+)
 from meal_ray.ensemble import TeacherEnsemble
 from meal_ray.errors import ClassCountMismatchError, ConfigError, DatasetError, ModelNotFoundError
 from meal_ray.losses import discriminator_loss, meal_v2_loss, soft_cross_entropy
 from meal_ray.models import Discriminator, create_model, discriminator_widths, export_model, load_export
-
 
 # ----------------------------------------------------------------------------- losses
 

@@ -8,11 +8,17 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import FMNIST_DATA
+
 from meal_ray.config import DataConfig, TeacherSpec, load_config
-from meal_ray.data import (ReplayedCropSampler, batches_from_loader, build_train_loader, cutmix, load_datasets,
-                           render_batch)
+from meal_ray.data import (
+    ReplayedCropSampler,
+    batches_from_loader,
+    build_train_loader,
+    cutmix,
+    load_datasets,
+    render_batch,
+)
 from meal_ray.errors import ConfigError, ModelNotFoundError
 
 DATA = DataConfig(**dict(FMNIST_DATA, image_size=32, crop_scale=[0.3, 1.0], train_subset=300))

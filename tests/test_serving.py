@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from meal_ray.config import TeacherSpec
+from meal_ray.data import Batch
 from meal_ray.ensemble import TeacherEnsemble
 from meal_ray.errors import ClassCountMismatchError, ConfigError, ModelNotFoundError, TeachersNotRunningError
-from meal_ray.data import Batch
 from meal_ray.serve.protocol import PROTOCOL_VERSION, TeacherRequest
 
 APP = "meal-ray-test-teachers"

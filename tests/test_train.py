@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FMNIST_DATA
+
 from meal_ray.config import load_config
 from meal_ray.errors import ConfigError, OutputDirError, TeachersNotRunningError
 

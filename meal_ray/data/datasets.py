@@ -11,7 +11,6 @@ import hashlib
 import os
 import shutil
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 

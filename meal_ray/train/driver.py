@@ -79,7 +79,6 @@ def check_job(cfg: JobConfig, source=None) -> None:
 def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
             log=print) -> dict:
     """Run a pretrain or distill job end to end and return the final metrics record."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
