@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup data test test-fast demo demo-quick distill-quick clean
+.PHONY: setup data lint test test-fast demo demo-quick distill-quick clean
 
 setup: $(VENV)/.installed data
 
@@ -18,10 +18,13 @@ $(VENV)/.installed: pyproject.toml
 data: $(VENV)/.installed
 	bash scripts/get-fashion-mnist.sh $(BIN)/python
 
-test: setup
+lint: $(VENV)/.installed
+	$(BIN)/ruff check meal_ray tests bench scripts
+
+test: setup lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup lint
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup

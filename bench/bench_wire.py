@@ -21,6 +21,8 @@ import time
 import numpy as np
 from ray import cloudpickle
 
+from meal_ray.serve.protocol import TeacherReply, TeacherRequest
+
 CASES = (("Fashion-MNIST", 1, 28, 10), ("ImageNet", 3, 224, 1000))
 
 
@@ -35,9 +37,8 @@ def measure(chans: int, size: int, classes: int, batch: int = 64, seed: int = 0)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     # the objects meal-ray puts on the wire (ServedSoftLabels._submit / EnsembleIngress.__call__)
-    request = crops
-    reply = {"probs": probs.astype(np.float16), "logits": logits.astype(np.float16), "latency_s": 0.0123,
-             "num_classes": classes}
+    request = TeacherRequest(crops)
+    reply = TeacherReply(probs.astype(np.float16), logits.astype(np.float16), 0.0123)
     # float32 baseline: normalized float crops in, float32 probs + logits out
     request32 = ((crops.astype(np.float32) / 255 - 0.45) / 0.225).astype(np.float32)
     reply32 = {"probs": probs, "logits": logits, "latency_s": 0.0123, "num_classes": classes}
@@ -52,13 +53,14 @@ def latency(batch: int = 64, requests: int = 30) -> dict:
     """Median time for one batch of soft labels: served (handle round trip) vs in-process, tiny teachers."""
     import ray
     import torch
-    from meal_ray.serving import ServedSoftLabels, build_app
-    from meal_ray.soft_labels import Batch
     from ray import serve
 
     from meal_ray.config import TeacherSpec
+    from meal_ray.data import Batch
     from meal_ray.ensemble import TeacherEnsemble
     from meal_ray.models import create_model, export_model
+    from meal_ray.serve.app import build_app
+    from meal_ray.sources.served import ServedSoftLabels
 
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="bench-wire-")
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
         print(f"\nlatency per batch of {args.batch} Fashion-MNIST crops, two tiny teachers (test_resnet + "
               f"test_efficientnet), CPU:")
         print(f"  in-process ensemble        {r['local_ms']:8.2f} ms")
-        print(f"  served, one at a time      {r['served_ms']:8.2f} ms  ({r['served_ms'] / r['local_ms']:.2f}x in-process; "
+        print(f"  served, one at a time      {r['served_ms']:8.2f} ms  "
+              f"({r['served_ms'] / r['local_ms']:.2f}x in-process; "
               f"teacher time inside: {r['teacher_ms']:.2f} ms)")
         print(f"  served, 4 in flight        {r['pipelined_ms']:8.2f} ms per batch "
               f"({r['pipelined_ms'] / r['local_ms']:.2f}x in-process)")

@@ -67,11 +67,14 @@ def data_fashion_mnist(root, download, check):
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, help="A meal-ray export directory (model.safetensors + config.json).")
-@click.option("--dataset", default="fashion-mnist", show_default=True, type=click.Choice(["fashion-mnist", "imagefolder"]))
+@click.option("--model", "model_dir", required=True,
+              help="A meal-ray export directory (model.safetensors + config.json).")
+@click.option("--dataset", default="fashion-mnist", show_default=True,
+              type=click.Choice(["fashion-mnist", "imagefolder"]))
 @click.option("--root", default=None, help="Dataset root (imagefolder: the folder holding val/<class>/).")
 @click.option("--batch-size", default=256, show_default=True)
-@click.option("--val-subset", default=None, type=int, help="Evaluate on a stratified subset of this many images (as a run's data.val_subset).")
+@click.option("--val-subset", default=None, type=int,
+              help="Evaluate on a stratified subset of this many images (as a run's data.val_subset).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
 def evaluate(model_dir, dataset, root, batch_size, val_subset, as_json):
@@ -96,8 +99,10 @@ def _job_options(fn):
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a config value, e.g. --set optim.epochs=3 (repeatable)."),
         click.option("--output", default=None, help="Run directory (default runs/<name>)."),
-        click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite mlflow.db in the working dir)."),
-        click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)."),
+        click.option("--tracking-uri", default=None,
+                     help="MLflow tracking URI (default: sqlite mlflow.db in the working dir)."),
+        click.option("--address", default=None,
+                     help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)."),
         click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
         click.option("--overwrite", is_flag=True, help="Replace the run in --output."),
     ]
@@ -152,7 +157,8 @@ def distill(**kwargs):
               help="Ablation (paper Fig. 6): start both arms from the hard-label init or from random weights.")
 @click.option("--cutmix/--no-cutmix", default=None,
               help="Ablation: CutMix in both arms on or off (default: the preset's; the full demo uses CutMix).")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")
 @friendly_errors
 def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, cutmix, tracking_uri,
@@ -169,7 +175,8 @@ def _seed_list(text: str) -> list:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2", param_hint="--seeds")
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2",
+                                 param_hint="--seeds")
 
 
 # --------------------------------------------------------------------------- teachers (Ray Serve)
@@ -219,7 +226,8 @@ def teachers_down_cmd(config_path, app_name, address):
     from meal_ray.serve.lifecycle import teachers_down
 
     deleted = teachers_down(config_path or app_name, address=address)
-    click.echo(f"Deleted {', '.join(deleted)}." if deleted else f"Nothing to delete: {config_path or app_name} is not deployed.")
+    click.echo(f"Deleted {', '.join(deleted)}." if deleted
+               else f"Nothing to delete: {config_path or app_name} is not deployed.")
 
 
 if __name__ == "__main__":

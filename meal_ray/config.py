@@ -68,7 +68,8 @@ class DataConfig:
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"data.crop_pct={self.crop_pct} must be in (0, 1], e.g. 0.875.")
         if len(self.mean) != len(self.std):
-            raise ConfigError(f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}; give one per channel.")
+            raise ConfigError(f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}; "
+                              "give one per channel.")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std={list(self.std)} must be positive.")
         if self.interpolation not in INTERPOLATIONS:
@@ -105,7 +106,8 @@ class TeachersConfig:
         from meal_ray.sources.registry import SOURCES
 
         if self.source not in SOURCES:
-            raise ConfigError(f"teachers.source={self.source!r} is not a soft-label source.{suggest(self.source, SOURCES)}"
+            raise ConfigError(f"teachers.source={self.source!r} is not a soft-label source."
+                              f"{suggest(self.source, SOURCES)}"
                               f" Use one of: {', '.join(SOURCES)}.")
         if self.source != "none" and not self.models:
             raise ConfigError("teachers.models is empty: list at least one teacher, or set teachers.source=none.")
@@ -276,7 +278,8 @@ def _coerce(cls, data: Any, path: str):
         for key, value in data.items():
             full = f"{path}.{key}" if path else key
             if key not in names:
-                raise ConfigError(f"unknown config key {full!r}.{suggest(key, names)} Valid keys here: {', '.join(names)}.")
+                raise ConfigError(f"unknown config key {full!r}.{suggest(key, names)} "
+                                  f"Valid keys here: {', '.join(names)}.")
             kwargs[key] = _coerce_value(hints[key], value, full, cls, key)
         return cls(**kwargs)
     return data
@@ -287,7 +290,8 @@ def _coerce_value(hint, value, path: str, owner, key):
     if items is TeacherSpec:
         if not isinstance(value, list):
             raise ConfigError(f"{path} must be a list of teachers, e.g. [{{model: resnet18, weights: path}}].")
-        return [_coerce(TeacherSpec, v if isinstance(v, dict) else {"model": v}, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(TeacherSpec, v if isinstance(v, dict) else {"model": v}, f"{path}[{i}]")
+                for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         return _coerce(hint, value, path)
     origin = typing.get_origin(hint)
@@ -358,7 +362,8 @@ def load_app_config(args: Optional[dict]) -> TeacherAppConfig:
     return _coerce(TeacherAppConfig, dict(args or {}), "args").validate()
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, data: Optional[dict] = None) -> JobConfig:
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                data: Optional[dict] = None) -> JobConfig:
     """Load a job YAML (or dict), apply ``key=value`` overrides, and validate."""
     raw: dict = read_yaml(path) if path is not None else {}
     if data:

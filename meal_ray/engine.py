@@ -164,7 +164,8 @@ class Engine:
                              batch.teacher_logits.to(self.device).float(), self.discriminator,
                              self.cfg.loss.discriminator, labels, self.cfg.loss.hard_label_weight, labels_b, batch.lam)
             total = p.total
-            parts = {k: v for k, v in (("soft_ce", p.soft_ce), ("disc_loss", p.disc), ("hard_ce", p.hard_ce)) if v is not None}
+            parts = {k: v for k, v in (("soft_ce", p.soft_ce), ("disc_loss", p.disc), ("hard_ce", p.hard_ce))
+                     if v is not None}
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -204,7 +205,8 @@ class Engine:
             now = time.perf_counter()
             if self.rank == 0 and self.cfg.run.log_every and (step + 1) % self.cfg.run.log_every == 0:
                 self.log(f"epoch {epoch + 1}/{o.epochs} step {step + 1}/{steps_per_epoch} "
-                         f"loss {out['loss']:.4f} ({n * self.world_size / max(now - last, 1e-9) * self.cfg.run.log_every:.0f} img/s)")
+                         f"loss {out['loss']:.4f} "
+                         f"({n * self.world_size / max(now - last, 1e-9) * self.cfg.run.log_every:.0f} img/s)")
                 last = now
         sums["time_s"] = time.perf_counter() - start
         total = _all_reduce_sum(sums, self.device)

@@ -44,7 +44,8 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
         images, labels = images.to(device), labels.to(device)
         scores = predict(images)
         top = scores.topk(k, dim=1).indices
-        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).view(num_classes, num_classes)
+        confusion += torch.bincount(labels * num_classes + top[:, 0],
+                                    minlength=num_classes ** 2).view(num_classes, num_classes)
         top5_hits += (top == labels[:, None]).any(dim=1).sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)

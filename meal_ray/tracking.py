@@ -69,7 +69,8 @@ class Tracker:
                 self.client.update_run(self.run_id, status="RUNNING")
                 return self.run_id
             exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location=self._artifact_root())
+            exp_id = (exp.experiment_id if exp
+                      else self.client.create_experiment(experiment, artifact_location=self._artifact_root()))
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
             from mlflow.entities import Param

@@ -40,14 +40,16 @@ def trained_teachers(tmp_path_factory):
         cfg = make_config("pretrain", arch, epochs=3, lr=0.05, subset=12000, seed=i)
         engine = Engine.for_job(cfg, log=lambda s: None)
         result = engine.fit()
-        out.append({"model": arch, "weights": str(export_model(engine.student_raw, root / arch, student_data_config(cfg))),
+        out.append({"model": arch,
+                    "weights": str(export_model(engine.student_raw, root / arch, student_data_config(cfg))),
                     "top1": result.top1})
     return out
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster with more logical CPUs than cores, so Serve replicas and Train workers fit side by side."""
+    """A real local Ray cluster with more logical CPUs than cores, so Serve replicas and Train workers fit side by
+    side."""
     import ray
 
     if not ray.is_initialized():

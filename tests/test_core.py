@@ -105,7 +105,8 @@ def test_meal_v2_total_is_sum_and_hard_labels_default_off():
     off = meal_v2_loss(zs, pt, zt, disc, discriminator_mode="off")
     assert off.disc is None and off.total.item() == pytest.approx(parts.soft_ce.item())
     hard = meal_v2_loss(zs, pt, zt, None, labels=torch.arange(4), hard_label_weight=0.5)
-    assert hard.total.item() == pytest.approx((hard.soft_ce + 0.5 * F.cross_entropy(zs, torch.arange(4))).item(), rel=1e-6)
+    assert hard.total.item() == pytest.approx((hard.soft_ce + 0.5 * F.cross_entropy(zs, torch.arange(4))).item(),
+                                              rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- ensemble
@@ -275,7 +276,8 @@ def test_short_distillation_moves_a_weak_student_toward_the_teachers(trained_tea
         with torch.no_grad():
             total = n = 0
             for images, _ in engine.val_loader:
-                total += soft_cross_entropy(engine.student(engine.normalize(images)), ensemble(images)[0]).item() * len(images)
+                total += soft_cross_entropy(engine.student(engine.normalize(images)),
+                                            ensemble(images)[0]).item() * len(images)
                 n += len(images)
         return total / n
 
@@ -285,7 +287,8 @@ def test_short_distillation_moves_a_weak_student_toward_the_teachers(trained_tea
     after_ce = val_soft_ce()
     assert after_ce < 0.7 * before_ce, (before_ce, after_ce)
     assert history[-1]["soft_ce"] < history[0]["soft_ce"]
-    assert result.top1 > before_top1 + 30 and result.top1 > 0.75 * ensemble_top1, (before_top1, result.top1, ensemble_top1)
+    assert (result.top1 > before_top1 + 30
+            and result.top1 > 0.75 * ensemble_top1), (before_top1, result.top1, ensemble_top1)
     assert "disc_loss" in history[0] and 0 <= history[0]["teacher_wait_frac"] <= 1
 
 
@@ -301,7 +304,8 @@ def test_every_shipped_job_config_is_valid():
         assert timm.is_model(cfg.student.model), path
         assert all(timm.is_model(t.model) for t in cfg.teachers.models), path
         if cfg.data.dataset == "imagefolder":  # the paper's settings
-            assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.d_lr) == (180, 512, 0.01, 1e-4), path
+            assert ((cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.d_lr)
+                    == (180, 512, 0.01, 1e-4)), path
 
 
 def test_demo_summary_is_mean_and_sample_std_over_seeds():
@@ -346,7 +350,8 @@ def test_demo_ablations_reuse_the_control_they_do_not_change():
 def test_demo_refuses_bad_ablation_values_before_training(tmp_path):
     from meal_ray.demo import run_demo
 
-    for kwargs, text in ((dict(weight_decay=-1e-4), "optim.weight_decay"), (dict(hard_label_weight=-0.5), "hard_label_weight=-0.5")):
+    for kwargs, text in ((dict(weight_decay=-1e-4), "optim.weight_decay"),
+                         (dict(hard_label_weight=-0.5), "hard_label_weight=-0.5")):
         with pytest.raises(ConfigError, match="--weight-decay, --hard-label-weight") as err:
             run_demo(str(tmp_path / "demo"), **kwargs)
         assert text in str(err.value)

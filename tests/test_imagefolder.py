@@ -117,7 +117,8 @@ def test_own_folder_pretrain_distill_evaluate_with_the_cli(image_folder, tmp_pat
                   "--root", str(image_folder), "--json")
         result = json.loads(out.strip().splitlines()[-1])
         assert result["top1"] == pytest.approx(metrics["top1"], abs=1e-9), run
-        assert result["per_class"] == pytest.approx(metrics["per_class"]) and list(result["per_class"]) == sorted(FOLDERS)
+        assert (result["per_class"] == pytest.approx(metrics["per_class"])
+                and list(result["per_class"]) == sorted(FOLDERS))
     assert json.loads((tmp_path / "teacher" / "metrics.json").read_text())["top1"] > 50  # it learned from the folder
     history = json.loads((tmp_path / "student" / "metrics.json").read_text())["history"]
     assert history[-1]["soft_ce"] < history[0]["soft_ce"] and "disc_loss" in history[0]

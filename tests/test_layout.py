@@ -116,9 +116,11 @@ def test_soft_label_sources_come_from_the_registry():
         assert cls.name == name
         for method in ("check_config", "preflight", "from_config", "attach", "close"):
             assert callable(getattr(cls, method)), (name, method)
-    with pytest.raises(ConfigError, match=r"teachers.source='serverd' is not a soft-label source. Did you mean: served"):
+    with pytest.raises(ConfigError,
+                       match=r"teachers.source='serverd' is not a soft-label source. Did you mean: served"):
         load_config(data=dict(data=FMNIST_DATA, teachers=dict(source="serverd", models=["resnet18"])))
-    with pytest.raises(ConfigError, match="mode=distill needs soft labels: set teachers.source to one of local, served"):
+    with pytest.raises(ConfigError,
+                       match="mode=distill needs soft labels: set teachers.source to one of local, served"):
         load_config(data=dict(data=FMNIST_DATA, teachers=dict(source="none")))
     help_text = CliRunner().invoke(main, ["distill", "--help"]).output
     listed = [n for n in SOURCES if f"{n}:" in " ".join(help_text.split())]

@@ -147,6 +147,27 @@ def test_repo_serve_configs_follow_the_serve_schema_and_name_every_deployment():
             assert d["ray_actor_options"]["num_gpus"] == 1
 
 
+def test_shipped_served_jobs_name_the_teachers_their_serve_configs_serve():
+    from meal_ray.config import load_app_config, load_config
+    from meal_ray.ensemble import TeacherSet
+
+    serve_configs = {"fashion-mnist": "fashion-mnist.yaml", "224": "imagenet-224.yaml", "380": "imagenet-380.yaml"}
+    jobs = [p for p in sorted(glob.glob(str(ROOT / "jobs" / "*.yaml"))) if load_config(p).teachers.source == "served"]
+    assert len(jobs) >= 8
+    for path in jobs:
+        job = load_config(path)
+        key = "fashion-mnist" if job.data.dataset == "fashion-mnist" else "380" if "380" in path else "224"
+        raw = yaml.safe_load((ROOT / "deployments" / serve_configs[key]).read_text())["applications"][0]
+        app = load_app_config(raw["args"])
+        assert raw["name"] == job.teachers.app_name, path
+        assert [(t.model, t.weights, t.pretrained) for t in job.teachers.models] == \
+            [(t.model, t.weights, t.pretrained) for t in app.teachers], path
+        assert job.teachers.autocast == app.autocast, path
+        if key != "fashion-mnist":  # hub weights: the fingerprints themselves match (no files needed)
+            served = TeacherSet(tuple(app.teachers), app.autocast)
+            assert TeacherSet.from_config(job.teachers).fingerprint() == served.fingerprint(), path
+
+
 def test_served_source_raises_when_the_app_is_not_deployed(ray_cluster):
     from meal_ray.sources.served import ServedSoftLabels
 
@@ -267,7 +288,8 @@ def test_malformed_requests_get_clear_errors_and_the_replicas_keep_serving(app):
            (TeacherRequest(good[0]), r"got 3 dims, shape \(1, 28, 28\)"),
            (good, r"bare array \(an older meal-ray client"),  # a client without the protocol
            (TeacherRequest(good, version=PROTOCOL_VERSION + 1),
-            rf"the client speaks meal-ray teacher protocol v{PROTOCOL_VERSION + 1}, this side speaks v{PROTOCOL_VERSION}"),
+            rf"the client speaks meal-ray teacher protocol v{PROTOCOL_VERSION + 1}, "
+            rf"this side speaks v{PROTOCOL_VERSION}"),
            ({"images": good}, "must be a meal_ray.serve.protocol.TeacherRequest, got dict")]
     for handle in (ingress, teacher):  # validated by the ingress and, called directly, by each teacher
         for request, message in bad:
@@ -346,7 +368,8 @@ def test_teachers_up_keeps_other_apps_and_reports_failed_deploys(app, tiny_teach
     bad = _config(tiny_teachers, app="meal-ray-test-bad")
     bad["applications"][0]["deployments"][0]["name"] = "no-such-teacher"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(TeachersNotRunningError, match=r"DEPLOY_FAILED: ValueError: Deployment 'no-such-teacher' does not exist"):
+    with pytest.raises(TeachersNotRunningError,
+                       match=r"DEPLOY_FAILED: ValueError: Deployment 'no-such-teacher' does not exist"):
         teachers_up(tmp_path / "bad.yaml", timeout_s=120, log=lambda s: None)
     assert teachers_down("meal-ray-test-bad") == ["meal-ray-test-bad"]
     assert teachers_status()[app]["status"] == "RUNNING"

@@ -101,7 +101,8 @@ def test_stopped_run_resumes_at_next_epoch_with_optimizer_state(tmp_path, ray_cl
     assert [h["epoch"] for h in first["history"]] == [1]
     ckpts = sorted(p for p in (tmp_path / "resume" / "ray" / "train").glob("checkpoint_*") if p.is_dir())
     state = torch.load(ckpts[-1] / STATE_FILE, weights_only=False)
-    saved_norm = (sum(float(s["momentum_buffer"].double().pow(2).sum()) for s in state["optimizer"]["state"].values())) ** 0.5
+    saved_norm = (sum(float(s["momentum_buffer"].double().pow(2).sum())
+                      for s in state["optimizer"]["state"].values())) ** 0.5
     assert saved_norm > 0
 
     with pytest.raises(OutputDirError, match="--resume"):

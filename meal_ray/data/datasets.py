@@ -103,7 +103,8 @@ class FashionMNIST(Dataset):
         images = read_idx(_open_idx(self.root, f"{prefix}-images-idx3-ubyte"), f"{prefix}-images")
         labels = read_idx(_open_idx(self.root, f"{prefix}-labels-idx1-ubyte"), f"{prefix}-labels")
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DatasetError(f"Fashion-MNIST {prefix} images {images.shape} and labels {labels.shape} disagree. {_FIX}")
+            raise DatasetError(f"Fashion-MNIST {prefix} images {images.shape} and labels {labels.shape} disagree. "
+                               f"{_FIX}")
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
         if channels == 3:
             self.images = self.images.repeat(1, 3, 1, 1)

@@ -125,7 +125,8 @@ def plot_demo(out: Path, runs: list) -> None:
     for name, key in (("control", "control"), ("meal_v2", "meal")):
         cfg = runs[0][key]
         history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
-        plot_training_curves(history, out / f"training_curves_{name}.png", f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
+        plot_training_curves(history, out / f"training_curves_{name}.png",
+                             f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
 
 
 def log_demo_run(out: Path, results: dict, tracking_uri: Optional[str], tag: str = "") -> None:
@@ -133,7 +134,8 @@ def log_demo_run(out: Path, results: dict, tracking_uri: Optional[str], tag: str
 
     tracker = Tracker(tracking_uri)
     seeds = "-".join(str(s) for s in results["seeds"])
-    tracker.start("meal-ray-demo", f"demo-{results['preset']}{tag}-seeds{seeds}", dict(results["ablation"], seeds=seeds))
+    tracker.start("meal-ray-demo", f"demo-{results['preset']}{tag}-seeds{seeds}",
+                  dict(results["ablation"], seeds=seeds))
     tracker.log_metrics({f"top1_mean/{r['model']}": r["top1"]["mean"] for r in results["summary"]}, step=0)
     tracker.log_metrics({f"top1_std/{r['model']}": r["top1"]["std"] for r in results["summary"]}, step=0)
     tracker.log_metrics({"gain_over_control_mean": results["gain_over_control"]["mean"],
@@ -162,7 +164,8 @@ def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
 def format_summary(summary: list, gain: dict, seeds: list) -> str:
     """The paper-style table over seeds: mean ± sample std of each row."""
     lines = [f"Fashion-MNIST test set (10000 images), mean ± std over seeds {', '.join(map(str, seeds))}",
-             "", "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
+             "",
+             "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {_pm(r['top1'])} | {_pm(r['top5'])} | "

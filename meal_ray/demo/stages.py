@@ -35,13 +35,13 @@ PRESETS = {
     # --quick: shows the whole pipeline in minutes; the gain is not expected here.
     "quick": dict(subset=6000, val_subset=None, teacher_epochs=2, init_epochs=2, arm_epochs=2, arm_lr=0.05, cutmix=True,
                   batch=128, teachers=("resnet18", "resnet10t"), student="mobilenetv3_small_050", student_size=64),
-    # full: the teachers are pretrained on all 60000 training images (like the paper's, pretrained models well above
-    # the student); the student (init and both arms) trains on a stratified 10000-image subset, so the control's
-    # hard labels carry less than the teachers know. With teachers and student on the same 20000 images the
-    # teachers ended <1 point above the control and MEAL V2 lost to it (README, the demo section's last paragraph). The test set is
-    # always the whole 10000 images. The student trains at 64 px (the teachers' soft labels come from the same crop
-    # resized to their 32 px): at 32 px its last feature map is 1x1 and it underfits (measured init: 83.7% after 8
-    # epochs at 32 px, 88.5% after 10 at 64 px).
+    # full: the teachers are pretrained on all 60000 training images (like the paper's, pretrained models well above the
+    # student); the student (init and both arms) trains on a stratified 10000-image subset, so the control's hard labels
+    # carry less than the teachers know. With teachers and student on the same 20000 images the teachers ended <1 point
+    # above the control and MEAL V2 lost to it (README, the demo section's last paragraph). The test set is always the
+    # whole 10000 images. The student trains at 64 px (the teachers' soft labels come from the same crop resized to
+    # their 32 px): at 32 px its last feature map is 1x1 and it underfits (measured init: 83.7% after 8 epochs at 32 px,
+    # 88.5% after 10 at 64 px).
     # Both arms use CutMix (the paper's option: beta 1, prob 1) for 40 epochs: on a mixed image the hard label is
     # only the area ratio, while the teachers describe the image itself (measured, seed 0: MEAL V2 - control +1.79
     # with CutMix, +0.36 without at 40 epochs, +0.06 without at 15).

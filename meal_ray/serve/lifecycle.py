@@ -51,7 +51,8 @@ def _wait_running(app_names: list, timeout_s: float, log=print) -> dict:
             detail = "; ".join(f"{n}: {v['status']}: {_last_line(v['message'])}" for n, v in (failed or {
                 n: status.get(n, {"status": states[n], "message": ""}) for n in app_names}).items())
             raise TeachersNotRunningError(
-                f"the teacher application did not reach RUNNING{'' if failed else f' within {timeout_s:.0f}s'} ({detail}). "
+                f"the teacher application did not reach RUNNING{'' if failed else f' within {timeout_s:.0f}s'} "
+                f"({detail}). "
                 "See `meal-ray teachers status` / `serve status` and the replica logs.")
         time.sleep(1.0)
 

@@ -42,7 +42,8 @@ def _expected(in_chans: Optional[int]) -> str:
 
 
 def validate_crops(images: Any, in_chans: Optional[int] = None) -> np.ndarray:
-    """Check a crop batch: a numpy uint8 array [B, C, H, W] with ``in_chans`` channels. Raise ProtocolError otherwise."""
+    """Check a crop batch: a numpy uint8 array [B, C, H, W] with ``in_chans`` channels. Raise ProtocolError
+    otherwise."""
     expected = _expected(in_chans)
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
