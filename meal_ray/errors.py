@@ -38,6 +38,14 @@ class TeacherSetMismatchError(MealRayError, ValueError):
     """The served (or cached) teachers are not the ones the job names."""
 
 
+class CacheError(MealRayError, ValueError):
+    """A soft-label cache is missing, incomplete or corrupt."""
+
+
+class CacheMismatchError(CacheError):
+    """A soft-label cache was made for other teachers, data, classes, image size or crops than the job's."""
+
+
 class OutputDirError(MealRayError, FileExistsError):
     """The output directory holds a different run."""
 

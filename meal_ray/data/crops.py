@@ -18,8 +18,9 @@ import torch
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-_INTERP = {
+from meal_ray.config import INTERPOLATIONS
+
+_INTERP = {  # the names in meal_ray.config.INTERPOLATIONS
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
@@ -28,6 +29,10 @@ _INTERP = {
 
 def interpolation_mode(name: str) -> InterpolationMode:
     return _INTERP[name]
+
+
+__all__ = ["INTERPOLATIONS", "CropParams", "CropSampler", "EvalTransform", "MixParams", "RandomCropSampler",
+           "ReplayedCropSampler", "cutmix_box", "interpolation_mode", "render_crop", "render_sample"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,14 @@ def render_sample(image: torch.Tensor, crop: CropParams, size: int, interpolatio
     out = out.clone()
     out[:, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
     return out
+
+
+def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple:
+    """CutMix's box (top, left, height, width) for mixing ratio ``lam`` centred at (cy, cx), clipped to the image."""
+    cut_h, cut_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return y0, x0, y1 - y0, x1 - x0
 
 
 class CropSampler(Protocol):
