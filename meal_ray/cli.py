@@ -142,6 +142,26 @@ def distill(**kwargs):
     _run("distill", **kwargs)
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, help="The distillation job whose crops to label (see jobs/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job value (repeatable).")
+@click.option("--passes", type=int, required=True, help="Passes over the training set (epoch e replays pass e mod P).")
+@click.option("--output", required=True, help="Cache directory (a rerun with the same config resumes it).")
+@click.option("--top-k", type=int, default=None,
+              help="Classes kept per crop (default: all up to 100 classes, exact; else 5, as FKD).")
+@click.option("--shard-size", type=int, default=8192, show_default=True, help="Crops per Parquet shard.")
+@click.option("--actors", type=int, default=None, help="Ray Data actors labelling shards (default: run.num_workers).")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray).")
+@friendly_errors
+def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, address):
+    """Label P passes of a job's training crops once into a soft-label cache (Parquet), for teachers.source=cache."""
+    from meal_ray.config import load_config
+    from meal_ray.train.relabel import relabel as run_relabel
+
+    cfg = load_config(config_path, list(overrides))
+    run_relabel(cfg, output, passes, k=top_k, shard_size=shard_size, actors=actors, address=address, log=click.echo)
+
+
 # --------------------------------------------------------------------------- demo
 
 

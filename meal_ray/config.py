@@ -101,6 +101,8 @@ class TeachersConfig:
     app_name: str = DEFAULT_APP_NAME  # Serve application name for the served source
     prefetch: int = 4  # batches kept in flight to the teachers (served source)
     autocast: Optional[str] = None  # None | "bf16" | "fp16" for teacher inference
+    cache: Optional[str] = None  # source=cache: a soft-label cache directory written by `meal-ray relabel`
+    cache_recovery: str = "marginal"  # top-k < classes: marginal (FKD: rest mass spread evenly) | renormalize
 
     def validate(self) -> None:
         from meal_ray.sources.registry import SOURCES
@@ -114,6 +116,10 @@ class TeachersConfig:
         if self.prefetch < 1:
             raise ConfigError(f"teachers.prefetch={self.prefetch} must be >= 1.")
         check_autocast("teachers.autocast", self.autocast)
+        if self.source == "cache" and not self.cache:
+            raise ConfigError("teachers.source=cache needs teachers.cache: the directory `meal-ray relabel` wrote.")
+        if self.cache_recovery not in ("marginal", "renormalize"):
+            raise ConfigError(f"teachers.cache_recovery={self.cache_recovery!r}: use marginal or renormalize.")
 
 
 @dataclass

@@ -102,6 +102,8 @@ class Engine:
         self.discriminator = wrap_model(self.discriminator_raw) if self.discriminator_raw is not None else None
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, cfg.run.channels_last).to(self.device)
         self.train_loader, self.val_loader, self.classes = train_loader, val_loader, tuple(classes)
+        # a loader replaying recorded CutMix (a soft-label cache) brings its own mixes: never mix again
+        self.replays_mix = hasattr(getattr(getattr(train_loader, "dataset", None), "sampler", None), "mix")
         self.epoch = 0  # next epoch to run
         self._rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # per-rank augmentation stream
@@ -146,7 +148,8 @@ class Engine:
     def _batches(self) -> Iterator[Batch]:
         o = self.cfg.optim
         for batch in batches_from_loader(self.train_loader):
-            yield cutmix(batch, o.cutmix_beta, o.cutmix_prob, self._rng) if o.cutmix else batch
+            batch.epoch = self.epoch
+            yield cutmix(batch, o.cutmix_beta, o.cutmix_prob, self._rng) if o.cutmix and not self.replays_mix else batch
 
     def train_step(self, batch: Batch) -> dict:
         """One SGD step on one batch; returns this step's loss parts and hit count."""

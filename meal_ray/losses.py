@@ -16,8 +16,16 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
 
 
 def hard_label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                             labels_b: Optional[torch.Tensor] = None, lam: float = 1.0) -> torch.Tensor:
-    """Cross-entropy with integer labels; with CutMix, lam * CE(labels) + (1 - lam) * CE(labels_b)."""
+                             labels_b: Optional[torch.Tensor] = None, lam: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Cross-entropy with integer labels; with CutMix, lam * CE(labels) + (1 - lam) * CE(labels_b).
+
+    ``lam`` is one number for a batch mixed with one box, or one per sample for replayed mixes.
+    """
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(logits.device, torch.float32)
+        a = F.cross_entropy(logits.float(), labels, reduction="none")
+        b = F.cross_entropy(logits.float(), labels_b, reduction="none")
+        return (lam * a + (1.0 - lam) * b).mean()
     loss = F.cross_entropy(logits.float(), labels)
     if labels_b is not None and lam < 1.0:
         loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), labels_b)
@@ -62,7 +70,7 @@ class LossParts:
 def meal_v2_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_logits: torch.Tensor,
                  discriminator: Optional[nn.Module] = None, discriminator_mode: str = "reference",
                  labels: Optional[torch.Tensor] = None, hard_label_weight: float = 0.0,
-                 labels_b: Optional[torch.Tensor] = None, lam: float = 1.0) -> LossParts:
+                 labels_b: Optional[torch.Tensor] = None, lam: float | torch.Tensor = 1.0) -> LossParts:
     """total = L_ce + L_d (+ hard_label_weight * CE(labels), default weight 0)."""
     soft = soft_cross_entropy(student_logits, teacher_probs)
     total = soft

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from meal_ray.data.crops import CropParams, MixParams, render_sample
+from meal_ray.data.crops import CropParams, MixParams, cutmix_box, render_sample
 from meal_ray.data.datasets import sample_by_id
 
 
@@ -23,10 +23,11 @@ class Batch:
     indices: Optional[torch.Tensor] = None  # int64 [B]: sample ids in the full training set
     crops: Optional[torch.Tensor] = None  # int64 [B, 5]: top, left, height, width, flip
     labels_b: Optional[torch.Tensor] = None  # CutMix partner labels
-    lam: float = 1.0  # CutMix: fraction of the image from the original sample
+    lam: float | torch.Tensor = 1.0  # CutMix: fraction of the image from the original sample (per sample: [B])
     mix_ids: Optional[torch.Tensor] = None  # int64 [B]: CutMix partner sample ids
     mix_crops: Optional[torch.Tensor] = None  # int64 [B, 5]: the partners' crops
     mix_boxes: Optional[torch.Tensor] = None  # int64 [B, 4]: pasted box (top, left, height, width) in crop pixels
+    epoch: int = 0  # the epoch this batch belongs to (a replayed source reads pass epoch % passes)
     teacher_probs: Optional[torch.Tensor] = None  # p_e [B, C]
     teacher_logits: Optional[torch.Tensor] = None  # z_e [B, C]
     wait_s: float = 0.0  # time the training loop blocked waiting for these soft labels
@@ -39,7 +40,7 @@ class Batch:
         return CropParams.from_tensor(self.crops[i])
 
     def mix_params(self, i: int) -> Optional[MixParams]:
-        if self.mix_ids is None:
+        if self.mix_ids is None or int(self.mix_ids[i]) < 0:
             return None
         return MixParams(int(self.mix_ids[i]), CropParams.from_tensor(self.mix_crops[i]),
                          tuple(int(v) for v in self.mix_boxes[i]))
@@ -51,8 +52,18 @@ class Batch:
 
 
 def batches_from_loader(loader: Iterable) -> Iterator[Batch]:
-    for images, labels, indices, crops in loader:
-        yield Batch(images, labels, indices, crops)
+    """Batches from a train loader; a loader that replays CutMix records (a fifth item) yields mixed batches with a
+    per-sample ``lam``."""
+    for items in loader:
+        batch = Batch(*items[:4])
+        if len(items) == 5:
+            record = items[4]
+            boxes = record[:, 7:11]
+            size = batch.images.shape[-2] * batch.images.shape[-1]
+            lam = 1.0 - (boxes[:, 2] * boxes[:, 3]).double() / size
+            batch = replace(batch, mix_ids=record[:, 0], labels_b=record[:, 1], mix_crops=record[:, 2:7],
+                            mix_boxes=boxes, lam=lam)
+        yield batch
 
 
 def render_batch(dataset, ids: torch.Tensor, crops: torch.Tensor, size: int, interpolation: str = "bilinear",
@@ -62,7 +73,7 @@ def render_batch(dataset, ids: torch.Tensor, crops: torch.Tensor, size: int, int
     images = []
     for i, sid in enumerate(ids.tolist()):
         mix = partner = None
-        if mix_ids is not None:
+        if mix_ids is not None and int(mix_ids[i]) >= 0:
             mix = MixParams(int(mix_ids[i]), CropParams.from_tensor(mix_crops[i]), tuple(int(v) for v in mix_boxes[i]))
             partner = sample_by_id(dataset, mix.partner_id)[0]
         image = sample_by_id(dataset, sid)[0]
@@ -81,15 +92,13 @@ def cutmix(batch: Batch, beta: float = 1.0, prob: float = 1.0, generator: Option
     b, _, h, w = batch.images.shape
     lam = float(torch.distributions.Beta(beta, beta).sample())
     perm = torch.randperm(b, generator=generator)
-    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
     cy, cx = int(torch.randint(h, (), generator=generator)), int(torch.randint(w, (), generator=generator))
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    top, left, height, width = cutmix_box(h, w, lam, cy, cx)
     images = batch.images.clone()
-    images[:, :, y0:y1, x0:x1] = batch.images[perm, :, y0:y1, x0:x1]
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    images[:, :, top:top + height, left:left + width] = batch.images[perm, :, top:top + height, left:left + width]
+    lam = 1.0 - height * width / (h * w)
     record = {}
     if batch.indices is not None and batch.crops is not None:
         record = dict(mix_ids=batch.indices[perm], mix_crops=batch.crops[perm],
-                      mix_boxes=torch.tensor([y0, x0, y1 - y0, x1 - x0], dtype=torch.int64).repeat(b, 1))
+                      mix_boxes=torch.tensor([top, left, height, width], dtype=torch.int64).repeat(b, 1))
     return replace(batch, images=images, labels_b=batch.labels[perm], lam=lam, **record)

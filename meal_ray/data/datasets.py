@@ -226,6 +226,25 @@ def sample_by_id(dataset: Dataset, sample_id: int):
     return full[int(sample_id)]
 
 
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A short hash of a full training set's content (Fashion-MNIST pixels and labels; an image folder's class
+    folders, file names and sizes), so a soft-label cache can tell it was made from the same data."""
+    full = dataset.dataset if isinstance(dataset, SampleSubset) else dataset
+    h = hashlib.sha256()
+    if isinstance(full, FashionMNIST):
+        h.update(b"fashion-mnist")
+        h.update(full.images[:, :1].contiguous().numpy().tobytes())
+        h.update(full.targets.numpy().tobytes())
+    elif isinstance(full, ImageFolderUint8):
+        h.update(b"imagefolder")
+        root = Path(full.folder.root)
+        for path, label in full.folder.samples:
+            h.update(f"{Path(path).relative_to(root)}|{label}|{Path(path).stat().st_size}\n".encode())
+    else:
+        raise DatasetError(f"no fingerprint for a {type(full).__name__} dataset")
+    return h.hexdigest()[:16]
+
+
 def stratified_indices(targets: torch.Tensor, n: int, num_classes: int) -> list[int]:
     """The first ``n // num_classes`` samples of each class (plus remainder), in dataset order."""
     per_class = [torch.nonzero(targets == c).flatten().tolist() for c in range(num_classes)]

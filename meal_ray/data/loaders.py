@@ -13,15 +13,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from meal_ray.config import DataConfig
-from meal_ray.data.crops import CropSampler, EvalTransform, RandomCropSampler, render_crop
-from meal_ray.data.datasets import load_datasets, sample_ids
+from meal_ray.data.crops import CropSampler, EvalTransform, RandomCropSampler, render_crop, render_sample
+from meal_ray.data.datasets import load_datasets, sample_by_id, sample_ids
 
 
 class TrainView(Dataset):
     """Yields (uint8 crop, label, sample id, crop [top, left, h, w, flip]).
 
     Index with ``i`` or with ``(i, epoch)`` (what :class:`EpochSampler` yields), so a replayed
-    sampler knows which pass to replay.
+    sampler knows which pass to replay. A sampler that also replays CutMix (it has
+    ``mix(sample_id, epoch)``) adds a fifth item, the mix record [partner id (-1: none),
+    partner label, partner crop (5), box (4)], and the sample is rendered mixed.
     """
 
     def __init__(self, base: Dataset, sampler: CropSampler, size: int, interpolation: str = "bilinear"):
@@ -36,7 +38,17 @@ class TrainView(Dataset):
         image, label = self.base[i]
         sid = int(self.ids[i])
         params = self.sampler.sample(image, sid, epoch)
-        return render_crop(image, params, self.size, self.interpolation), label, sid, params.as_tensor()
+        if not hasattr(self.sampler, "mix"):
+            return render_crop(image, params, self.size, self.interpolation), label, sid, params.as_tensor()
+        mix = self.sampler.mix(sid, epoch)
+        if mix is None:
+            record = torch.tensor([-1, label] + [0] * 9, dtype=torch.int64)
+            return render_crop(image, params, self.size, self.interpolation), label, sid, params.as_tensor(), record
+        partner, partner_label = sample_by_id(self.base, mix.partner_id)
+        pixels = render_sample(image, params, self.size, self.interpolation, mix, partner)
+        record = torch.tensor([mix.partner_id, partner_label, *mix.partner_crop.as_tensor().tolist(), *mix.box],
+                              dtype=torch.int64)
+        return pixels, label, sid, params.as_tensor(), record
 
 
 class EpochSampler(DistributedSampler):

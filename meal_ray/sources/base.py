@@ -35,6 +35,8 @@ class SoftLabelSource(Protocol):
     def attach(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """Yield the batches in order, each with ``teacher_probs`` / ``teacher_logits`` set."""
 
+    # optional: ``crop_sampler()`` -> a CropSampler the train loader must use (a cache replays its own crops)
+
     def close(self) -> None: ...
 
 

@@ -22,6 +22,8 @@ SOURCES: dict = {
                          "in-process teacher ensemble on each train worker (the authors' way)"),
     "served": SourceEntry("meal_ray.sources.served:ServedSoftLabels",
                           "the Ray Serve teacher application teachers.app_name, teachers.prefetch batches in flight"),
+    "cache": SourceEntry("meal_ray.sources.cache:CachedSoftLabels",
+                         "the soft-label cache teachers.cache written by `meal-ray relabel`, no teachers running"),
 }
 
 

@@ -1,0 +1,110 @@
+"""Soft labels from an offline cache (``meal-ray relabel``): distillation with no teacher running.
+
+The source decides the crops too: its crop sampler replays, in epoch ``e``, the crops (and
+CutMix partners and boxes) recorded in pass ``e mod P``; epochs beyond the cache's passes
+replay the passes again, as FKD does. Soft labels are looked up by sample id, so any worker
+count and batch size can read a cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from meal_ray.cache import CachedPass, CacheSpec, SoftLabelCache
+from meal_ray.config import JobConfig
+from meal_ray.data.crops import CropParams, MixParams
+from meal_ray.data.datasets import dataset_fingerprint, load_datasets, sample_ids
+from meal_ray.ensemble import TeacherSet
+from meal_ray.errors import CacheError
+
+
+def job_cache_spec(cfg: JobConfig, train=None, k: Optional[int] = None, passes: int = 0) -> CacheSpec:
+    """What a cache must hold for ``cfg`` (teacher set, data, classes, image size, crops, CutMix)."""
+    if train is None:
+        train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
+    teachers = TeacherSet.from_config(cfg.teachers)
+    d, o = cfg.data, cfg.optim
+    return CacheSpec(
+        teacher_set={"fingerprint": teachers.fingerprint(), "autocast": teachers.autocast,
+                     "teachers": teachers.describe()},
+        dataset={"fingerprint": dataset_fingerprint(train), "name": d.dataset, "train_subset": d.train_subset},
+        num_classes=cfg.student.num_classes, image_size=d.image_size,
+        crop={"scale": list(d.crop_scale), "ratio": [round(float(r), 6) for r in d.crop_ratio],
+              "interpolation": d.interpolation},
+        cutmix={"enabled": bool(o.cutmix), "beta": float(o.cutmix_beta), "prob": float(o.cutmix_prob)} if o.cutmix
+        else {"enabled": False},
+        k=int(k or cfg.student.num_classes), passes=int(passes), seed=int(cfg.run.seed))
+
+
+class CacheReplaySampler:
+    """Crop sampler replaying a cache: the crop and CutMix record of sample ``sid`` in pass ``epoch % passes``."""
+
+    def __init__(self, cache: SoftLabelCache):
+        self.cache, self.passes = cache, cache.spec.passes
+        self._pass: Optional[int] = None
+        self._data: Optional[CachedPass] = None
+
+    def load(self, epoch: int) -> CachedPass:
+        p = epoch % self.passes
+        if self._pass != p:
+            self._data, self._pass = self.cache.load_pass(p), p
+        return self._data
+
+    def sample(self, image: torch.Tensor, sample_id: int, epoch: int = 0) -> CropParams:
+        data = self.load(epoch)
+        return CropParams.from_tensor(torch.from_numpy(data.crops[data.rows([sample_id])[0]]))
+
+    def mix(self, sample_id: int, epoch: int = 0) -> Optional[MixParams]:
+        data = self.load(epoch)
+        row = data.rows([sample_id])[0]
+        if data.mix_ids[row] < 0:
+            return None
+        return MixParams(int(data.mix_ids[row]), CropParams.from_tensor(torch.from_numpy(data.mix_crops[row])),
+                         tuple(int(v) for v in data.mix_boxes[row]))
+
+
+class CachedSoftLabels:
+    """Soft labels read from a soft-label cache (``teachers.cache``), for exactly the replayed crops."""
+
+    name = "cache"
+
+    def __init__(self, cache: SoftLabelCache, num_classes: int, recovery: str = "marginal"):
+        self.cache, self.num_classes, self.recovery = cache, num_classes, recovery
+        self.sampler = CacheReplaySampler(cache)
+
+    @classmethod
+    def check_config(cls, cfg: JobConfig) -> None:
+        """The cache exists, is complete and fits the job (teachers, data, classes, size, crops, samples)."""
+        cache = SoftLabelCache(cfg.teachers.cache)
+        train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
+        cache.check_job(job_cache_spec(cfg, train), sample_ids(train))
+
+    @classmethod
+    def preflight(cls, cfg: JobConfig) -> None:
+        pass  # nothing remote: check_config saw everything
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, device=None) -> "CachedSoftLabels":
+        return cls(SoftLabelCache(cfg.teachers.cache), cfg.student.num_classes, cfg.teachers.cache_recovery)
+
+    def crop_sampler(self) -> CacheReplaySampler:
+        return self.sampler
+
+    def attach(self, batches: Iterable) -> Iterator:
+        for batch in batches:
+            start = time.perf_counter()
+            data = self.sampler.load(batch.epoch)
+            rows = data.rows(batch.indices.tolist())
+            if not np.array_equal(data.crops[rows], batch.crops.numpy()):
+                raise CacheError("the batch's crops are not the ones in the soft-label cache: train with the "
+                                 "cache's crop sampler (the cache source's crop_sampler()).")
+            probs, logits = data.soft_labels(rows, self.num_classes, self.recovery)
+            yield replace(batch, teacher_probs=probs, teacher_logits=logits, wait_s=time.perf_counter() - start)
+
+    def close(self) -> None:
+        pass

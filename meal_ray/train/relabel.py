@@ -1,0 +1,163 @@
+"""`meal-ray relabel`: the teachers label every crop of P passes once, into a soft-label cache (a Ray Data job).
+
+The driver checks the job and the output (a new cache, or the same one to resume), lists the
+shards still missing, and runs them through a Ray Data actor pool: each actor holds the
+dataset and either the job's teachers in-process (``teachers.source: local``, ``num_gpus``
+per actor with ``run.use_gpu``) or a handle to the served teacher application
+(``teachers.source: served``: the shared teacher pool). An actor draws each sample's crop
+record (:func:`meal_ray.cache.draw_crop_record`), renders it, asks the teachers, and writes
+the shard file atomically; the driver alone lists finished shards, with their checksums, in
+the manifest. A killed relabel loses only the shards in flight; rerunning it finishes the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from meal_ray.cache import SoftLabelCache, draw_crop_record, encode, shard_name, write_shard_file
+from meal_ray.cluster import ensure_ray
+from meal_ray.config import JobConfig, load_config
+from meal_ray.data.crops import RandomCropSampler, render_sample
+from meal_ray.data.datasets import load_datasets, sample_by_id, sample_ids
+from meal_ray.errors import ConfigError
+from meal_ray.sources.cache import job_cache_spec
+from meal_ray.sources.registry import source_class
+
+DEFAULT_SHARD_SIZE = 8192
+CHUNK = 256  # crops per teacher request inside an actor
+
+
+def default_top_k(num_classes: int) -> int:
+    """Exact soft labels for small class counts, FKD's top-5 for ImageNet-sized ones."""
+    return num_classes if num_classes <= 100 else 5
+
+
+class ShardLabeler:
+    """Ray Data actor: labels whole shards (one row per shard: pass, shard, sample ids) and writes their files."""
+
+    def __init__(self, config: dict, root: str, k: int):
+        cfg = load_config(data=config)
+        self.cfg, self.root, self.k = cfg, root, k
+        self.train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
+        self.all_ids = sample_ids(self.train).numpy()
+        self.sampler = RandomCropSampler(cfg.data.crop_scale, cfg.data.crop_ratio)
+        spec = job_cache_spec(cfg, self.train)
+        self.cutmix, self.size = spec.cutmix, cfg.data.image_size
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.served = None
+        if cfg.teachers.source == "served":
+            from meal_ray.sources.served import ServedSoftLabels
+
+            self.served = ServedSoftLabels(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch)
+        else:
+            from meal_ray.ensemble import TeacherSet
+
+            self.ensemble = TeacherSet.from_config(cfg.teachers).load().to(self.device)
+
+    def _teachers(self, images: torch.Tensor):
+        if self.served is not None:
+            from meal_ray.serve.protocol import TeacherReply, TeacherRequest
+
+            reply = self.served.handle.remote(TeacherRequest.from_images(images)).result(
+                timeout_s=self.served.timeout_s)
+            return TeacherReply.parse(reply, len(images)).tensors()
+        probs, logits = self.ensemble(images.to(self.device))
+        return probs.float().cpu(), logits.float().cpu()
+
+    def __call__(self, batch: dict) -> dict:
+        names, rows, seconds = [], [], []
+        for p, shard, ids in zip(batch["pass"], batch["shard"], batch["ids"]):
+            start = time.perf_counter()
+            ids = np.asarray(ids, dtype=np.int64)
+            crops, mix_ids, mix_crops, mix_boxes, probs, logits = [], [], [], [], [], []
+            for lo in range(0, len(ids), CHUNK):
+                images = []
+                for sid in ids[lo:lo + CHUNK]:
+                    image = sample_by_id(self.train, sid)[0]
+                    crop, mix, partner = draw_crop_record(image, int(sid), int(p), self.cfg.run.seed, self.sampler,
+                                                          self.size, self.cutmix, self.all_ids,
+                                                          lambda i: sample_by_id(self.train, i)[0])
+                    images.append(render_sample(image, crop, self.size, self.cfg.data.interpolation, mix, partner))
+                    crops.append(crop.as_tensor().numpy())
+                    mix_ids.append(mix.partner_id if mix else -1)
+                    mix_crops.append(mix.partner_crop.as_tensor().numpy() if mix else np.zeros(5, np.int64))
+                    mix_boxes.append(np.asarray(mix.box if mix else (0, 0, 0, 0)))
+                pr, lg = self._teachers(torch.stack(images))
+                probs.append(pr)
+                logits.append(lg)
+            table = encode(ids, np.stack(crops), np.asarray(mix_ids), np.stack(mix_crops), np.stack(mix_boxes),
+                           torch.cat(probs), torch.cat(logits), self.k)
+            name = shard_name(int(p), int(shard))
+            write_shard_file(self.root, name, table)
+            names.append(name)
+            rows.append(len(ids))
+            seconds.append(time.perf_counter() - start)
+        return {"name": np.asarray(names), "rows": np.asarray(rows), "seconds": np.asarray(seconds)}
+
+
+def relabel(cfg: JobConfig, output: str | Path, passes: int, k: Optional[int] = None,
+            shard_size: int = DEFAULT_SHARD_SIZE, actors: Optional[int] = None, address: Optional[str] = None,
+            log=print) -> dict:
+    """Label ``passes`` passes of the job's training crops into the cache at ``output`` (resuming it if there)."""
+    if cfg.teachers.source not in ("local", "served"):
+        raise ConfigError(f"relabel asks the teachers: set teachers.source to local or served, not "
+                          f"{cfg.teachers.source!r}.")
+    if passes < 1 or shard_size < 1:
+        raise ConfigError(f"--passes={passes} and --shard-size={shard_size} must be >= 1.")
+    num_classes = cfg.student.num_classes
+    k = default_top_k(num_classes) if k is None else int(k)
+    if not 1 <= k <= num_classes:
+        raise ConfigError(f"--top-k={k} must be between 1 and the class count {num_classes}.")
+    source = source_class(cfg.teachers.source)
+    source.check_config(cfg)  # teacher names and weights files, before Ray starts
+    train, _, _ = load_datasets(cfg.data, num_classes)
+    ids = sample_ids(train).numpy()
+    shards = math.ceil(len(ids) / shard_size)
+    spec = job_cache_spec(cfg, train, k, passes)
+    spec.shards_per_pass = {str(p): shards for p in range(passes)}
+    cache = SoftLabelCache.create(output, spec)
+    todo = [{"pass": p, "shard": i, "ids": ids[i * shard_size:(i + 1) * shard_size].tolist()}
+            for p in range(passes) for i in range(shards) if not cache.is_complete(shard_name(p, i))]
+    total = passes * shards
+    log(f"[relabel] {cfg.name}: {passes} pass(es) x {len(ids)} crops, top-{k} of {num_classes} classes, "
+        f"{total} shards ({total - len(todo)} already done) -> {Path(output).resolve()}")
+    if todo:
+        _run_shards(cfg, cache, todo, k, total, actors, address, log)
+    cache.verify()
+    crops = sum(e["rows"] for e in cache.shards.values())
+    size = sum(e["bytes"] for e in cache.shards.values())
+    log(f"[relabel] done: {crops} crops in {len(cache.shards)} shards, {size / max(crops, 1):.1f} bytes per crop")
+    return {"root": str(cache.root), "crops": crops, "bytes": size, "shards": len(cache.shards), "k": k,
+            "passes": passes, "fingerprint": spec.teacher_set["fingerprint"]}
+
+
+def _run_shards(cfg: JobConfig, cache: SoftLabelCache, todo: list, k: int, total: int, actors: Optional[int],
+                address: Optional[str], log) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    actors = actors or cfg.run.num_workers
+    ensure_ray(address, num_cpus=max(os.cpu_count() or 1, int(actors * cfg.run.cpus_per_worker + 1.999)))
+    source_class(cfg.teachers.source).preflight(cfg)  # served: the application serves this job's teachers
+    DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    labelled = ds.map_batches(
+        ShardLabeler, batch_size=1, compute=ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"config": cfg.to_dict(), "root": str(cache.root), "k": k},
+        num_cpus=cfg.run.cpus_per_worker, num_gpus=1 if cfg.run.use_gpu and cfg.teachers.source == "local" else 0)
+    start, crops, done = time.perf_counter(), 0, total - len(todo)
+    for row in labelled.iter_rows():
+        cache.add_shard(str(row["name"]), int(row["rows"]))
+        crops += int(row["rows"])
+        done += 1
+        elapsed = time.perf_counter() - start
+        rate = crops / max(elapsed, 1e-9)
+        left = sum(len(t["ids"]) for t in todo) - crops
+        log(f"[relabel] shard {row['name']} ({done}/{total}): {rate:.0f} crops/s, ETA {left / max(rate, 1e-9):.0f} s")
