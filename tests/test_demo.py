@@ -20,19 +20,26 @@ def test_demo_runs_two_seeds_writes_the_table_and_reuses_finished_stages(tmp_pat
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lines: list = []
-    results = run_demo(str(tmp_path / "demo"), seeds=[0, 1], tracking_uri=uri, log=lines.append, preset=TINY)
+    results = run_demo(str(tmp_path / "demo"), seeds=[0, 1], tracking_uri=uri, log=lines.append, preset=TINY,
+                       cache_passes=1)
     out = tmp_path / "demo"
 
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1] and len(saved["runs"]) == 2
     models = [r["model"] for r in saved["summary"]]
     assert models == ["test_resnet", "resnet10t", "teacher ensemble", "student init", "control (hard labels)",
-                      "MEAL V2 (ensemble soft labels)"]
+                      "MEAL V2 (ensemble soft labels)", "MEAL V2 (soft-label cache)"]
     for i, row in enumerate(saved["summary"]):  # each summary row is the mean of the per-seed rows
         per_seed = [run["rows"][i]["top1"] for run in saved["runs"]]
         assert row["top1"]["per_seed"] == per_seed and row["top1"]["mean"] == pytest.approx(sum(per_seed) / 2)
-    gains = [run["rows"][-1]["top1"] - run["rows"][-2]["top1"] for run in saved["runs"]]
+    gains = [run["rows"][-2]["top1"] - run["rows"][-3]["top1"] for run in saved["runs"]]
     assert saved["gain_over_control"]["per_seed"] == pytest.approx(gains)
+    # the cache arm: relabelled once per seed with the same teachers, distilled with no teacher asked
+    cache_minus_served = [run["rows"][-1]["top1"] - run["rows"][-2]["top1"] for run in saved["runs"]]
+    assert saved["cache_vs_served"]["per_seed"] == pytest.approx(cache_minus_served)
+    cached_cfg = json.loads((out / "meal-v2-cache-seed0" / "run.json").read_text())["config"]
+    assert cached_cfg["teachers"]["source"] == "cache" and cached_cfg["teachers"]["cache"] == str(out / "cache-seed0")
+    assert json.loads((out / "cache-seed0" / "manifest.json").read_text())["spec"]["passes"] == 1
     ens = saved["runs"][0]["rows"][2]
     assert ens["gap_to_ensemble"] == 0 and ens["params"] == sum(r["params"] for r in saved["runs"][0]["rows"][:2])
     assert set(saved["runs"][0]["per_class"]["MEAL V2 (ensemble soft labels)"]) >= {"Shirt", "Trouser", "Bag"}
@@ -50,7 +57,7 @@ def test_demo_runs_two_seeds_writes_the_table_and_reuses_finished_stages(tmp_pat
     assert cutmix == [False, True, True]
 
     # the exports are seed 0's arms and re-evaluate to the reported top-1 on the whole test set
-    meal_top1 = saved["runs"][0]["rows"][-1]["top1"]
+    meal_top1 = saved["runs"][0]["rows"][-2]["top1"]
     assert saved["exports"]["student"] == {"seed": 0, "top1": meal_top1}
     result, _ = evaluate_export(str(out / "student"))
     assert result.top1 == pytest.approx(meal_top1, abs=1e-9) and result.count == 10000
@@ -58,6 +65,7 @@ def test_demo_runs_two_seeds_writes_the_table_and_reuses_finished_stages(tmp_pat
         assert (out / png).stat().st_size > 10_000
     table = (out / "results.md").read_text()
     assert "mean ± std over seeds 0, 1" in table and "MEAL V2 - control (top-1)" in table
+    assert "MEAL V2 from the cache - MEAL V2 served (top-1)" in table
     demo_runs = MlflowClient(tracking_uri=uri).search_runs(
         [MlflowClient(tracking_uri=uri).get_experiment_by_name("meal-ray-demo").experiment_id],
         filter_string="tags.mlflow.runName = 'demo-custom-seeds0-1'")
@@ -66,6 +74,7 @@ def test_demo_runs_two_seeds_writes_the_table_and_reuses_finished_stages(tmp_pat
 
     # a second run finds every stage finished and trains nothing
     again: list = []
-    run_demo(str(out), seeds=[0, 1], tracking_uri=uri, log=again.append, preset=TINY)
-    assert sum("reusing finished stage" in line for line in again) == 2 + 3 * 2
+    run_demo(str(out), seeds=[0, 1], tracking_uri=uri, log=again.append, preset=TINY, cache_passes=1)
+    assert sum("reusing finished stage" in line for line in again) == 2 + 4 * 2
+    assert sum("(1 already done)" in line for line in again) == 2  # the caches are complete: nothing relabelled
     assert not any("for 1 epochs" in line for line in again)

@@ -10,6 +10,9 @@ from typing import Optional
 
 from meal_ray.config import JobConfig
 
+CONTROL = "control (hard labels)"
+MEAL = "MEAL V2 (ensemble soft labels)"
+CACHED = "MEAL V2 (soft-label cache)"
 SIMILAR = ("T-shirt/top", "Shirt", "Pullover", "Coat")
 DISSIMILAR = ("Trouser", "Bag", "Sandal", "Ankle boot")
 # Teachers' data: 28 px upsampled to 32. Mild crops (scale 0.85-1, near-square) and no eval crop margin:
@@ -49,13 +52,16 @@ def evaluate_row(label: str, path: str) -> tuple[dict, dict]:
     return row, dict(zip(classes, result.per_class))
 
 
-def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, meal: JobConfig) -> dict:
+def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, meal: JobConfig,
+                  cached: Optional[JobConfig] = None) -> dict:
     rows, per_class = [dict(r) for r in shared["rows"]], dict(shared["per_class"])
     exports = {}
     if init_weights:
         exports["student init"] = init_weights
-    exports["control (hard labels)"] = str(control.output_dir / "student")
-    exports["MEAL V2 (ensemble soft labels)"] = str(meal.output_dir / "student")
+    exports[CONTROL] = str(control.output_dir / "student")
+    exports[MEAL] = str(meal.output_dir / "student")
+    if cached is not None:
+        exports[CACHED] = str(cached.output_dir / "student")
     for label, path in exports.items():
         row, per_class[label] = evaluate_row(label, path)
         rows.append(row)
@@ -65,8 +71,13 @@ def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, mea
         pc = per_class[r["model"]]
         r["similar_classes"] = statistics.mean(pc[c] for c in SIMILAR)
         r["dissimilar_classes"] = statistics.mean(pc[c] for c in DISSIMILAR)
-    return {"seed": seed, "rows": rows, "per_class": per_class, "control": control, "meal": meal,
-            "gain_over_control": rows[-1]["top1"] - rows[-2]["top1"]}
+    top1 = {r["model"]: r["top1"] for r in rows}
+    return {"seed": seed, "rows": rows, "per_class": per_class, "control": control, "meal": meal, "cached": cached,
+            "gain_over_control": top1[MEAL] - top1[CONTROL]}
+
+
+def row_of(rows: list, label: str) -> Optional[dict]:
+    return next((r for r in rows if r["model"] == label), None)
 
 
 SUMMARY_FIELDS = ("top1", "top5", "gap_to_ensemble", "similar_classes", "dissimilar_classes")
@@ -108,14 +119,14 @@ def plot_demo(out: Path, runs: list) -> None:
     def mean_per_class(label):
         return [statistics.mean(r["per_class"][label][c] for r in runs) for c in classes]
 
-    classes = list(runs[0]["per_class"]["control (hard labels)"].keys())
+    classes = list(runs[0]["per_class"][CONTROL].keys())
     seeds = ", ".join(str(r["seed"]) for r in runs)
-    plot_per_class(classes, {k: mean_per_class(k) for k in
-                             ("control (hard labels)", "MEAL V2 (ensemble soft labels)", "teacher ensemble")},
+    arms = [CONTROL, MEAL] + ([CACHED] if runs[0].get("cached") is not None else [])
+    plot_per_class(classes, {k: mean_per_class(k) for k in arms + ["teacher ensemble"]},
                    out / "per_class_accuracy.png", f"Fashion-MNIST test accuracy per class (mean over seeds {seeds})")
-    curves = {"control (hard labels)": {}, "MEAL V2 (ensemble soft labels)": {}}
+    curves = {arm: {} for arm in arms}
     for r in runs:
-        for arm, cfg in (("control (hard labels)", r["control"]), ("MEAL V2 (ensemble soft labels)", r["meal"])):
+        for arm, cfg in zip(arms, (r["control"], r["meal"], r.get("cached"))):
             curves[arm][r["seed"]] = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
     rows = {row["model"]: row["top1"] for row in runs[0]["rows"]}
     reference = {"teacher ensemble": rows["teacher ensemble"]}
@@ -145,15 +156,29 @@ def log_demo_run(out: Path, results: dict, tracking_uri: Optional[str], tag: str
     tracker.end()
 
 
-def gain_over_control(summary: list) -> dict:
-    """MEAL V2 minus control top-1 per seed (the summary's last two rows), and whether the mean gain exceeds the
+def gain_over_control(summary: list, arm: str = MEAL) -> dict:
+    """An arm's (default: MEAL V2 served) minus the control's top-1 per seed, and whether the mean gain exceeds the
     seed spread: the larger sample std of the two arms' top-1 (the issue's bar for "beats the control")."""
-    control, meal = summary[-2]["top1"], summary[-1]["top1"]
+    control, meal = row_of(summary, CONTROL)["top1"], row_of(summary, arm)["top1"]
     gains = [m - c for m, c in zip(meal["per_seed"], control["per_seed"])]
     spread = max(control["std"], meal["std"])
     mean = statistics.mean(gains)
     return {"per_seed": gains, "mean": mean, "std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
             "seed_spread": spread, "beats_seed_spread": len(gains) > 1 and mean > spread}
+
+
+def cache_vs_served(summary: list) -> Optional[dict]:
+    """MEAL V2 from the cache minus MEAL V2 served, per seed, against the seed spread of the two (None without a
+    cache arm): "within seed noise" when |mean difference| <= the larger of their top-1 stds."""
+    cached, served = row_of(summary, CACHED), row_of(summary, MEAL)
+    if cached is None:
+        return None
+    diffs = [c - s for c, s in zip(cached["top1"]["per_seed"], served["top1"]["per_seed"])]
+    spread = max(cached["top1"]["std"], served["top1"]["std"])
+    mean = statistics.mean(diffs)
+    return {"per_seed": diffs, "mean": mean, "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "seed_spread": spread, "within_seed_spread": len(diffs) > 1 and abs(mean) <= spread,
+            "beats_control": gain_over_control(summary, CACHED)}
 
 
 def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
@@ -177,6 +202,14 @@ def format_summary(summary: list, gain: dict, seeds: list) -> str:
         verdict = "beats" if gain["beats_seed_spread"] else "does NOT beat"
         lines.append(f"MEAL V2 {verdict} the control by more than the seed spread "
                      f"(larger arm top-1 std: {gain['seed_spread']:.2f} points)")
+    vs = cache_vs_served(summary)
+    if vs is not None:
+        per_seed = ", ".join(f"{g:+.2f}" for g in vs["per_seed"])
+        lines.append(f"MEAL V2 from the cache - MEAL V2 served (top-1): {_pm(vs, signed=True)} points (per seed: "
+                     f"{per_seed}); cache - control: {_pm(vs['beats_control'], signed=True)}")
+        if len(vs["per_seed"]) > 1:
+            lines.append(f"The cache arm is {'within' if vs['within_seed_spread'] else 'NOT within'} the seed spread "
+                         f"of the served arm ({vs['seed_spread']:.2f} points)")
     lines.append(f"\n*mean accuracy on {', '.join(SIMILAR)}; **on {', '.join(DISSIMILAR)}")
     return "\n".join(lines)
 

@@ -1,0 +1,148 @@
+"""The soft-label cache against hard labels and served teachers, measured in one run on the same config.
+
+    .venv/bin/python bench/bench_cache.py                     # Fashion-MNIST, 6000 images, mobilenetv3_small_050
+    .venv/bin/python bench/bench_cache.py --subset 2000 --epochs 1
+
+Prints, as measured here (nothing is hard-coded):
+1. epoch time of the same engine (same student, data, batch, CutMix) with soft labels from the cache vs hard labels
+   (teachers.source none): the cache's cost at training time (target <= 1.05);
+2. relabel throughput (crops/s, Ray Data actor pool of in-process teachers) vs the served teachers' throughput
+   during a served distillation's soft-label requests (crops/s through ServedSoftLabels, 4 batches in flight);
+3. bytes per crop on disk: this cache (k = C = 10) and an ImageNet-shaped shard (k = 5 of C = 1000, 8192 crops of
+   realistic peaked logits; target <= 64 B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _machine() -> str:
+    return f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch " \
+           f"{torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _teachers(root: Path) -> list:
+    """Two Fashion-MNIST-shaped teachers (resnet18, resnet10t at 32 px; random weights: speed does not care)."""
+    from meal_ray.models import create_model, export_model
+
+    dc = dict(input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0)
+    out = []
+    for i, arch in enumerate(("resnet18", "resnet10t")):
+        torch.manual_seed(i)
+        model = create_model(arch, num_classes=10, in_chans=1, data_config=dc)
+        out.append({"model": arch, "weights": str(export_model(model.eval(), root / arch, dc))})
+    return out
+
+
+def _config(root: Path, teachers: list, source: str, subset: int, epochs: int):
+    from meal_ray.config import load_config
+
+    return load_config(data=dict(
+        name="bench-cache", mode="distill" if source != "none" else "pretrain",
+        data=dict(dataset="fashion-mnist", image_size=32, crop_scale=[0.85, 1.0], crop_ratio=[0.9, 1.1], crop_pct=1.0,
+                  mean=[0.2860], std=[0.3530], train_subset=subset, val_subset=500),
+        student=dict(model="mobilenetv3_small_050", num_classes=10),
+        teachers=dict(source=source, models=teachers if source != "none" else [], cache=str(root / "cache"),
+                      app_name="bench-cache-teachers"),
+        optim=dict(epochs=epochs, batch_size=128, lr=0.05, cutmix=True),
+        run=dict(num_workers=1, cpus_per_worker=2, seed=0, log_every=0)))
+
+
+def epoch_times(cfg, source=None, crop_sampler=None, epochs: int = 2) -> list:
+    from meal_ray.engine import Engine
+
+    engine = Engine.for_job(cfg, source=source, log=lambda s: None, crop_sampler=crop_sampler)
+    return [engine.train_epoch()["epoch_time_s"] for _ in range(epochs)]
+
+
+def bytes_per_crop_imagenet(root: Path, k: int = 5, classes: int = 1000, crops: int = 8192) -> float:
+    from meal_ray.cache import encode, write_shard_file
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(crops, classes, generator=g) * 2
+    logits[torch.arange(crops), torch.randint(classes, (crops,), generator=g)] += 12  # peaked, like a teacher's
+    rng = np.random.default_rng(0)
+    boxes = np.stack([rng.integers(0, 100, crops), rng.integers(0, 100, crops), rng.integers(50, 400, crops),
+                      rng.integers(50, 400, crops), rng.integers(0, 2, crops)], 1)
+    table = encode(rng.permutation(1_281_167)[:crops], boxes, None, None, None, logits.softmax(1), logits, k)
+    path = write_shard_file(root, "imagenet-shard.parquet", table)
+    return path.stat().st_size / crops
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+
+    import ray
+    from ray import serve
+
+    from meal_ray.cache import SoftLabelCache
+    from meal_ray.serve.app import build_app
+    from meal_ray.sources.cache import CachedSoftLabels, CacheReplaySampler
+    from meal_ray.sources.served import ServedSoftLabels
+    from meal_ray.train.relabel import relabel
+
+    root = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    teachers = _teachers(root)
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        local = _config(root, teachers, "local", args.subset, args.epochs)
+        start = time.perf_counter()
+        relabel(local, root / "cache", passes=args.epochs, actors=2, log=lambda s: None)
+        relabel_rate = args.subset * args.epochs / (time.perf_counter() - start)
+
+        serve.run(build_app({"teachers": teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005}),
+                  name="bench-cache-teachers", route_prefix=None)
+        served_cfg = _config(root, teachers, "served", args.subset, args.epochs)
+        from meal_ray.data import batches_from_loader, build_loaders
+
+        loader, _, _ = build_loaders(served_cfg.data, 10, 128, seed=0)
+        batches = list(batches_from_loader(loader))
+        served = ServedSoftLabels.from_config(served_cfg)
+        list(served.attach(batches[:2]))  # warm up
+        start = time.perf_counter()
+        n = sum(len(b) for b in served.attach(batches))
+        served_rate = n / (time.perf_counter() - start)
+        serve.delete("bench-cache-teachers")
+    finally:
+        ray.shutdown()
+
+    cache_cfg = _config(root, teachers, "cache", args.subset, args.epochs)
+    cache = SoftLabelCache(root / "cache")
+    hard = epoch_times(_config(root, teachers, "none", args.subset, args.epochs), epochs=args.epochs)
+    cached = epoch_times(cache_cfg, CachedSoftLabels.from_config(cache_cfg), CacheReplaySampler(cache), args.epochs)
+    hard2 = epoch_times(_config(root, teachers, "none", args.subset, args.epochs), epochs=args.epochs)  # noise check
+    disk = sum(e["bytes"] for e in cache.shards.values()) / sum(e["rows"] for e in cache.shards.values())
+    imagenet = bytes_per_crop_imagenet(root)
+
+    hard_t, cache_t = statistics.median(hard + hard2), statistics.median(cached)
+    print(f"machine: {_machine()}")
+    print(f"config: Fashion-MNIST {args.subset} images at 32 px, mobilenetv3_small_050 student, batch 128, CutMix, "
+          f"teachers resnet18 + resnet10t, {args.epochs} epochs / passes")
+    print(f"1. epoch time, hard labels        {hard_t:7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in hard + hard2)})")
+    print(f"   epoch time, from the cache     {cache_t:7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in cached)})")
+    print(f"   cache / hard labels            {cache_t / hard_t:7.3f}   (target <= 1.05)")
+    print(f"2. relabel (Ray Data, 2 actors)   {relabel_rate:7.0f} crops/s")
+    print(f"   served teachers (prefetch 4)   {served_rate:7.0f} crops/s")
+    print(f"   relabel / served               {relabel_rate / served_rate:7.2f}")
+    print(f"3. bytes per crop on disk: this cache (k = C = 10) {disk:.1f} B; ImageNet-shaped shard (k = 5 of 1000, "
+          f"8192 crops) {imagenet:.1f} B (target <= 64)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
