@@ -20,6 +20,7 @@ mean of the others (``rest_logit``). Plain pyarrow and torch: no Ray here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -132,6 +133,12 @@ def _stream_seed(seed: int, pass_index: int, sample_id: int) -> int:
     return ((int(seed) * 1_000_003 + int(pass_index) * 7_919) * (1 << 24) + int(sample_id)) % (1 << 62)
 
 
+@functools.lru_cache(maxsize=8)
+def _beta(beta: float) -> torch.distributions.Beta:
+    """One Beta(beta, beta) per process: building the distribution costs more than sampling it."""
+    return torch.distributions.Beta(torch.tensor(beta), torch.tensor(beta))
+
+
 def draw_crop_record(image: torch.Tensor, sample_id: int, pass_index: int, seed: int, sampler: RandomCropSampler,
                      image_size: int, cutmix: dict, partner_ids: np.ndarray, image_of: Callable[[int], torch.Tensor]):
     """The crop (and CutMix partner, partner crop and box) of one sample in one pass, drawn exactly as the
@@ -145,8 +152,7 @@ def draw_crop_record(image: torch.Tensor, sample_id: int, pass_index: int, seed:
         crop = sampler.sample(image, sample_id, pass_index)
         if not cutmix.get("enabled") or float(torch.rand(())) >= cutmix["prob"]:
             return crop, None, None
-        beta = float(cutmix["beta"])
-        lam = float(torch.distributions.Beta(beta, beta).sample())
+        lam = float(_beta(float(cutmix["beta"])).sample())  # the training CutMix's draw, from the same stream
         partner = int(partner_ids[int(torch.randint(len(partner_ids), ()))])
         partner_image = image_of(partner)
         partner_crop = sampler.sample(partner_image, partner, pass_index)
@@ -223,12 +229,15 @@ class CachedPass:
                    table.column("rest_logit").to_numpy().astype(np.float32),
                    {int(s): i for i, s in enumerate(sample_ids)})
 
-    def rows(self, sample_ids) -> np.ndarray:
+    def row(self, sample_id: int) -> int:
         try:
-            return np.array([self.row_of[int(s)] for s in sample_ids], dtype=np.int64)
-        except KeyError as e:
-            raise CacheError(f"sample {e.args[0]} is not in the soft-label cache; relabel with the job's dataset "
+            return self.row_of[int(sample_id)]
+        except KeyError:
+            raise CacheError(f"sample {sample_id} is not in the soft-label cache; relabel with the job's dataset "
                              "(`meal-ray relabel --config JOB`).") from None
+
+    def rows(self, sample_ids) -> np.ndarray:
+        return np.array([self.row(s) for s in sample_ids], dtype=np.int64)
 
     def soft_labels(self, rows: np.ndarray, num_classes: int, recovery: str = "marginal"):
         """(probs, logits) float32 [B, C] for ``rows``; exact (fp16) when k == C."""

@@ -57,15 +57,19 @@ class CacheReplaySampler:
 
     def sample(self, image: torch.Tensor, sample_id: int, epoch: int = 0) -> CropParams:
         data = self.load(epoch)
-        return CropParams.from_tensor(torch.from_numpy(data.crops[data.rows([sample_id])[0]]))
+        return _crop(data.crops[data.row(sample_id)])
 
     def mix(self, sample_id: int, epoch: int = 0) -> Optional[MixParams]:
         data = self.load(epoch)
-        row = data.rows([sample_id])[0]
+        row = data.row(sample_id)
         if data.mix_ids[row] < 0:
             return None
-        return MixParams(int(data.mix_ids[row]), CropParams.from_tensor(torch.from_numpy(data.mix_crops[row])),
-                         tuple(int(v) for v in data.mix_boxes[row]))
+        return MixParams(int(data.mix_ids[row]), _crop(data.mix_crops[row]), tuple(int(v) for v in data.mix_boxes[row]))
+
+
+def _crop(values) -> CropParams:
+    top, left, height, width, flip = (int(v) for v in values)
+    return CropParams(top, left, height, width, bool(flip))
 
 
 class CachedSoftLabels:
