@@ -28,7 +28,7 @@ def job_cache_spec(cfg: JobConfig, train=None, k: Optional[int] = None, passes: 
     if train is None:
         train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
     teachers = TeacherSet.from_config(cfg.teachers)
-    d, o = cfg.data, cfg.optim
+    d = cfg.data
     return CacheSpec(
         teacher_set={"fingerprint": teachers.fingerprint(), "autocast": teachers.autocast,
                      "teachers": teachers.describe()},
@@ -36,9 +36,14 @@ def job_cache_spec(cfg: JobConfig, train=None, k: Optional[int] = None, passes: 
         num_classes=cfg.student.num_classes, image_size=d.image_size,
         crop={"scale": list(d.crop_scale), "ratio": [round(float(r), 6) for r in d.crop_ratio],
               "interpolation": d.interpolation},
-        cutmix={"enabled": bool(o.cutmix), "beta": float(o.cutmix_beta), "prob": float(o.cutmix_prob)} if o.cutmix
-        else {"enabled": False},
-        k=int(k or cfg.student.num_classes), passes=int(passes), seed=int(cfg.run.seed))
+        cutmix=cutmix_spec(cfg.optim), k=int(k or cfg.student.num_classes), passes=int(passes), seed=int(cfg.run.seed))
+
+
+def cutmix_spec(optim) -> dict:
+    """The CutMix settings a cache records (and a job must match)."""
+    if not optim.cutmix:
+        return {"enabled": False}
+    return {"enabled": True, "beta": float(optim.cutmix_beta), "prob": float(optim.cutmix_prob)}
 
 
 class CacheReplaySampler:

@@ -27,7 +27,7 @@ from meal_ray.config import JobConfig, load_config
 from meal_ray.data.crops import RandomCropSampler, render_sample
 from meal_ray.data.datasets import load_datasets, sample_by_id, sample_ids
 from meal_ray.errors import ConfigError
-from meal_ray.sources.cache import job_cache_spec
+from meal_ray.sources.cache import cutmix_spec, job_cache_spec
 from meal_ray.sources.registry import source_class
 
 DEFAULT_SHARD_SIZE = 8192
@@ -48,8 +48,7 @@ class ShardLabeler:
         self.train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
         self.all_ids = sample_ids(self.train).numpy()
         self.sampler = RandomCropSampler(cfg.data.crop_scale, cfg.data.crop_ratio)
-        spec = job_cache_spec(cfg, self.train)
-        self.cutmix, self.size = spec.cutmix, cfg.data.image_size
+        self.cutmix, self.size = cutmix_spec(cfg.optim), cfg.data.image_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.served = None
         if cfg.teachers.source == "served":
