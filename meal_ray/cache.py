@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -378,7 +378,3 @@ class SoftLabelCache:
         self.verify(names)
         table = pa.concat_tables([pq.read_table(self.root / n) for n in names])
         return CachedPass.from_table(table)
-
-
-def read_or_none(root: Optional[str | Path]) -> Optional[SoftLabelCache]:
-    return SoftLabelCache(root) if root and (Path(root) / MANIFEST).is_file() else None

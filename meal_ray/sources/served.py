@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Optional
 
 from meal_ray.config import JobConfig
-from meal_ray.ensemble import TeacherSet, check_compatible, describe_differences
+from meal_ray.ensemble import TeacherSet, check_compatible, describe_differences, fingerprint
 from meal_ray.errors import TeacherSetMismatchError, TeachersNotRunningError
 from meal_ray.serve.protocol import (
     DEFAULT_APP_NAME,
     HOW_TO_START,
-    PROTOCOL_VERSION,
     TeacherReply,
     TeacherRequest,
     check_version,
@@ -103,16 +102,15 @@ class ServedSoftLabels:
     def check_teachers(self, expected: TeacherSet) -> None:
         """Raise TeacherSetMismatchError, naming the differences, unless the application serves ``expected``."""
         served = self.info()["teacher_set"]
-        ours = expected.describe()
-        if expected.fingerprint() == served["fingerprint"]:
+        ours = expected.describe()  # hashes the weights once
+        ours_fingerprint = fingerprint(ours, expected.autocast)
+        if ours_fingerprint == served["fingerprint"]:
             return
         diff = describe_differences(ours, served["teachers"], "job", "served",
                                     (expected.autocast, served.get("autocast")))
         raise TeacherSetMismatchError(
             f"the Serve application {self.app_name!r} serves other teachers than the job's teachers.models "
-            f"(fingerprint {served['fingerprint']} vs {expected.fingerprint()}): {'; '.join(diff)}. Point "
+            f"(fingerprint {served['fingerprint']} vs {ours_fingerprint}): {'; '.join(diff)}. Point "
             "teachers.models at the served teachers' weights, or deploy this job's teachers "
             "(teachers.app_name names another application).")
 
-
-__all__ = ["ServedSoftLabels", "PROTOCOL_VERSION"]
