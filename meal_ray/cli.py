@@ -180,18 +180,22 @@ def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, a
 @click.option("--cache-passes", default=0, show_default=True,
               help="Add a third arm: MEAL V2 from a soft-label cache of this many passes, relabelled once per seed "
                    "with the same teachers (0: no cache arm).")
+@click.option("--cache-top-k", default=None, type=int,
+              help="Ablation: the cache keeps only the k largest teacher probabilities per crop (default: all "
+                   "classes); reported in ablation-top<k>/.")
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")
 @friendly_errors
 def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, cutmix, cache_passes,
-         tracking_uri, address):
+         cache_top_k, tracking_uri, address):
     """Reproduce MEAL V2's claims on Fashion-MNIST: teachers, student init, control vs MEAL V2, table + plots."""
     from meal_ray.demo import run_demo
 
     run_demo(output, quick=quick, seeds=_seed_list(seeds), no_discriminator=no_discriminator, weight_decay=weight_decay,
              hard_label_weight=hard_label_weight, student_init=student_init, cutmix=cutmix,
-             tracking_uri=tracking_uri, address=address, cache_passes=cache_passes)
+             tracking_uri=tracking_uri, address=address, cache_passes=cache_passes,
+             cache_top_k=cache_top_k)
 
 
 def _seed_list(text: str) -> list:

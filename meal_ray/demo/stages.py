@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from meal_ray.config import JobConfig, LossConfig, OptimConfig, load_config
+from meal_ray.data.datasets import FASHION_MNIST_CLASSES
 from meal_ray.demo.report import (
     CONTROL,
     DATA,
@@ -92,15 +93,18 @@ def _run_or_reuse(cfg: JobConfig, log) -> dict:
     return run_job(cfg, overwrite=True, log=log)
 
 
-def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log) -> JobConfig:
+def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log,
+               top_k: Optional[int] = None) -> JobConfig:
     """Relabel the MEAL V2 arm's crops once (in-process teachers in a Ray Data actor; resumed or reused when the
-    cache is there), then MEAL V2 from that cache: same student, init, schedule, CutMix, seed."""
+    cache is there), then MEAL V2 from that cache: same student, init, schedule, CutMix, seed. ``top_k`` < classes
+    stores only the k largest probabilities per crop (the rest recovered as FKD does), tagged ``-top<k>``."""
     from meal_ray.train.relabel import relabel
 
     base = meal.to_dict()
+    tag += f"-top{top_k}" if top_k else ""
     cache_dir = out / f"cache{tag}-seed{seed}"
     relabel_cfg = load_config(data=dict(base, teachers=dict(base["teachers"], source="local")))
-    relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log)
+    relabel(relabel_cfg, cache_dir, passes=passes, k=top_k, actors=1, log=log)
     cached = load_config(data=dict(base, name=f"meal-v2-cache{tag}-seed{seed}",
                                    run=dict(base["run"], output=str(out / f"meal-v2-cache{tag}-seed{seed}")),
                                    teachers=dict(base["teachers"], source="cache", cache=str(cache_dir))))
@@ -129,12 +133,14 @@ def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, c
 def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
-             log=print, preset: Optional[dict] = None, cache_passes: int = 0) -> dict:
+             log=print, preset: Optional[dict] = None, cache_passes: int = 0,
+             cache_top_k: Optional[int] = None) -> dict:
     """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std.
 
     ``cutmix`` overrides the preset's CutMix in both arms (an ablation); ``preset`` replaces the quick/full
     settings (tests use tiny models). ``cache_passes`` > 0 adds a third arm: MEAL V2 from a soft-label cache of that
-    many passes, relabelled once per seed with the same teachers (``meal-ray relabel``), no teachers running."""
+    many passes, relabelled once per seed with the same teachers (``meal-ray relabel``), no teachers running;
+    ``cache_top_k`` stores only the top k probabilities (default: all classes) and reports into ``ablation-top<k>``."""
     from ray import serve
 
     from meal_ray.cluster import ensure_ray
@@ -147,6 +153,10 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
         raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
     if cache_passes < 0:
         raise ConfigError(f"--cache-passes={cache_passes} must be >= 0 (0: no cache arm).")
+    classes = len(FASHION_MNIST_CLASSES)
+    if cache_top_k is not None and (not cache_passes or not 1 <= cache_top_k <= classes):
+        raise ConfigError(f"--cache-top-k={cache_top_k} needs --cache-passes > 0 and a value between 1 and the "
+                          f"{classes} classes.")
     try:  # the arms' own validation, before hours of teacher training rather than after
         OptimConfig(weight_decay=weight_decay).validate()
         LossConfig(hard_label_weight=hard_label_weight).validate()
@@ -201,7 +211,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                 serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
                 served = True
             _run_or_reuse(meal, log)
-            cached = _cache_arm(meal, out, tag, seed, cache_passes, log) if cache_passes else None
+            cached = _cache_arm(meal, out, tag, seed, cache_passes, log, cache_top_k) if cache_passes else None
             log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
             runs.append(evaluate_seed(seed, shared, init_weights, control, meal, cached))
             log(format_table(runs[-1]["rows"], runs[-1]["per_class"]))
@@ -212,14 +222,16 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     # 3. results.json, exports (first seed), plots, tables; an ablation reports into its own folder so the
     # default run's results are never replaced
     first = runs[0]
-    report = out / f"ablation{tag}" if tag else out
+    cache_tag = f"-top{cache_top_k}" if cache_top_k else ""
+    report = out / f"ablation{tag}{cache_tag}" if tag or cache_tag else out
     report.mkdir(exist_ok=True)
     for name, cfg in (("student", first["meal"]), ("control", first["control"])):
         shutil.rmtree(report / name, ignore_errors=True)
         shutil.copytree(cfg.output_dir / "student", report / name)
     summary = summarize(runs)
     results = {
-        "preset": preset_name, "settings": dict(preset, cutmix=arm_cutmix, cache_passes=cache_passes), "seeds": seeds,
+        "preset": preset_name, "settings": dict(preset, cutmix=arm_cutmix, cache_passes=cache_passes,
+                                                            cache_top_k=cache_top_k), "seeds": seeds,
         "ablation": ablation,
         "summary": summary,
         "gain_over_control": gain_over_control(summary),
@@ -232,9 +244,12 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     plot_demo(report, runs)
     tables = format_summary(summary, results["gain_over_control"], seeds) + "\n\n" + format_table(
         first["rows"], first["per_class"], title=f"Seed {first['seed']} (the exports in student/ and control/)")
+    if cache_top_k:
+        tables = (f"Cache arm: the top {cache_top_k} of {classes} teacher probabilities per crop, the rest spread "
+                  "evenly over the other classes (FKD's marginal smoothing)\n\n" + tables)
     write_text(report / "results.md", tables + "\n")
     log(tables)
-    log_demo_run(report, results, tracking_uri, tag)
+    log_demo_run(report, results, tracking_uri, tag + cache_tag)
     return results
 
 
