@@ -21,6 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 AUTOCAST_MODES = (None, "bf16", "fp16")
 DEFAULT_APP_NAME = "meal-ray-teachers"  # the Serve teacher application's name
+DATASETS = ("fashion-mnist", "imagefolder")
+REQUESTS = ("pixels", "crops")  # what a served request carries: rendered crops, or crop boxes the replicas render
 
 
 def check_autocast(key: str, value) -> None:
@@ -36,6 +38,13 @@ def check_batching(prefix: str, max_batch_size, batch_wait_timeout_s) -> None:
     if isinstance(batch_wait_timeout_s, bool) or not isinstance(batch_wait_timeout_s, (int, float)) \
             or batch_wait_timeout_s < 0:
         raise ConfigError(f"{prefix}batch_wait_timeout_s={batch_wait_timeout_s!r} must be a number >= 0 (seconds).")
+
+
+def check_dataset(prefix: str, dataset: str, root: Optional[str]) -> None:
+    if dataset not in DATASETS:
+        raise ConfigError(f"{prefix}dataset={dataset!r} is not supported; use 'fashion-mnist' or 'imagefolder'.")
+    if dataset == "imagefolder" and not root:
+        raise ConfigError(f"{prefix}root is required for {prefix}dataset=imagefolder (a folder with train/ and val/).")
 
 
 @dataclass
@@ -54,12 +63,7 @@ class DataConfig:
     loader_workers: int = 0
 
     def validate(self) -> None:
-        if self.dataset not in ("fashion-mnist", "imagefolder"):
-            raise ConfigError(
-                f"data.dataset={self.dataset!r} is not supported; use 'fashion-mnist' or 'imagefolder'."
-            )
-        if self.dataset == "imagefolder" and not self.root:
-            raise ConfigError("data.root is required for data.dataset=imagefolder (a folder with train/ and val/).")
+        check_dataset("data.", self.dataset, self.root)
         _positive("data.image_size", self.image_size)
         lo, hi = _pair("data.crop_scale", self.crop_scale)
         if not 0 < lo <= hi <= 1:
@@ -103,6 +107,7 @@ class TeachersConfig:
     autocast: Optional[str] = None  # None | "bf16" | "fp16" for teacher inference
     cache: Optional[str] = None  # source=cache: a soft-label cache directory written by `meal-ray relabel`
     cache_recovery: str = "marginal"  # top-k < classes: marginal (FKD: rest mass spread evenly) | renormalize
+    request: str = "pixels"  # served: send rendered crops (pixels) or crop boxes the replicas render (crops)
 
     def validate(self) -> None:
         from meal_ray.sources.registry import SOURCES
@@ -120,6 +125,24 @@ class TeachersConfig:
             raise ConfigError("teachers.source=cache needs teachers.cache: the directory `meal-ray relabel` wrote.")
         if self.cache_recovery not in ("marginal", "renormalize"):
             raise ConfigError(f"teachers.cache_recovery={self.cache_recovery!r}: use marginal or renormalize.")
+        if self.request not in REQUESTS:
+            raise ConfigError(f"teachers.request={self.request!r}: use pixels (send the rendered crops) or crops "
+                              "(send crop boxes; the teacher replicas read the dataset and render them).")
+        if self.request == "crops" and self.source != "served":
+            raise ConfigError(f"teachers.request=crops is for teachers.source=served (got {self.source!r}): the "
+                              "replicas render the boxes; drop it or use the served source.")
+
+
+@dataclass
+class TeacherDataConfig:
+    """``args.data`` of the teacher application: the training set the replicas read to render crop-box requests
+    (``teachers.request: crops``); the same files as the jobs' ``data`` (shared storage)."""
+
+    dataset: str = "fashion-mnist"
+    root: Optional[str] = None
+
+    def validate(self) -> None:
+        check_dataset("args.data.", self.dataset, self.root)
 
 
 @dataclass
@@ -132,6 +155,7 @@ class TeacherAppConfig:
     autocast: Optional[str] = None
     base_dir: Optional[str] = None  # relative weights paths resolve against this (default: working directory)
     retry_s: float = 60.0  # how long the ingress waits for a replaced teacher replica
+    data: Optional[TeacherDataConfig] = None  # the training set, for crop-box requests (None: pixels only)
 
     def validate(self) -> "TeacherAppConfig":
         if not self.teachers:
@@ -141,6 +165,8 @@ class TeacherAppConfig:
         check_autocast("args.autocast", self.autocast)
         if self.retry_s < 0:
             raise ConfigError(f"args.retry_s={self.retry_s} must be >= 0 (seconds).")
+        if self.data is not None:
+            self.data.validate()
         return self
 
 
@@ -306,6 +332,8 @@ def _coerce_value(hint, value, path: str, owner, key):
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
+        if dataclasses.is_dataclass(hint):
+            return _coerce(hint, value, path)
     if hint is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value]

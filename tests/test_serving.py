@@ -33,7 +33,8 @@ def _config(teachers, app=APP, max_batch_size=64, wait=0.05):
         "applications": [{
             "name": app, "import_path": "meal_ray.serve.app:build_app", "route_prefix": None,
             "args": {"teachers": [dict(t, name=n) for t, n in zip(teachers, ("small", "tiny10t"))],
-                     "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait},
+                     "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait,
+                     "data": {"dataset": "fashion-mnist"}},  # crop-box requests: replicas render from it
             "deployments": [
                 {"name": "small", "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.25}},
                 {"name": "tiny10t", "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.25}},
@@ -290,7 +291,7 @@ def test_malformed_requests_get_clear_errors_and_the_replicas_keep_serving(app):
            (TeacherRequest(good, version=PROTOCOL_VERSION + 1),
             rf"the client speaks meal-ray teacher protocol v{PROTOCOL_VERSION + 1}, "
             rf"this side speaks v{PROTOCOL_VERSION}"),
-           ({"images": good}, "must be a meal_ray.serve.protocol.TeacherRequest, got dict")]
+           ({"images": good}, r"must be a meal_ray.serve.protocol.TeacherRequest \(or CropRequest\), got dict")]
     for handle in (ingress, teacher):  # validated by the ingress and, called directly, by each teacher
         for request, message in bad:
             with pytest.raises(ProtocolError, match=message):
@@ -303,6 +304,83 @@ def test_malformed_requests_get_clear_errors_and_the_replicas_keep_serving(app):
         responses[1].result(timeout_s=60)
     assert responses[2].result(timeout_s=60).probs.shape == (4, 10)
     assert teacher.replica_actor_name.remote().result() == replica  # the replica was not restarted
+
+
+def _recorded_batch(dataset, n, seed, mixed):
+    """A training batch (28 px random crops of real samples) that records ids, crops and, if ``mixed``, CutMix."""
+    from meal_ray.data.batch import cutmix, render_batch
+    from meal_ray.data.crops import RandomCropSampler
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(len(dataset), generator=g)[:n]
+    torch.manual_seed(seed)
+    sampler = RandomCropSampler((0.3, 1.0))
+    crops = torch.stack([sampler.sample(dataset[int(i)][0]).as_tensor() for i in ids])
+    batch = Batch(render_batch(dataset, ids, crops, 28), dataset.targets[ids], ids, crops)
+    return cutmix(batch, generator=g) if mixed else batch
+
+
+@pytest.mark.slow
+def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
+    """teachers.request=crops: a replica renders the student's boxes from the dataset itself. Where the teacher's
+    resolution equals the student's (28 px) it sees the pixels the student saw; a 36 px teacher sees a 36 px render
+    of the same box (not the 28 px crop upsampled)."""
+    from meal_ray.data.batch import render_batch
+    from meal_ray.data.crops import scale_boxes
+    from meal_ray.data.datasets import dataset_fingerprint, load_train_set
+    from meal_ray.ensemble import load_teacher
+    from meal_ray.errors import ProtocolError
+    from meal_ray.serve.protocol import CropRequest
+    from meal_ray.sources.served import ServedSoftLabels
+
+    dataset = load_train_set("fashion-mnist", None, 1)
+    small, tiny10t = _teacher_handle("small"), _teacher_handle("tiny10t")
+    local36 = load_teacher(TeacherSpec(**tiny_teachers[1]))
+    for seed, mixed in ((0, False), (1, True)):
+        batch = _recorded_batch(dataset, 12, seed, mixed)
+        request = CropRequest.from_batch(batch)
+        assert request.records.nbytes / len(batch) <= 64 and request.records.shape[1] == (16 if mixed else 6)
+        # the 28 px teacher: same logits from boxes as from the student's pixels
+        np.testing.assert_allclose(small.remote(request).result(timeout_s=60),
+                                   small.remote(TeacherRequest.from_images(batch.images)).result(timeout_s=60),
+                                   atol=1e-5, rtol=0)
+        # the 36 px teacher renders the box (and the scaled CutMix box) at 36 px
+        boxes = scale_boxes(batch.mix_boxes, 28, (36, 36)) if mixed else None
+        at36 = render_batch(dataset, batch.indices, batch.crops, (36, 36), "bilinear", batch.mix_ids,
+                            batch.mix_crops, boxes)
+        from_boxes = tiny10t.remote(request).result(timeout_s=60)
+        np.testing.assert_allclose(from_boxes, local36(at36).numpy(), atol=1e-4, rtol=0)
+        upsampled = tiny10t.remote(TeacherRequest.from_images(batch.images)).result(timeout_s=60)
+        assert np.abs(from_boxes - upsampled).max() > 1e-3  # a different (sharper) input than the upsampled crop
+
+    # the served source sends boxes when asked; the ingress reports the dataset its replicas read
+    source = ServedSoftLabels(app, prefetch=2, request="crops")
+    assert source.info()["data"]["samples"] == len(dataset) == 60000
+    source.check_data(dataset_fingerprint(dataset))
+    with pytest.raises(ConfigError, match="reads another training set"):
+        source.check_data("0" * 16)
+    batch = _recorded_batch(dataset, 8, 2, mixed=True)
+    out = next(source.attach([batch]))
+    assert out.teacher_probs.shape == (8, 10) and out.teacher_latency_s > 0
+    source.close()
+    # bad crop requests are refused by name, at the ingress and at each teacher
+    ingress = serve_handle(app)
+    good = CropRequest.from_batch(batch)
+    bad = [(CropRequest(good.records.astype(np.int64), 28), r"int32 array \[B, 6\] or \[B, 16\]"),
+           (CropRequest(good.records[:, :5].copy(), 28), r"got int32 \(8, 5\)"),
+           (CropRequest(np.where(np.arange(16) == 0, 60000, good.records).astype(np.int32), 28),
+            r"sample ids must be in \[0, 60000\)"),
+           (CropRequest(good.records, 0), "size=0 must be the student's crop side")]
+    for handle in (ingress, small):
+        for request, message in bad:
+            with pytest.raises(ProtocolError, match=message):
+                handle.remote(request).result(timeout_s=60)
+
+
+def serve_handle(app_name):
+    from ray import serve
+
+    return serve.get_app_handle(app_name)
 
 
 @pytest.mark.slow

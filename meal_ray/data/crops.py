@@ -32,7 +32,7 @@ def interpolation_mode(name: str) -> InterpolationMode:
 
 
 __all__ = ["INTERPOLATIONS", "CropParams", "CropSampler", "EvalTransform", "MixParams", "RandomCropSampler",
-           "ReplayedCropSampler", "cutmix_box", "interpolation_mode", "render_crop", "render_sample"]
+           "ReplayedCropSampler", "cutmix_box", "interpolation_mode", "render_crop", "render_sample", "scale_boxes"]
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,21 @@ class MixParams:
         return self.partner_id, self.partner_crop.as_tensor(), torch.tensor(self.box, dtype=torch.int64)
 
 
-def render_crop(image: torch.Tensor, params: CropParams, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """Render the recorded crop of a uint8 CHW image at ``size`` x ``size`` (deterministic)."""
+def _hw(size) -> list:
+    return [int(size), int(size)] if isinstance(size, int) else [int(v) for v in size]
+
+
+def render_crop(image: torch.Tensor, params: CropParams, size, interpolation: str = "bilinear") -> torch.Tensor:
+    """Render the recorded crop of a uint8 CHW image at ``size`` x ``size`` (or ``(height, width)``;
+    deterministic)."""
     out = TF.resized_crop(
-        image, params.top, params.left, params.height, params.width, [size, size],
+        image, params.top, params.left, params.height, params.width, _hw(size),
         interpolation=_INTERP[interpolation], antialias=True,
     )
     return TF.horizontal_flip(out) if params.flip else out
 
 
-def render_sample(image: torch.Tensor, crop: CropParams, size: int, interpolation: str = "bilinear",
+def render_sample(image: torch.Tensor, crop: CropParams, size, interpolation: str = "bilinear",
                   mix: Optional[MixParams] = None, partner_image: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The uint8 pixels a recorded sample had: its crop, with the CutMix partner's crop pasted into ``mix.box``."""
     out = render_crop(image, crop, size, interpolation)
@@ -89,6 +94,19 @@ def render_sample(image: torch.Tensor, crop: CropParams, size: int, interpolatio
     out = out.clone()
     out[:, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
     return out
+
+
+def scale_boxes(boxes: torch.Tensor, drawn_size: int, size) -> torch.Tensor:
+    """CutMix boxes [N, 4] (top, left, height, width) drawn on ``drawn_size`` px crops, moved to crops rendered at
+    ``size`` (a teacher's own resolution): edges scaled and rounded; unchanged when the sizes are equal."""
+    h, w = _hw(size)
+    if (h, w) == (drawn_size, drawn_size):
+        return boxes
+    top, left = boxes[:, 0].double() * h / drawn_size, boxes[:, 1].double() * w / drawn_size
+    bottom = (boxes[:, 0] + boxes[:, 2]).double() * h / drawn_size
+    right = (boxes[:, 1] + boxes[:, 3]).double() * w / drawn_size
+    top, left, bottom, right = (v.round().long() for v in (top, left, bottom, right))
+    return torch.stack([top, left, bottom - top, right - left], dim=1)
 
 
 def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple:

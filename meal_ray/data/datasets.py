@@ -252,13 +252,20 @@ def stratified_indices(targets: torch.Tensor, n: int, num_classes: int) -> list[
     return sorted(i for c in range(num_classes) for i in per_class[c][: take[c]])
 
 
+def load_train_set(dataset: str, root: Optional[str], channels: int) -> Dataset:
+    """The whole training set (sample id = index), as jobs and teacher replicas rendering crop boxes read it."""
+    if dataset == "fashion-mnist":
+        return FashionMNIST(root, True, channels)
+    return ImageFolderUint8(Path(root) / "train", channels)
+
+
 def load_datasets(cfg: DataConfig, num_classes: int) -> tuple[Dataset, Dataset, tuple]:
     """Return (train base, val base, class names) with optional stratified subsets."""
+    train = load_train_set(cfg.dataset, cfg.root, cfg.in_chans)
     if cfg.dataset == "fashion-mnist":
-        train, val = FashionMNIST(cfg.root, True, cfg.in_chans), FashionMNIST(cfg.root, False, cfg.in_chans)
+        val = FashionMNIST(cfg.root, False, cfg.in_chans)
         classes = FASHION_MNIST_CLASSES
     else:
-        train = ImageFolderUint8(Path(cfg.root) / "train", cfg.in_chans)
         val = ImageFolderUint8(Path(cfg.root) / "val", cfg.in_chans)
         classes = tuple(train.classes)
         if tuple(val.classes) != classes:

@@ -50,18 +50,31 @@ def resolve_teachers(app: TeacherAppConfig, base_dir: Optional[str] = None, chec
     return specs
 
 
+def resolve_data(app: TeacherAppConfig, base_dir: Optional[str] = None) -> Optional[dict]:
+    """``args.data`` with an absolute root (relative roots resolve like weights paths), or None."""
+    if app.data is None:
+        return None
+    root = app.data.root
+    if root:
+        path = Path(os.path.expanduser(str(root)))
+        root = str(path if path.is_absolute() else Path(base_dir or app.base_dir or os.getcwd()) / path)
+    return {"dataset": app.data.dataset, "root": root}
+
+
 def build_app(args: dict):
     """Serve application builder: one TeacherModel deployment per teacher + the EnsembleIngress.
 
     ``args`` (from a Serve config file or ``serve.run``): ``teachers`` (list of ``{name, model,
     weights, pretrained}``), ``max_batch_size`` (crops per forward pass), ``batch_wait_timeout_s``,
-    ``autocast`` (bf16 | fp16 | null), ``base_dir`` (relative weights paths), ``retry_s``.
+    ``autocast`` (bf16 | fp16 | null), ``base_dir`` (relative weights paths), ``retry_s``, ``data`` (``{dataset,
+    root}``: the training set the replicas read to render crop-box requests).
     Bad args are refused here, before any replica starts (so ``serve deploy`` fails fast).
     """
     app = load_app_config(args)
     specs = resolve_teachers(app)
+    data = resolve_data(app)
     bound = [TeacherModel.options(name=s["name"]).bind(s, app.autocast, app.max_batch_size,
-                                                       float(app.batch_wait_timeout_s)) for s in specs]
+                                                       float(app.batch_wait_timeout_s), data) for s in specs]
     return EnsembleIngress.options(name=INGRESS_NAME).bind(bound, [s["name"] for s in specs], float(app.retry_s),
                                                            app.autocast)
 
@@ -79,7 +92,10 @@ def load_serve_config(config_path: str | Path, base_dir: Optional[str] = None):
     for app in config.applications:
         if app.import_path == IMPORT_PATH:
             app_args = dict(app.args or {})
-            app_args["teachers"] = resolve_teachers(load_app_config(app_args), base_dir=base_dir)  # fail fast
+            parsed = load_app_config(app_args)
+            app_args["teachers"] = resolve_teachers(parsed, base_dir=base_dir)  # fail fast
+            if parsed.data is not None:
+                app_args["data"] = resolve_data(parsed, base_dir)
             app_args.pop("base_dir", None)
             app.args = app_args
     return config

@@ -22,7 +22,7 @@ from ray import serve
 from meal_ray.config import TeacherSpec, check_batching
 from meal_ray.ensemble import average_teacher_outputs, describe_teacher, fingerprint, load_teacher
 from meal_ray.errors import ClassCountMismatchError, ConfigError
-from meal_ray.serve.protocol import PROTOCOL_VERSION, TeacherReply, TeacherRequest
+from meal_ray.serve.protocol import PROTOCOL_VERSION, CropRequest, TeacherReply, parse_request
 
 INGRESS_NAME = "ensemble"  # deployment name of the ingress inside the application
 
@@ -50,7 +50,7 @@ class TeacherModel:
     """
 
     def __init__(self, spec: dict, autocast: Optional[str] = None, max_batch_size: int = 64,
-                 batch_wait_timeout_s: float = 0.01):
+                 batch_wait_timeout_s: float = 0.01, data: Optional[dict] = None):
         logging.getLogger("ray.serve").addFilter(_DropMaxOngoingWarning())
         self.spec = TeacherSpec(**spec)
         self.name = self.spec.name or self.spec.model
@@ -59,6 +59,13 @@ class TeacherModel:
         self.description = describe_teacher(self.spec)
         self.autocast = autocast
         self._batch_sizes: collections.deque = collections.deque(maxlen=10_000)
+        self.dataset, self.data_info = None, None
+        if data:  # crop-box requests: this replica reads the training set and renders the boxes itself
+            from meal_ray.data.datasets import dataset_fingerprint, load_train_set
+
+            self.dataset = load_train_set(data["dataset"], data.get("root"), self.teacher.in_chans)
+            self.data_info = {"dataset": data["dataset"], "root": data.get("root"), "samples": len(self.dataset),
+                              "fingerprint": dataset_fingerprint(self.dataset)}
         self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
 
     def reconfigure(self, config: dict) -> None:
@@ -74,9 +81,14 @@ class TeacherModel:
         self.infer_batch.set_max_batch_size(self.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
-    async def __call__(self, request: TeacherRequest) -> np.ndarray:
-        """TeacherRequest -> float32 logits [b, num_classes]. Validated here, before it joins a batch."""
-        images = TeacherRequest.parse(request, self.teacher.in_chans).images
+    async def __call__(self, request) -> np.ndarray:
+        """TeacherRequest (pixels) or CropRequest (boxes, rendered here at this teacher's resolution) -> float32
+        logits [b, num_classes]. Validated here, before it joins a batch."""
+        request = parse_request(request, self.teacher.in_chans, len(self.dataset) if self.dataset else None)
+        if isinstance(request, CropRequest):
+            images = await asyncio.to_thread(self._render, request)
+        else:
+            images = request.images
         step = self.max_batch_size
         chunks = [images[i:i + step] for i in range(0, len(images), step)]
         outs = await asyncio.gather(*(self.infer_batch(c) for c in chunks))
@@ -98,6 +110,24 @@ class TeacherModel:
                 results[i] = logits[offsets[j]:offsets[j + 1]]
         return results
 
+    def _render(self, request: CropRequest) -> np.ndarray:
+        """The request's crops rendered from the training set at this teacher's input size and interpolation (a
+        380 px teacher sees a 380 px render of the student's box, not an upsampled student crop)."""
+        from meal_ray.data.batch import render_batch
+        from meal_ray.data.crops import scale_boxes
+        from meal_ray.errors import ProtocolError
+
+        if self.dataset is None:
+            raise ProtocolError(f"teacher {self.name!r} got a crop-box request but reads no dataset: deploy the "
+                                "application with args.data (the jobs' dataset and root) or send pixels "
+                                "(teachers.request=pixels).")
+        f = request.fields()
+        boxes = f.get("mix_boxes")
+        if boxes is not None:
+            boxes = scale_boxes(boxes, request.size, self.teacher.size)
+        return render_batch(self.dataset, f["ids"], f["crops"], self.teacher.size, self.teacher.interpolation,
+                            f.get("mix_ids"), f.get("mix_crops"), boxes).numpy()
+
     def _forward(self, merged: np.ndarray) -> np.ndarray:
         return self.teacher(torch.from_numpy(merged)).cpu().numpy().astype(np.float32, copy=False)
 
@@ -109,7 +139,8 @@ class TeacherModel:
                 "mean": [round(float(v) / 255, 6) for v in t.mean.flatten()],
                 "std": [round(float(v) / 255, 6) for v in t.std.flatten()],
                 "device": str(self.device), "autocast": self.autocast, "description": self.description,
-                "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+                "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                "data": self.data_info}
 
     def batch_sizes(self) -> list:
         """Crops per forward pass, one entry per merged batch this replica ran (most recent 10 000)."""
@@ -146,7 +177,9 @@ class EnsembleIngress:
                     "the served teachers disagree on input channels: "
                     + ", ".join(f"{i['name']}={i['in_chans']}" for i in infos) + ".")
             descriptions = [i["description"] for i in infos]
+            data = [i.get("data") for i in infos]
             self._info = {"num_classes": classes.pop(), "in_chans": chans.pop(), "teachers": infos,
+                          "data": data[0] if all(d is not None for d in data) else None,
                           "protocol_version": PROTOCOL_VERSION,
                           "teacher_set": {"fingerprint": fingerprint(descriptions, self.autocast),
                                           "autocast": self.autocast, "teachers": descriptions}}
@@ -167,9 +200,10 @@ class EnsembleIngress:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def __call__(self, request: TeacherRequest) -> TeacherReply:
+    async def __call__(self, request) -> TeacherReply:
         info = await self._teacher_info()
-        request = TeacherRequest.parse(request, info["in_chans"])
+        samples = info["data"]["samples"] if info["data"] else None
+        request = parse_request(request, info["in_chans"], samples)
         start = time.perf_counter()
         logits = await asyncio.gather(*(self._call(h, request) for h in self.teachers))
         latency = time.perf_counter() - start

@@ -1,7 +1,10 @@
 """The wire format between soft-label clients and the teacher application: typed, validated once, versioned.
 
 A :class:`TeacherRequest` carries one mini-batch of uint8 crops ``[B, C, H, W]`` (each teacher
-replica applies its own preprocessing); a :class:`TeacherReply` carries the ensemble's fp16
+replica applies its own preprocessing). A :class:`CropRequest` (``teachers.request: crops``)
+carries only where the crops come from, <= 64 bytes per sample: sample id, crop box, flip and
+CutMix record; each replica reads the samples from the training set itself and renders them at
+its own resolution and interpolation. A :class:`TeacherReply` carries the ensemble's fp16
 averaged probabilities and logits ``[B, C]`` and the teachers' inference time. Both carry
 ``PROTOCOL_VERSION``; a client and a server of different versions refuse each other with a
 :class:`~meal_ray.errors.ProtocolError` that says which side to upgrade. Plain numpy, no Ray.
@@ -18,8 +21,8 @@ import torch
 from meal_ray.config import DEFAULT_APP_NAME
 from meal_ray.errors import ProtocolError
 
-__all__ = ["DEFAULT_APP_NAME", "HOW_TO_START", "PROTOCOL_VERSION", "TeacherReply", "TeacherRequest", "check_version",
-           "validate_crops"]
+__all__ = ["CROP_FIELDS", "DEFAULT_APP_NAME", "HOW_TO_START", "MIX_FIELDS", "PROTOCOL_VERSION", "CropRequest",
+           "TeacherReply", "TeacherRequest", "check_version", "parse_request", "validate_crops"]
 
 PROTOCOL_VERSION = 1
 HOW_TO_START = (
@@ -88,11 +91,79 @@ class TeacherRequest:
             raise ProtocolError("teacher request is a bare array (an older meal-ray client without a protocol "
                                 f"version?); send meal_ray.serve.protocol.TeacherRequest(images). {_UPGRADE}")
         if not isinstance(obj, TeacherRequest):
-            raise ProtocolError(f"teacher request must be a meal_ray.serve.protocol.TeacherRequest, got "
-                                f"{type(obj).__name__}.")
+            raise ProtocolError(f"teacher request must be a meal_ray.serve.protocol.TeacherRequest (or CropRequest), "
+                                f"got {type(obj).__name__}.")
         check_version(getattr(obj, "version", None), "the client")
         validate_crops(obj.images, in_chans)
         return obj
+
+
+CROP_FIELDS = 6  # sample id, top, left, height, width, flip
+MIX_FIELDS = 16  # + partner id (-1: not mixed), partner top, left, height, width, flip, box top, left, height, width
+
+
+@dataclass(frozen=True)
+class CropRequest:
+    """One mini-batch as crop records: int32 ``[B, 6]`` (no CutMix) or ``[B, 16]`` (CutMix), and ``size``, the side
+    of the crops the student renders (CutMix boxes are in its pixels; a replica rendering at another resolution
+    scales them)."""
+
+    records: np.ndarray  # int32 [B, CROP_FIELDS | MIX_FIELDS]
+    size: int
+    version: int = PROTOCOL_VERSION
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @classmethod
+    def from_batch(cls, batch) -> "CropRequest":
+        """From a :class:`~meal_ray.data.Batch` that records its sample ids and crops (and CutMix partners)."""
+        if batch.indices is None or batch.crops is None:
+            raise ProtocolError("teachers.request=crops needs batches that record sample ids and crops (the "
+                                "training loader's); send pixels (teachers.request=pixels) otherwise.")
+        cols = [batch.indices.view(-1, 1), batch.crops]
+        if batch.mix_ids is not None:
+            cols += [batch.mix_ids.view(-1, 1), batch.mix_crops, batch.mix_boxes]
+        return cls(torch.cat(cols, dim=1).numpy().astype(np.int32), int(batch.images.shape[-1]))
+
+    def fields(self) -> dict:
+        """int64 tensors: ``ids`` [B], ``crops`` [B, 5] and, under CutMix, ``mix_ids``, ``mix_crops``, ``mix_boxes``."""
+        r = torch.from_numpy(self.records.astype(np.int64))
+        out = {"ids": r[:, 0], "crops": r[:, 1:6]}
+        if r.shape[1] == MIX_FIELDS:
+            out.update(mix_ids=r[:, 6], mix_crops=r[:, 7:12], mix_boxes=r[:, 12:16])
+        return out
+
+    @staticmethod
+    def parse(obj: Any, num_samples: Optional[int] = None) -> "CropRequest":
+        """Validate a crop request (and, where the dataset is known, that its sample ids are in it)."""
+        check_version(getattr(obj, "version", None), "the client")
+        r, size = obj.records, obj.size
+        if not isinstance(r, np.ndarray) or r.dtype != np.int32 or r.ndim != 2 \
+                or r.shape[1] not in (CROP_FIELDS, MIX_FIELDS) or len(r) == 0:
+            got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, np.ndarray) else type(r).__name__
+            raise ProtocolError(f"crop request records must be a non-empty int32 array [B, {CROP_FIELDS}] or "
+                                f"[B, {MIX_FIELDS}] (sample id, crop box, flip[, CutMix record]); got {got}. "
+                                "Build it with CropRequest.from_batch(batch).")
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ProtocolError(f"crop request size={size!r} must be the student's crop side in pixels (>= 1).")
+        ids = [r[:, 0]] + ([r[:, 6][r[:, 6] >= 0]] if r.shape[1] == MIX_FIELDS else [])
+        ids = np.concatenate(ids)
+        if ids.min() < 0 or (num_samples is not None and ids.max() >= num_samples):
+            raise ProtocolError(f"crop request sample ids must be in [0, {num_samples or 'N'}) (the training set "
+                                f"the replicas read); got {int(ids.min())}..{int(ids.max())}. Serve the job's "
+                                "dataset (args.data) or send pixels.")
+        boxes = [r[:, 3:5]] + ([r[r[:, 6] >= 0][:, 9:11]] if r.shape[1] == MIX_FIELDS else [])
+        if np.concatenate(boxes).min() < 1 or not np.isin(r[:, 5], (0, 1)).all():
+            raise ProtocolError("crop request crops must have height, width >= 1 and flip 0 or 1.")
+        return obj
+
+
+def parse_request(obj: Any, in_chans: Optional[int] = None, num_samples: Optional[int] = None):
+    """A :class:`TeacherRequest` or a :class:`CropRequest`, validated; ProtocolError for anything else."""
+    if isinstance(obj, CropRequest):
+        return CropRequest.parse(obj, num_samples)
+    return TeacherRequest.parse(obj, in_chans)
 
 
 @dataclass(frozen=True)

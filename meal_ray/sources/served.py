@@ -6,10 +6,11 @@ from typing import Iterable, Iterator, Optional
 
 from meal_ray.config import JobConfig
 from meal_ray.ensemble import TeacherSet, check_compatible, describe_differences, fingerprint
-from meal_ray.errors import TeacherSetMismatchError, TeachersNotRunningError
+from meal_ray.errors import ConfigError, TeacherSetMismatchError, TeachersNotRunningError
 from meal_ray.serve.protocol import (
     DEFAULT_APP_NAME,
     HOW_TO_START,
+    CropRequest,
     TeacherReply,
     TeacherRequest,
     check_version,
@@ -21,13 +22,14 @@ class ServedSoftLabels:
     """Soft labels from the Serve teacher application, with ``prefetch`` batches in flight.
 
     Works on the driver and inside Ray Train workers (the handle is obtained in the process
-    that constructs it). On connecting it checks the application's protocol version.
+    that constructs it). On connecting it checks the application's protocol version. With
+    ``request="crops"`` it sends crop records (:class:`CropRequest`) instead of pixels.
     """
 
     name = "served"
 
     def __init__(self, app_name: str = DEFAULT_APP_NAME, prefetch: int = 4, address: Optional[str] = None,
-                 timeout_s: Optional[float] = 600.0):
+                 timeout_s: Optional[float] = 600.0, request: str = "pixels"):
         from ray import serve
         from ray.serve.exceptions import RayServeException
 
@@ -35,7 +37,7 @@ class ServedSoftLabels:
         from meal_ray.serve.lifecycle import app_status, state_name
 
         connect(address)
-        self.app_name, self.timeout_s = app_name, timeout_s
+        self.app_name, self.timeout_s, self.request = app_name, timeout_s, request
         status = app_status(app_name)
         state = state_name(getattr(status, "status", "NOT_DEPLOYED"))
         if status is None or state in ("DEPLOY_FAILED", "DELETING", "NOT_STARTED"):
@@ -58,14 +60,19 @@ class ServedSoftLabels:
 
     @classmethod
     def preflight(cls, cfg: JobConfig) -> None:
-        """The application runs, speaks our protocol, serves this job's teachers and fits its student."""
+        """The application runs, speaks our protocol, serves this job's teachers and fits its student (and, for
+        crop-box requests, reads the job's training set)."""
         source = cls(cfg.teachers.app_name)
         source.check_teachers(TeacherSet.from_config(cfg.teachers))
         source.check_student(cfg.student.num_classes, cfg.data.in_chans)
+        if cfg.teachers.request == "crops":
+            from meal_ray.data.datasets import dataset_fingerprint, load_datasets
+
+            source.check_data(dataset_fingerprint(load_datasets(cfg.data, cfg.student.num_classes)[0]))
 
     @classmethod
     def from_config(cls, cfg: JobConfig, device=None) -> "ServedSoftLabels":
-        source = cls(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch)
+        source = cls(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch, request=cfg.teachers.request)
         source.check_student(cfg.student.num_classes, cfg.data.in_chans)
         return source
 
@@ -78,7 +85,7 @@ class ServedSoftLabels:
     # ------------------------------------------------------------------ requests
     def _submit(self, batch):
         # zero-copy: the array is serialized when the request goes out; the window keeps the batch until collected
-        request = TeacherRequest.from_images(batch.images)
+        request = CropRequest.from_batch(batch) if self.request == "crops" else TeacherRequest.from_images(batch.images)
         return self.handle.remote(request), len(request)
 
     def _collect(self, pending) -> tuple:
@@ -98,6 +105,19 @@ class ServedSoftLabels:
         """Raise ClassCountMismatchError when the student cannot be distilled from the served teachers."""
         info = self.info()
         check_compatible(info["num_classes"], {t["in_chans"] for t in info["teachers"]}, num_classes, in_chans)
+
+    def check_data(self, fingerprint: str) -> None:
+        """Raise ConfigError unless the application's replicas read the training set with this fingerprint (crop-box
+        requests name samples by id, so both sides must mean the same samples)."""
+        data = self.info().get("data")
+        if data is None:
+            raise ConfigError(f"teachers.request=crops, but the Serve application {self.app_name!r} reads no dataset: "
+                              "add `data: {dataset: ..., root: ...}` (the job's data.dataset and data.root) to its "
+                              "args and redeploy, or set teachers.request=pixels.")
+        if data["fingerprint"] != fingerprint:
+            raise ConfigError(f"teachers.request=crops, but the Serve application {self.app_name!r} reads another "
+                              f"training set ({data['dataset']} at {data['root']}, fingerprint {data['fingerprint']}; "
+                              f"the job's: {fingerprint}). Point the app's args.data at the job's data or send pixels.")
 
     def check_teachers(self, expected: TeacherSet) -> None:
         """Raise TeacherSetMismatchError, naming the differences, unless the application serves ``expected``."""
