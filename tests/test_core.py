@@ -247,6 +247,10 @@ def test_bad_config_values_and_unknown_keys_are_named():
         load_config(data=dict(BASE, optim={"batch_size": 64}, run={"num_workers": 3}))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("jobs/no-such-job.yaml")
+    with pytest.raises(ConfigError, match="teachers.request='boxes': use pixels"):
+        load_config(data=dict(BASE, teachers={"models": ["a"], "request": "boxes"}))
+    with pytest.raises(ConfigError, match="teachers.request=crops is for teachers.source=served"):
+        load_config(data=dict(BASE, teachers={"source": "local", "models": ["resnet18"], "request": "crops"}))
     cfg = load_config(data=BASE, overrides=["optim.epochs=3", "data.crop_scale=[0.5,1]", "optim.weight_decay=5e-5"])
     assert cfg.optim.epochs == 3 and cfg.data.crop_scale == (0.5, 1)
     assert cfg.optim.weight_decay == 5e-5  # YAML 1.1 reads 5e-5 as a string; numbers in that form are accepted

@@ -94,6 +94,10 @@ def test_build_app_rejects_bad_args_with_clear_messages(tiny_teachers, tmp_path)
                    "base_dir": str(tmp_path)})
     with pytest.raises(ModelNotFoundError, match="resnet1888"):
         build_app({"teachers": [{"model": "resnet1888"}]})
+    with pytest.raises(ConfigError, match=r"args.data.root is required for args.data.dataset=imagefolder"):
+        build_app({"teachers": tiny_teachers, "data": {"dataset": "imagefolder"}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'args.data.path'"):
+        build_app({"teachers": tiny_teachers, "data": {"path": "x"}})
     app = build_app({"teachers": tiny_teachers})  # default names teacher0, teacher1 + ingress "ensemble"
     assert type(app).__name__ == "Application"
 
