@@ -28,7 +28,7 @@ def job(tmp_path, name, teachers, source, epochs=1, **over):
         student=dict(model="test_efficientnet", num_classes=10),
         teachers=dict(source=source, app_name=APP, prefetch=3,
                       models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
-        optim=dict(epochs=epochs, batch_size=128, lr=0.05),
+        optim=dict(dict(epochs=epochs, batch_size=128, lr=0.05), **over.pop("optim", {})),
         run=dict(num_workers=2, cpus_per_worker=1, seed=7, output=str(tmp_path / name),
                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_every=0),
         **over))
@@ -80,6 +80,27 @@ def test_served_and_local_distillation_agree_and_track_everything(tmp_path, serv
     assert metrics_file["top1"] == served["top1"] and set(metrics_file["per_class"]) >= {"Shirt", "Coat"}
 
 
+def test_crop_box_requests_train_like_local_teachers(tmp_path, ray_cluster, tiny_teachers):
+    """teachers.request=crops end to end: the workers send crop records, the replica (28 px, the student's size)
+    renders them from the dataset; the first step's loss is the in-process teacher's."""
+    from ray import serve
+
+    from meal_ray.serve.app import build_app
+    from meal_ray.train import run_job
+
+    app = APP + "-crops"
+    serve.run(build_app({"teachers": tiny_teachers[:1], "data": {"dataset": "fashion-mnist"}}), name=app,
+              route_prefix=None)
+    try:
+        cfg = job(tmp_path, "crops", tiny_teachers[:1], "served", optim=dict(cutmix=True))
+        cfg.teachers.app_name, cfg.teachers.request = app, "crops"
+        crops = run_job(cfg)
+    finally:
+        serve.delete(app)
+    local = run_job(job(tmp_path, "local", tiny_teachers[:1], "local", optim=dict(cutmix=True)))
+    assert crops["history"][0]["first_step_loss"] == pytest.approx(local["history"][0]["first_step_loss"], rel=2e-3)
+
+
 def test_a_job_whose_teachers_are_not_the_served_ones_stops_before_training(tmp_path, served_teachers):
     from meal_ray.errors import TeacherSetMismatchError
     from meal_ray.train import run_job
@@ -91,7 +112,11 @@ def test_a_job_whose_teachers_are_not_the_served_ones_stops_before_training(tmp_
     one = job(tmp_path, "one", served_teachers[:1], "served")
     with pytest.raises(TeacherSetMismatchError, match=r"job has 1 teachers \(test_resnet\), served has 2"):
         run_job(one)
-    assert not (tmp_path / "swapped").exists() and not (tmp_path / "one").exists()  # nothing written
+    crops = job(tmp_path, "crops", served_teachers, "served")
+    crops.teachers.request = "crops"  # this app was deployed without args.data
+    with pytest.raises(ConfigError, match=r"teachers.request=crops, but the Serve application .* reads no dataset"):
+        run_job(crops)
+    assert not any((tmp_path / n).exists() for n in ("swapped", "one", "crops"))  # nothing written
 
 
 def test_stopped_run_resumes_at_next_epoch_with_optimizer_state(tmp_path, ray_cluster, tiny_teachers):
