@@ -21,7 +21,7 @@ import time
 import numpy as np
 from ray import cloudpickle
 
-from meal_ray.serve.protocol import TeacherReply, TeacherRequest
+from meal_ray.serve.protocol import CROP_FIELDS, MIX_FIELDS, CropRequest, TeacherReply, TeacherRequest
 
 CASES = (("Fashion-MNIST", 1, 28, 10), ("ImageNet", 3, 224, 1000))
 
@@ -38,12 +38,17 @@ def measure(chans: int, size: int, classes: int, batch: int = 64, seed: int = 0)
     probs /= probs.sum(1, keepdims=True)
     # the objects meal-ray puts on the wire (ServedSoftLabels._submit / EnsembleIngress.__call__)
     request = TeacherRequest(crops)
+    # teachers.request=crops: sample id + box + flip (+ the CutMix record); ImageNet-sized ids and boxes
+    records = rng.integers(0, 1_281_167, (batch, MIX_FIELDS)).astype(np.int32)
+    boxes = {"request_crops": CropRequest(records[:, :CROP_FIELDS].copy(), size),
+             "request_crops_mix": CropRequest(records, size)}
     reply = TeacherReply(probs.astype(np.float16), logits.astype(np.float16), 0.0123)
     # float32 baseline: normalized float crops in, float32 probs + logits out
     request32 = ((crops.astype(np.float32) / 255 - 0.45) / 0.225).astype(np.float32)
     reply32 = {"probs": probs, "logits": logits, "latency_s": 0.0123, "num_classes": classes}
     out = {k: wire_bytes(v) / batch for k, v in
-           (("request", request), ("reply", reply), ("request_f32", request32), ("reply_f32", reply32))}
+           (("request", request), ("reply", reply), ("request_f32", request32), ("reply_f32", reply32),
+            *boxes.items())}
     out["total"] = out["request"] + out["reply"]
     out["total_f32"] = out["request_f32"] + out["reply_f32"]
     return out
@@ -120,6 +125,9 @@ def main(argv=None) -> int:
               f"{m['total_f32'] / m['total']:>7.2f}x")
         print(f"{'':<14} ({k} classes; request {m['request_f32'] / m['request']:.2f}x smaller, "
               f"reply {m['reply_f32'] / m['reply']:.2f}x smaller than float32)")
+        print(f"{'':<14} crop-box request (teachers.request=crops): {m['request_crops']:.1f} B "
+              f"({m['request_crops_mix']:.1f} B with CutMix records), {m['request'] / m['request_crops_mix']:.0f}x "
+              f"smaller than the pixels")
     if args.latency:
         r = latency(args.batch)
         print(f"\nlatency per batch of {args.batch} Fashion-MNIST crops, two tiny teachers (test_resnet + "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -160,3 +161,23 @@ def test_teacher_set_fingerprint_follows_weights_and_preprocessing_not_paths(tin
         TeacherSet((TeacherSpec("resnet18", "/nope"),)).fingerprint()
     with pytest.raises(ModelNotFoundError, match="unknown timm model 'resnet1888'"):
         TeacherSet((TeacherSpec("resnet1888"),)).check_files()
+
+
+def test_crop_requests_round_trip_batch_records_in_at_most_64_bytes_per_sample():
+    from meal_ray.data.batch import Batch, cutmix
+    from meal_ray.data.crops import scale_boxes
+    from meal_ray.serve.protocol import CropRequest
+
+    crops = torch.tensor([[1, 2, 20, 21, i % 2] for i in range(8)])
+    plain = Batch(torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), torch.arange(8),
+                  crops)
+    mixed = cutmix(plain, generator=torch.Generator().manual_seed(0))
+    for batch in (plain, mixed):
+        request = CropRequest.parse(CropRequest.from_batch(batch), num_samples=8)
+        assert request.records.dtype == np.int32 and request.records.nbytes / len(batch) <= 64
+        fields = request.fields()
+        assert torch.equal(fields["ids"], batch.indices) and torch.equal(fields["crops"], batch.crops)
+    assert all(torch.equal(fields[k], getattr(mixed, k)) for k in ("mix_ids", "mix_crops", "mix_boxes"))
+    # a 56 px teacher gets the box at twice the coordinates; the same size leaves it alone
+    boxes = torch.tensor([[3, 5, 10, 7]])
+    assert scale_boxes(boxes, 28, 56).tolist() == [[6, 10, 20, 14]] and scale_boxes(boxes, 28, 28) is boxes

@@ -343,7 +343,7 @@ def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
     for seed, mixed in ((0, False), (1, True)):
         batch = _recorded_batch(dataset, 12, seed, mixed)
         request = CropRequest.from_batch(batch)
-        assert request.records.nbytes / len(batch) <= 64 and request.records.shape[1] == (16 if mixed else 6)
+        assert request.records.nbytes / len(batch) <= 64 and request.records.shape[1] == (15 if mixed else 6)
         # the 28 px teacher: same logits from boxes as from the student's pixels
         np.testing.assert_allclose(small.remote(request).result(timeout_s=60),
                                    small.remote(TeacherRequest.from_images(batch.images)).result(timeout_s=60),
@@ -370,9 +370,9 @@ def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
     # bad crop requests are refused by name, at the ingress and at each teacher
     ingress = serve_handle(app)
     good = CropRequest.from_batch(batch)
-    bad = [(CropRequest(good.records.astype(np.int64), 28), r"int32 array \[B, 6\] or \[B, 16\]"),
+    bad = [(CropRequest(good.records.astype(np.int64), 28), r"int32 array \[B, 6\] or \[B, 15\]"),
            (CropRequest(good.records[:, :5].copy(), 28), r"got int32 \(8, 5\)"),
-           (CropRequest(np.where(np.arange(16) == 0, 60000, good.records).astype(np.int32), 28),
+           (CropRequest(np.where(np.arange(15) == 0, 60000, good.records).astype(np.int32), 28),
             r"sample ids must be in \[0, 60000\)"),
            (CropRequest(good.records, 0), "size=0 must be the student's crop side")]
     for handle in (ingress, small):

@@ -98,13 +98,14 @@ class TeacherRequest:
         return obj
 
 
-CROP_FIELDS = 6  # sample id, top, left, height, width, flip
-MIX_FIELDS = 16  # + partner id (-1: not mixed), partner top, left, height, width, flip, box top, left, height, width
+CROP_FIELDS = 6  # sample id, top, left, height, width, flags (bit 0: flip)
+MIX_FIELDS = 15  # + partner id (-1: not mixed), partner top, left, height, width, box top, left, height, width;
+#                  flags bit 1: the partner's flip. 60 bytes per sample.
 
 
 @dataclass(frozen=True)
 class CropRequest:
-    """One mini-batch as crop records: int32 ``[B, 6]`` (no CutMix) or ``[B, 16]`` (CutMix), and ``size``, the side
+    """One mini-batch as crop records: int32 ``[B, 6]`` (no CutMix) or ``[B, 15]`` (CutMix), and ``size``, the side
     of the crops the student renders (CutMix boxes are in its pixels; a replica rendering at another resolution
     scales them)."""
 
@@ -121,17 +122,23 @@ class CropRequest:
         if batch.indices is None or batch.crops is None:
             raise ProtocolError("teachers.request=crops needs batches that record sample ids and crops (the "
                                 "training loader's); send pixels (teachers.request=pixels) otherwise.")
-        cols = [batch.indices.view(-1, 1), batch.crops]
+        flags = batch.crops[:, 4:5]
+        cols = [batch.indices.view(-1, 1), batch.crops[:, :4]]
         if batch.mix_ids is not None:
-            cols += [batch.mix_ids.view(-1, 1), batch.mix_crops, batch.mix_boxes]
+            flags = flags | (batch.mix_crops[:, 4:5] << 1)
+            cols += [flags, batch.mix_ids.view(-1, 1), batch.mix_crops[:, :4], batch.mix_boxes]
+        else:
+            cols.append(flags)
         return cls(torch.cat(cols, dim=1).numpy().astype(np.int32), int(batch.images.shape[-1]))
 
     def fields(self) -> dict:
         """int64 tensors: ``ids`` [B], ``crops`` [B, 5] and, under CutMix, ``mix_ids``, ``mix_crops``, ``mix_boxes``."""
         r = torch.from_numpy(self.records.astype(np.int64))
-        out = {"ids": r[:, 0], "crops": r[:, 1:6]}
+        flags = r[:, 5:6]
+        out = {"ids": r[:, 0], "crops": torch.cat([r[:, 1:5], flags & 1], dim=1)}
         if r.shape[1] == MIX_FIELDS:
-            out.update(mix_ids=r[:, 6], mix_crops=r[:, 7:12], mix_boxes=r[:, 12:16])
+            out.update(mix_ids=r[:, 6], mix_crops=torch.cat([r[:, 7:11], (flags >> 1) & 1], dim=1),
+                       mix_boxes=r[:, 11:15])
         return out
 
     @staticmethod
@@ -143,19 +150,20 @@ class CropRequest:
                 or r.shape[1] not in (CROP_FIELDS, MIX_FIELDS) or len(r) == 0:
             got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, np.ndarray) else type(r).__name__
             raise ProtocolError(f"crop request records must be a non-empty int32 array [B, {CROP_FIELDS}] or "
-                                f"[B, {MIX_FIELDS}] (sample id, crop box, flip[, CutMix record]); got {got}. "
+                                f"[B, {MIX_FIELDS}] (sample id, crop box, flags[, CutMix record]); got {got}. "
                                 "Build it with CropRequest.from_batch(batch).")
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ProtocolError(f"crop request size={size!r} must be the student's crop side in pixels (>= 1).")
-        ids = [r[:, 0]] + ([r[:, 6][r[:, 6] >= 0]] if r.shape[1] == MIX_FIELDS else [])
-        ids = np.concatenate(ids)
+        mixed = r[r[:, 6] >= 0] if r.shape[1] == MIX_FIELDS else np.zeros((0, MIX_FIELDS), np.int32)
+        ids = np.concatenate([r[:, 0], mixed[:, 6]])
         if ids.min() < 0 or (num_samples is not None and ids.max() >= num_samples):
             raise ProtocolError(f"crop request sample ids must be in [0, {num_samples or 'N'}) (the training set "
                                 f"the replicas read); got {int(ids.min())}..{int(ids.max())}. Serve the job's "
                                 "dataset (args.data) or send pixels.")
-        boxes = [r[:, 3:5]] + ([r[r[:, 6] >= 0][:, 9:11]] if r.shape[1] == MIX_FIELDS else [])
-        if np.concatenate(boxes).min() < 1 or not np.isin(r[:, 5], (0, 1)).all():
-            raise ProtocolError("crop request crops must have height, width >= 1 and flip 0 or 1.")
+        sides = np.concatenate([r[:, 3:5], mixed[:, 9:11]])
+        if sides.min() < 1 or not np.isin(r[:, 5], (0, 1, 2, 3) if r.shape[1] == MIX_FIELDS else (0, 1)).all():
+            raise ProtocolError("crop request crops must have height, width >= 1 and flip flags 0 or 1 (+2: the "
+                                "partner's flip).")
         return obj
 
 
