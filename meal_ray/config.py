@@ -60,7 +60,8 @@ class DataConfig:
     interpolation: str = "bilinear"
     train_subset: Optional[int] = None  # first N training samples (stratified), for quick runs
     val_subset: Optional[int] = None
-    loader_workers: int = 0
+    loader_workers: int = 0  # DataLoader worker processes per train worker (GPU: 4-8; CPU: 0 keeps cores for compute)
+    pin_memory: bool = False  # GPU: page-locked batches for non-blocking host-to-device copies (ignored on CPU)
 
     def validate(self) -> None:
         check_dataset("data.", self.dataset, self.root)
@@ -231,12 +232,14 @@ class RunConfig:
     max_failures: int = 1
     log_every: int = 20  # steps between progress lines
     channels_last: bool = True  # student in NHWC memory layout: same math, ~2.7x faster mobile nets on CPU (bench/)
+    amp: Optional[str] = None  # GPU: student mixed precision, bf16 | fp16 (fp16 with a loss scaler); CPU: fp32
 
     def validate(self) -> None:
         _positive("run.num_workers", self.num_workers)
         _positive("run.checkpoints_to_keep", self.checkpoints_to_keep)
         if self.max_failures < -1:
             raise ConfigError("run.max_failures must be >= 0, or -1 for unlimited retries.")
+        check_autocast("run.amp", self.amp)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from meal_ray.config import JobConfig, OptimConfig
 from meal_ray.data.batch import Batch, batches_from_loader, cutmix
 from meal_ray.data.crops import CropSampler
 from meal_ray.data.loaders import Normalize, build_loaders
+from meal_ray.ensemble import AUTOCAST_DTYPES
 from meal_ray.evaluation import EvalResult, evaluate_model
 from meal_ray.losses import hard_label_cross_entropy, meal_v2_loss
 from meal_ray.models import Discriminator, create_model
@@ -104,6 +105,9 @@ class Engine:
         self.train_loader, self.val_loader, self.classes = train_loader, val_loader, tuple(classes)
         # a loader replaying recorded CutMix (a soft-label cache) brings its own mixes: never mix again
         self.replays_mix = hasattr(getattr(getattr(train_loader, "dataset", None), "sampler", None), "mix")
+        # mixed precision where it pays (CUDA); on CPU the student trains in fp32 whatever run.amp says
+        self.amp = cfg.run.amp if self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.epoch = 0  # next epoch to run
         self._rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # per-rank augmentation stream
@@ -129,6 +133,7 @@ class Engine:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cutmix": self._rng.get_state()},
             "config": self.cfg.to_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -136,6 +141,8 @@ class Engine:
         if self.discriminator_raw is not None and state.get("discriminator") is not None:
             self.discriminator_raw.load_state_dict(state["discriminator"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         rng = state.get("rng") or {}
         if "torch" in rng:
@@ -154,24 +161,31 @@ class Engine:
     def train_step(self, batch: Batch) -> dict:
         """One SGD step on one batch; returns this step's loss parts and hit count."""
         images = self.normalize(batch.images.to(self.device, non_blocking=True))
-        labels = batch.labels.to(self.device)
-        labels_b = batch.labels_b.to(self.device) if batch.labels_b is not None else None
-        logits = self.student(images)
-        if batch.teacher_probs is None:
-            if self.distill:
-                raise RuntimeError("distillation batch arrived without teacher soft labels")
-            total = hard_label_cross_entropy(logits, labels, labels_b, batch.lam)
-            parts = {"hard_ce": total}
-        else:
-            p = meal_v2_loss(logits, batch.teacher_probs.to(self.device).float(),
-                             batch.teacher_logits.to(self.device).float(), self.discriminator,
-                             self.cfg.loss.discriminator, labels, self.cfg.loss.hard_label_weight, labels_b, batch.lam)
-            total = p.total
-            parts = {k: v for k, v in (("soft_ce", p.soft_ce), ("disc_loss", p.disc), ("hard_ce", p.hard_ce))
-                     if v is not None}
+        labels = batch.labels.to(self.device, non_blocking=True)
+        labels_b = batch.labels_b.to(self.device, non_blocking=True) if batch.labels_b is not None else None
+        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.amp), enabled=self.amp is not None):
+            logits = self.student(images)
+            if batch.teacher_probs is None:
+                if self.distill:
+                    raise RuntimeError("distillation batch arrived without teacher soft labels")
+                total = hard_label_cross_entropy(logits, labels, labels_b, batch.lam)
+                parts = {"hard_ce": total}
+            else:
+                p = meal_v2_loss(logits, batch.teacher_probs.to(self.device, non_blocking=True).float(),
+                                 batch.teacher_logits.to(self.device, non_blocking=True).float(), self.discriminator,
+                                 self.cfg.loss.discriminator, labels, self.cfg.loss.hard_label_weight, labels_b,
+                                 batch.lam)
+                total = p.total
+                parts = {k: v for k, v in (("soft_ce", p.soft_ce), ("disc_loss", p.disc), ("hard_ce", p.hard_ce))
+                         if v is not None}
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        if self.scaler is not None:  # fp16: scale the loss so small gradients survive, unscale before the step
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            self.optimizer.step()
         out = {k: float(v.detach()) for k, v in parts.items()}
         out["loss"] = float(total.detach())
         out["hits"] = int((logits.detach().argmax(1) == labels).sum())

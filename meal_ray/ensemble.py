@@ -25,7 +25,7 @@ from meal_ray.config import INTERPOLATIONS, TeachersConfig, teacher_list
 from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError
 from meal_ray.models import check_model_name, create_model, is_export_dir, model_data_config, read_export_config
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # teachers.autocast, run.amp
 
 
 class Teacher(nn.Module):
@@ -67,7 +67,7 @@ class Teacher(nn.Module):
     @torch.inference_mode()
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(crops)
-        ctx = (torch.autocast(x.device.type, dtype=_AUTOCAST[self.autocast]) if self.autocast
+        ctx = (torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.autocast]) if self.autocast
                else contextlib.nullcontext())
         with ctx:
             return self.model(x).float()

@@ -360,3 +360,22 @@ def test_demo_refuses_bad_ablation_values_before_training(tmp_path):
             run_demo(str(tmp_path / "demo"), **kwargs)
         assert text in str(err.value)
     assert not (tmp_path / "demo").exists()  # nothing started, nothing written
+
+
+def test_gpu_options_do_nothing_harmful_on_cpu():
+    """run.amp, data.pin_memory and loader workers are GPU settings: on CPU the student trains in fp32 and the
+    weights are bit-identical to a run without them."""
+    from meal_ray.engine import Engine
+
+    weights = []
+    for gpu_options in (False, True):
+        cfg = _cfg("pretrain", "test_efficientnet", epochs=1, lr=0.05, subset=256)
+        if gpu_options:
+            cfg.run.amp, cfg.data.pin_memory = "fp16", True
+        engine = Engine.for_job(cfg, log=lambda s: None)
+        assert engine.amp is None and engine.scaler is None
+        engine.train_epoch()
+        weights.append(engine.student_raw.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(ConfigError, match="run.amp='fp8': use bf16, fp16"):
+        load_config(data=dict(BASE, run={"amp": "fp8"}))

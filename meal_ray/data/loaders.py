@@ -93,14 +93,20 @@ def build_train_loader(train: Dataset, cfg: DataConfig, batch_size: int, rank: i
     sampler = EpochSampler(view, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     return DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=cfg.loader_workers,
-                      generator=gen, persistent_workers=cfg.loader_workers > 0)
+                      generator=gen, persistent_workers=cfg.loader_workers > 0, pin_memory=_pin(cfg))
 
 
 def build_val_loader(val: Dataset, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
     """This rank's strided shard of the validation set (Resize + CenterCrop)."""
     view = EvalView(val, EvalTransform(cfg.image_size, cfg.crop_pct, cfg.interpolation))
     shard = Subset(view, list(range(rank, len(view), world_size)))
-    return DataLoader(shard, batch_size=max(batch_size, 256), shuffle=False, num_workers=cfg.loader_workers)
+    return DataLoader(shard, batch_size=max(batch_size, 256), shuffle=False, num_workers=cfg.loader_workers,
+                      pin_memory=_pin(cfg))
+
+
+def _pin(cfg: DataConfig) -> bool:
+    """data.pin_memory where it means something (a CUDA device); a no-op on CPU-only machines."""
+    return bool(cfg.pin_memory) and torch.cuda.is_available()
 
 
 def build_loaders(cfg: DataConfig, num_classes: int, batch_size: int, rank: int = 0, world_size: int = 1,
