@@ -73,13 +73,18 @@ def _stage_config(name: str, mode: str, out: Path, model: str, epochs: int, pres
 
 
 def _reusable(cfg: JobConfig) -> bool:
-    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI."""
+    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI. The saved config
+    is read back through today's config classes, so a stage finished before a setting existed (it takes its
+    default) is still reused."""
     from meal_ray.models import is_export_dir
 
     out = cfg.output_dir
     if not ((out / "metrics.json").is_file() and is_export_dir(out / "student") and (out / "run.json").is_file()):
         return False
-    saved = json.loads((out / "run.json").read_text())["config"]
+    try:
+        saved = load_config(data=json.loads((out / "run.json").read_text())["config"]).to_dict()
+    except (ConfigError, KeyError, ValueError):  # a setting since removed or renamed: run the stage again
+        return False
     return saved == cfg.to_dict() or _same_but_tracking(saved, cfg.to_dict())
 
 
