@@ -35,6 +35,7 @@ import torch
 
 from meal_ray.data.crops import MixParams, RandomCropSampler, cutmix_box
 from meal_ray.errors import CacheError, CacheMismatchError
+from meal_ray.files import write_text_atomic
 
 FORMAT = "meal-ray-soft-label-cache"
 SCHEMA_VERSION = 1
@@ -108,9 +109,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def shard_name(pass_index: int, shard: int) -> str:

@@ -147,6 +147,22 @@ class TeacherDataConfig:
 
 
 @dataclass
+class EmulateConfig:
+    """``args.emulate``: benchmark mode. Each teacher replica answers after the time the real teacher would need on
+    the real hardware (``overhead_ms`` + crops / ``crops_per_s`` per forward pass, sleeping, so no core is used),
+    through the real request/reply path, with cheap deterministic logits. Its fingerprint says "emulated", so no
+    real job mistakes it for its teachers."""
+
+    crops_per_s: float = 1000.0  # one replica's throughput (e.g. senet154 on one V100, measured by `meal-ray plan`)
+    overhead_ms: float = 0.0  # fixed cost per forward pass (kernel launches, host-device copies)
+
+    def validate(self) -> None:
+        _positive("args.emulate.crops_per_s", self.crops_per_s)
+        if self.overhead_ms < 0:
+            raise ConfigError(f"args.emulate.overhead_ms={self.overhead_ms} must be >= 0.")
+
+
+@dataclass
 class TeacherAppConfig:
     """``args`` of the Serve teacher application (``meal_ray.serve.app:build_app``), validated like a job config."""
 
@@ -157,6 +173,7 @@ class TeacherAppConfig:
     base_dir: Optional[str] = None  # relative weights paths resolve against this (default: working directory)
     retry_s: float = 60.0  # how long the ingress waits for a replaced teacher replica
     data: Optional[TeacherDataConfig] = None  # the training set, for crop-box requests (None: pixels only)
+    emulate: Optional[EmulateConfig] = None  # benchmarks: replicas sleep as the real teachers would compute
 
     def validate(self) -> "TeacherAppConfig":
         if not self.teachers:
@@ -166,8 +183,9 @@ class TeacherAppConfig:
         check_autocast("args.autocast", self.autocast)
         if self.retry_s < 0:
             raise ConfigError(f"args.retry_s={self.retry_s} must be >= 0 (seconds).")
-        if self.data is not None:
-            self.data.validate()
+        for section in (self.data, self.emulate):
+            if section is not None:
+                section.validate()
         return self
 
 

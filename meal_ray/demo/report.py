@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Optional
 
 from meal_ray.config import JobConfig
+from meal_ray.files import write_text_atomic
 
 CONTROL = "control (hard labels)"
 MEAL = "MEAL V2 (ensemble soft labels)"
@@ -21,10 +21,7 @@ DISSIMILAR = ("Trouser", "Bag", "Sandal", "Ankle boot")
 DATA = dict(dataset="fashion-mnist", image_size=32, crop_scale=[0.85, 1.0], crop_ratio=[0.9, 1.1], crop_pct=1.0,
             mean=[0.2860], std=[0.3530])
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+write_text = write_text_atomic  # results.json / results.md are whole or absent
 
 
 def evaluate_shared(teachers) -> dict:

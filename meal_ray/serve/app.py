@@ -8,6 +8,7 @@ config's machinery (:class:`meal_ray.config.TeacherAppConfig`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
@@ -67,14 +68,16 @@ def build_app(args: dict):
     ``args`` (from a Serve config file or ``serve.run``): ``teachers`` (list of ``{name, model,
     weights, pretrained}``), ``max_batch_size`` (crops per forward pass), ``batch_wait_timeout_s``,
     ``autocast`` (bf16 | fp16 | null), ``base_dir`` (relative weights paths), ``retry_s``, ``data`` (``{dataset,
-    root}``: the training set the replicas read to render crop-box requests).
+    root}``: the training set the replicas read to render crop-box requests), ``emulate`` (``{crops_per_s,
+    overhead_ms}``: benchmark replicas that sleep as the real teachers would compute).
     Bad args are refused here, before any replica starts (so ``serve deploy`` fails fast).
     """
     app = load_app_config(args)
     specs = resolve_teachers(app)
     data = resolve_data(app)
+    emulate = dataclasses.asdict(app.emulate) if app.emulate else None
     bound = [TeacherModel.options(name=s["name"]).bind(s, app.autocast, app.max_batch_size,
-                                                       float(app.batch_wait_timeout_s), data) for s in specs]
+                                                       float(app.batch_wait_timeout_s), data, emulate) for s in specs]
     return EnsembleIngress.options(name=INGRESS_NAME).bind(bound, [s["name"] for s in specs], float(app.retry_s),
                                                            app.autocast)
 

@@ -50,13 +50,18 @@ class TeacherModel:
     """
 
     def __init__(self, spec: dict, autocast: Optional[str] = None, max_batch_size: int = 64,
-                 batch_wait_timeout_s: float = 0.01, data: Optional[dict] = None):
+                 batch_wait_timeout_s: float = 0.01, data: Optional[dict] = None, emulate: Optional[dict] = None):
         logging.getLogger("ray.serve").addFilter(_DropMaxOngoingWarning())
         self.spec = TeacherSpec(**spec)
         self.name = self.spec.name or self.spec.model
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher = load_teacher(self.spec, autocast).to(self.device)
         self.description = describe_teacher(self.spec)
+        self.emulate = dict(emulate) if emulate else None
+        if self.emulate:  # benchmark mode: a fixed random readout of the crops' mean colour stands in for the model
+            self.description = dict(self.description, emulated=self.emulate)
+            g = torch.Generator().manual_seed(0)
+            self._readout = torch.randn(self.teacher.in_chans, self.teacher.num_classes, generator=g)
         self.autocast = autocast
         self._batch_sizes: collections.deque = collections.deque(maxlen=10_000)
         self.dataset, self.data_info = None, None
@@ -129,6 +134,10 @@ class TeacherModel:
                             f.get("mix_ids"), f.get("mix_crops"), boxes).numpy()
 
     def _forward(self, merged: np.ndarray) -> np.ndarray:
+        if self.emulate:
+            time.sleep(self.emulate["overhead_ms"] / 1e3 + len(merged) / self.emulate["crops_per_s"])
+            means = torch.from_numpy(merged).float().mean(dim=(2, 3)) / 255
+            return (means @ self._readout * 4).numpy()
         return self.teacher(torch.from_numpy(merged)).cpu().numpy().astype(np.float32, copy=False)
 
     def info(self) -> dict:
@@ -140,7 +149,7 @@ class TeacherModel:
                 "std": [round(float(v) / 255, 6) for v in t.std.flatten()],
                 "device": str(self.device), "autocast": self.autocast, "description": self.description,
                 "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "data": self.data_info}
+                "data": self.data_info, "emulate": self.emulate}
 
     def batch_sizes(self) -> list:
         """Crops per forward pass, one entry per merged batch this replica ran (most recent 10 000)."""

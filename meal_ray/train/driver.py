@@ -21,6 +21,7 @@ import torch
 from meal_ray.cluster import ensure_ray
 from meal_ray.config import JobConfig, load_config
 from meal_ray.errors import ConfigError, ModelNotFoundError, OutputDirError
+from meal_ray.files import write_text_atomic
 from meal_ray.models import check_model_name
 from meal_ray.sources.registry import source_class
 from meal_ray.train.worker import STATE_FILE, train_loop_per_worker
@@ -159,6 +160,4 @@ def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
