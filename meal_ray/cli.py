@@ -162,6 +162,32 @@ def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, a
     run_relabel(cfg, output, passes, k=top_k, shard_size=shard_size, actors=actors, address=address, log=click.echo)
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, help="The job whose students the teachers must keep up with.")
+@click.option("--serve-config", required=True, help="The teachers' Serve config (deployments/...): the plan's base.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job value (repeatable).")
+@click.option("--teacher-throughput", multiple=True, metavar="NAME=CROPS_PER_S",
+              help="One replica's throughput for a teacher deployment, measured elsewhere (repeatable); the others "
+                   "are measured here (or taken from args.emulate).")
+@click.option("--student-throughput", type=float, default=None,
+              help="One train worker's hard-label img/s, measured elsewhere (default: measured here).")
+@click.option("--headroom", type=float, default=1.25, show_default=True,
+              help="Teacher capacity / student demand (1.25: replicas at most 80%% busy).")
+@click.option("--seconds", type=float, default=3.0, show_default=True, help="How long to time each teacher.")
+@click.option("--autoscale", is_flag=True, help="Write autoscaling bounds (planned to 2x) instead of num_replicas.")
+@click.option("--output", default=None, help="Planned Serve config (default: <serve-config>-planned.yaml).")
+@friendly_errors
+def plan(config_path, serve_config, overrides, teacher_throughput, student_throughput, headroom, seconds, autoscale,
+         output):
+    """How many replicas each teacher needs for this job: a table, and a Serve config with them."""
+    from meal_ray.config import load_config
+    from meal_ray.serve.plan import plan_job
+
+    cfg = load_config(config_path, list(overrides))
+    plan_job(cfg, serve_config, teacher_throughput, student_throughput, headroom, seconds, output, autoscale,
+             log=click.echo)
+
+
 # --------------------------------------------------------------------------- demo
 
 
