@@ -22,6 +22,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 AUTOCAST_MODES = (None, "bf16", "fp16")
 DEFAULT_APP_NAME = "meal-ray-teachers"  # the Serve teacher application's name
 DATASETS = ("fashion-mnist", "imagefolder")
+CLIENTS = ("ingress", "direct")  # how a served job reaches the teachers
 REQUESTS = ("pixels", "crops")  # what a served request carries: rendered crops, or crop boxes the replicas render
 
 
@@ -109,6 +110,7 @@ class TeachersConfig:
     cache: Optional[str] = None  # source=cache: a soft-label cache directory written by `meal-ray relabel`
     cache_recovery: str = "marginal"  # top-k < classes: marginal (FKD: rest mass spread evenly) | renormalize
     request: str = "pixels"  # served: send rendered crops (pixels) or crop boxes the replicas render (crops)
+    client: str = "ingress"  # served: one call to the ensemble ingress | direct: call each teacher, average here
 
     def validate(self) -> None:
         from meal_ray.sources.registry import SOURCES
@@ -129,6 +131,9 @@ class TeachersConfig:
         if self.request not in REQUESTS:
             raise ConfigError(f"teachers.request={self.request!r}: use pixels (send the rendered crops) or crops "
                               "(send crop boxes; the teacher replicas read the dataset and render them).")
+        if self.client not in CLIENTS:
+            raise ConfigError(f"teachers.client={self.client!r}: use ingress (one call to the ensemble, which fans "
+                              "out and averages) or direct (each worker calls every teacher and averages: one hop).")
         if self.request == "crops" and self.source != "served":
             raise ConfigError(f"teachers.request=crops is for teachers.source=served (got {self.source!r}): the "
                               "replicas render the boxes; drop it or use the served source.")

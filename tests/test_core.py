@@ -249,6 +249,8 @@ def test_bad_config_values_and_unknown_keys_are_named():
         load_config("jobs/no-such-job.yaml")
     with pytest.raises(ConfigError, match="teachers.request='boxes': use pixels"):
         load_config(data=dict(BASE, teachers={"models": ["a"], "request": "boxes"}))
+    with pytest.raises(ConfigError, match="teachers.client='proxy': use ingress"):
+        load_config(data=dict(BASE, teachers={"models": ["a"], "client": "proxy"}))
     with pytest.raises(ConfigError, match="teachers.request=crops is for teachers.source=served"):
         load_config(data=dict(BASE, teachers={"source": "local", "models": ["resnet18"], "request": "crops"}))
     cfg = load_config(data=BASE, overrides=["optim.epochs=3", "data.crop_scale=[0.5,1]", "optim.weight_decay=5e-5"])

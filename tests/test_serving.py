@@ -381,6 +381,19 @@ def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
                 handle.remote(request).result(timeout_s=60)
 
 
+@pytest.mark.slow
+def test_direct_client_gives_the_ingress_soft_labels(app):
+    """teachers.client=direct: the worker calls each teacher deployment and averages (one hop, not two), through
+    the same fp16 reply, so the soft labels are the ingress's bit for bit."""
+    from meal_ray.sources.served import ServedSoftLabels
+
+    ingress, direct = (ServedSoftLabels(app, prefetch=1, client=c) for c in ("ingress", "direct"))
+    assert len(direct.teachers) == 2 and not ingress.teachers
+    for a, b in zip(ingress.attach(_batches([16, 5])), direct.attach(_batches([16, 5]))):
+        assert torch.equal(a.teacher_probs, b.teacher_probs) and torch.equal(a.teacher_logits, b.teacher_logits)
+        assert b.teacher_latency_s > 0
+
+
 def serve_handle(app_name):
     from ray import serve
 

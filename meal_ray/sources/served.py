@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Iterator, Optional
 
 from meal_ray.config import JobConfig
-from meal_ray.ensemble import TeacherSet, check_compatible, describe_differences, fingerprint
+from meal_ray.ensemble import TeacherSet, average_teacher_outputs, check_compatible, describe_differences, fingerprint
 from meal_ray.errors import ConfigError, TeacherSetMismatchError, TeachersNotRunningError
 from meal_ray.serve.protocol import (
     DEFAULT_APP_NAME,
@@ -29,7 +30,8 @@ class ServedSoftLabels:
     name = "served"
 
     def __init__(self, app_name: str = DEFAULT_APP_NAME, prefetch: int = 4, address: Optional[str] = None,
-                 timeout_s: Optional[float] = 600.0, request: str = "pixels"):
+                 timeout_s: Optional[float] = 600.0, request: str = "pixels", client: str = "ingress",
+                 retry_s: float = 60.0):
         from ray import serve
         from ray.serve.exceptions import RayServeException
 
@@ -51,6 +53,9 @@ class ServedSoftLabels:
                                           f"{HOW_TO_START}") from None
         self._info: Optional[dict] = None
         check_version(self.info().get("protocol_version"), f"the teacher application {app_name!r}")
+        self.client, self.retry_s = client, retry_s
+        self.teachers = ([serve.get_deployment_handle(name, app_name=app_name) for name in self.info()["teacher_names"]]
+                         if client == "direct" else [])
         self.window = PrefetchWindow(self._submit, self._collect, prefetch)
 
     # ------------------------------------------------------------------ the source protocol
@@ -72,7 +77,8 @@ class ServedSoftLabels:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, device=None) -> "ServedSoftLabels":
-        source = cls(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch, request=cfg.teachers.request)
+        source = cls(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch, request=cfg.teachers.request,
+                     client=cfg.teachers.client)
         source.check_student(cfg.student.num_classes, cfg.data.in_chans)
         return source
 
@@ -86,13 +92,41 @@ class ServedSoftLabels:
     def _submit(self, batch):
         # zero-copy: the array is serialized when the request goes out; the window keeps the batch until collected
         request = CropRequest.from_batch(batch) if self.request == "crops" else TeacherRequest.from_images(batch.images)
+        if self.teachers:  # direct: one hop to every teacher, averaged here
+            return [h.remote(request) for h in self.teachers], request, time.perf_counter()
         return self.handle.remote(request), len(request)
 
     def _collect(self, pending) -> tuple:
+        if self.teachers:
+            return self._collect_direct(*pending)
         response, rows = pending
         reply = TeacherReply.parse(response.result(timeout_s=self.timeout_s), rows)
         probs, logits = reply.tensors()
         return probs, logits, float(reply.latency_s)
+
+    def _collect_direct(self, responses: list, request, start: float) -> tuple:
+        """Average the teachers' logits as the ingress does, through the same fp16 reply, so both clients give the
+        same soft labels; a teacher whose replica died is asked again until Serve has replaced it (``retry_s``)."""
+        import torch
+        from ray.exceptions import RayActorError
+
+        logits = []
+        for handle, response in zip(self.teachers, responses):
+            deadline, delay = time.monotonic() + self.retry_s, 0.2
+            while True:
+                try:
+                    logits.append(torch.from_numpy(response.result(timeout_s=self.timeout_s)))
+                    break
+                except RayActorError:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    time.sleep(delay)
+                    delay = min(2 * delay, 2.0)
+                    response = handle.remote(request)
+        latency = time.perf_counter() - start
+        probs, mean_logits = average_teacher_outputs(logits)
+        probs, mean_logits = TeacherReply.from_tensors(probs, mean_logits, latency).tensors()
+        return probs, mean_logits, latency
 
     # ------------------------------------------------------------------ checks
     def info(self) -> dict:
