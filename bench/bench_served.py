@@ -14,7 +14,8 @@ the teachers taking the student's cores. Prints, as measured here (nothing is ha
 3. teacher wait fraction against the prefetch window (1, 2, 4, 8 batches in flight);
 4. emulated replicas 1 -> 2 when the teachers are the bottleneck: goal >= 1.8x;
 5. `meal-ray plan` applied: the planned replica count of emulated teachers, and the wait it gives (goal < 3%);
-6. request bytes per sample, pixels vs crop boxes (bench_wire.py).
+6. request bytes per sample, pixels vs crop boxes (bench_wire.py);
+7. Ray Train workers 1 -> 2 (hard labels, the whole job path).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def teachers(root: Path) -> list:
     return out
 
 
-def job(subset: int, source: str, models: list, prefetch: int = 4, request: str = "pixels"):
+def job(subset: int, source: str, models: list, prefetch: int = 4, request: str = "pixels", client: str = "ingress",
+        **run):
     from meal_ray.config import load_config
 
     return load_config(data=dict(
@@ -60,9 +62,9 @@ def job(subset: int, source: str, models: list, prefetch: int = 4, request: str 
                   mean=[0.2860], std=[0.3530], train_subset=subset, val_subset=500),
         student=dict(model="mobilenetv3_small_050", num_classes=10),
         teachers=dict(source=source, models=[{"model": t["model"], "weights": t["weights"]} for t in models]
-                      if source != "none" else [], app_name=APP, prefetch=prefetch, request=request),
+                      if source != "none" else [], app_name=APP, prefetch=prefetch, request=request, client=client),
         optim=dict(epochs=2, batch_size=128, lr=0.05, cutmix=True),
-        run=dict(num_workers=1, seed=0, log_every=0)))
+        run=dict(dict(num_workers=1, seed=0, log_every=0), **run)))
 
 
 def epoch_rate(cfg, source=None) -> dict:
@@ -104,7 +106,8 @@ def deploy(models: list, replicas: int = 1, emulate=None, data: bool = False, ba
 def served(cfg) -> dict:
     from meal_ray.sources.served import ServedSoftLabels
 
-    source = ServedSoftLabels(APP, prefetch=cfg.teachers.prefetch, request=cfg.teachers.request)
+    source = ServedSoftLabels(APP, prefetch=cfg.teachers.prefetch, request=cfg.teachers.request,
+                              client=cfg.teachers.client)
     try:
         return epoch_rate(cfg, source)
     finally:
@@ -144,6 +147,9 @@ def main(argv=None) -> int:
         emu = served(job(subset, "served", models))
         print(f"1. served, emulated teachers at 1.25x demand: {emu['img_s']:.0f} img/s, wait "
               f"{100 * emu['wait']:.1f}% -> served / hard = {emu['img_s'] / demand:.2f} (goal >= 0.95; EDL 0.83)")
+        emu_direct = served(job(subset, "served", models, client="direct"))
+        print(f"   same with teachers.client=direct (one hop): {emu_direct['img_s']:.0f} img/s, wait "
+              f"{100 * emu_direct['wait']:.1f}% -> served / hard = {emu_direct['img_s'] / demand:.2f}")
         deploy(models, 1, {"crops_per_s": 1.25 * demand}, data=True)
         emu_crops = served(job(subset, "served", models, request="crops"))
         print(f"   same with crop-box requests: {emu_crops['img_s']:.0f} img/s -> served / hard = "
@@ -179,6 +185,16 @@ def main(argv=None) -> int:
         local = epoch_rate(cfg, LocalSoftLabels.from_config(cfg, "cpu"))
         print(f"2. real teachers sharing these cores: served {real['img_s']:.0f} img/s, local {local['img_s']:.0f} "
               f"img/s -> served / local = {real['img_s'] / local['img_s']:.2f} (goal >= 0.9)")
+        # 7. Ray Train workers 1 -> 2 (hard labels, the whole job path: driver, workers, checkpoints)
+        from meal_ray.train import run_job
+
+        rates = {}
+        for workers in (1, 2):
+            cfg = job(subset, "none", models, num_workers=workers, cpus_per_worker=(os.cpu_count() or 2) // workers,
+                      output=str(root / f"workers{workers}"), tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+            rates[workers] = run_job(cfg, log=lambda s: None)["history"][-1]["images_per_s"]
+        print(f"7. Ray Train hard-label job, 1 -> 2 workers: {rates[1]:.0f} -> {rates[2]:.0f} img/s "
+              f"({rates[2] / rates[1]:.2f}x; the same {os.cpu_count()} cores split between the workers)")
     finally:
         ray.shutdown()
 
