@@ -23,33 +23,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cache import _machine as machine  # noqa: E402
+from bench_cache import _teachers  # noqa: E402
 
 APP = "bench-served-teachers"
 
 
-def machine() -> str:
-    return f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch " \
-           f"{torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def teachers(root: Path) -> list:
-    from meal_ray.models import create_model, export_model
-
-    dc = dict(input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0)
-    out = []
-    for i, arch in enumerate(("resnet18", "resnet10t")):
-        torch.manual_seed(i)
-        model = create_model(arch, num_classes=10, in_chans=1, data_config=dc)
-        out.append({"name": arch, "model": arch, "weights": str(export_model(model.eval(), root / arch, dc))})
-    return out
+    """bench_cache's two teachers (resnet18, resnet10t at 32 px), named as their deployments."""
+    return [dict(t, name=t["model"]) for t in _teachers(root)]
 
 
 def job(subset: int, source: str, models: list, prefetch: int = 4, request: str = "pixels", client: str = "ingress",
@@ -122,12 +112,10 @@ def main(argv=None) -> int:
     subset = 1024 if args.quick else args.subset
 
     import ray
+    from bench_wire import measure as wire
 
     from meal_ray.serve.plan import plan_replicas
     from meal_ray.sources.local import LocalSoftLabels
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_wire import measure as wire
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     root = Path(tempfile.mkdtemp(prefix="bench-served-"))
