@@ -37,7 +37,9 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, st
         _token_auth_for(address)
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver)
+        # "local": always a new embedded instance; a bare init() would join the cluster named in Ray's record of the
+        # last `ray start`, which outlives a killed `ray start --block` and then refuses num_cpus
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver)
 
 
 def connect(address: Optional[str] = None) -> None:

@@ -131,3 +131,23 @@ def test_ray_job_submit_runs_the_quick_job_to_succeeded(head, deployed, tmp_path
     assert run.info.status == "FINISHED"
     assert run.data.params["teachers.source"] == "served" and run.data.params["run.num_workers"] == "2"
     assert run.data.metrics["final_top1"] == pytest.approx(metrics["top1"])
+
+
+def test_embedded_ray_starts_despite_a_stale_record_of_a_killed_ray_start(tmp_path):
+    """A `ray start --block` stopped by a signal leaves /tmp/ray/ray_current_cluster behind; a bare ray.init() then
+    tries to join that dead cluster and refuses num_cpus. Embedded Ray is started with address="local"."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    saved = record.read_text() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"127.0.0.1:{_free_ports(1)[0]}")
+    code = ("import ray\nfrom meal_ray.cluster import ensure_ray\nensure_ray(num_cpus=1, log_to_driver=False)\n"
+            "print('cpus', ray.cluster_resources()['CPU'])\nray.shutdown()\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    finally:
+        if saved is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(saved)
+    assert out.returncode == 0 and "cpus 1.0" in out.stdout, out.stderr[-2000:]
