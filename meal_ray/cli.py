@@ -188,6 +188,22 @@ def plan(config_path, serve_config, overrides, teacher_throughput, student_throu
              log=click.echo)
 
 
+@main.group()
+def tracking():
+    """MLflow records a run kept while the tracking server was away."""
+
+
+@tracking.command("sync")
+@click.argument("run_dir")
+@click.option("--tracking-uri", default=None, help="Where to send them (default: the run's, from its run.json).")
+@friendly_errors
+def tracking_sync(run_dir, tracking_uri):
+    """Send RUN_DIR/mlflow-pending.jsonl (metrics, artifacts, the run's end) to MLflow, in order."""
+    from meal_ray.tracking import sync_pending
+
+    sync_pending(run_dir, tracking_uri, log=click.echo)
+
+
 # --------------------------------------------------------------------------- demo
 
 

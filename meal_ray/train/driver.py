@@ -94,7 +94,7 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     record = prepare_output(cfg, resume, overwrite)  # only now is anything on disk touched
     out = cfg.output_dir
     uri = cfg.run.tracking_uri or default_tracking_uri()
-    tracker = Tracker(uri, record.get("mlflow_run_id"), log=log)
+    tracker = Tracker(uri, record.get("mlflow_run_id"), log=log, spool_dir=out)
     run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags={"meal_ray.mode": cfg.mode})
     record = {"name": cfg.name, "mode": cfg.mode, "student": cfg.student.model, "config": cfg.to_dict(),
               "mlflow_run_id": run_id, "tracking_uri": uri, "started": record.get("started", time.time())}
@@ -107,7 +107,7 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id, "output_dir": str(out),
                            "threads": max(1, int(cfg.run.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),

@@ -57,7 +57,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history = state.get("history", [])
         start_info = {"start_epoch": engine.epoch, "resume_optimizer_norm": _optimizer_norm(engine.optimizer)}
         log(f"resumed from checkpoint at epoch {engine.epoch}")
-    tracker = Tracker(loop_config.get("tracking_uri"), loop_config.get("run_id"), log=log) if rank == 0 else None
+    tracker = (Tracker(loop_config.get("tracking_uri"), loop_config.get("run_id"), log=log,
+                       spool_dir=loop_config.get("output_dir") or cfg.output_dir)
+               if rank == 0 else None)
     classes = engine.classes
 
     def on_epoch_end(epoch: int, metrics: dict, result) -> None:
