@@ -412,9 +412,16 @@ def read_yaml(path: str | Path, what: str = "config file", examples: str = "jobs
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} does not exist; see {examples} for examples.")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(p)!r} is not a text file (not UTF-8); give the YAML file, see {examples} "
+                          "for examples.") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(p)!r} must hold a YAML mapping (key: value lines), not a "
+                          f"{type(data).__name__}; see {examples} for examples.")
+    return data
 
 
 def load_app_config(args: Optional[dict]) -> TeacherAppConfig:

@@ -23,7 +23,14 @@ from torch import nn
 
 from meal_ray.config import INTERPOLATIONS, TeachersConfig, teacher_list
 from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError
-from meal_ray.models import check_model_name, create_model, is_export_dir, model_data_config, read_export_config
+from meal_ray.models import (
+    check_model_name,
+    check_weights_readable,
+    create_model,
+    is_export_dir,
+    model_data_config,
+    read_export_config,
+)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # teachers.autocast, run.amp
 
@@ -187,6 +194,8 @@ class TeacherSet:
                     f"teacher {spec.model!r}: weights {spec.weights!r} not found (looked at {path.resolve()}). "
                     "Give a meal-ray export directory (model.safetensors + config.json) or a weights file; "
                     "produce Fashion-MNIST teachers with `meal-ray pretrain --config jobs/fmnist-teacher-<arch>.yaml`.")
+            if path is not None and path.is_file():
+                check_weights_readable(path)
 
     def describe(self) -> list:
         self.check_files()

@@ -70,7 +70,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrain
                 f"weights {weights} hold a {cfg.get('architecture')!r} model, not {name!r}; "
                 f"set the model name to {cfg.get('architecture')!r}."
             )
-        model = timm.create_model(f"local-dir:{Path(weights).resolve()}", pretrained=True, **kwargs)
+        model = _load_local_dir(weights, **kwargs)
     elif weights:
         path = Path(weights)
         if not path.is_file():
@@ -78,6 +78,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrain
                 f"weights {weights!r} not found: give a meal-ray export directory (model.safetensors + "
                 "config.json) or a weights file (.safetensors/.pth/.bin)."
             )
+        check_weights_readable(path)
         overlay = dict(file=str(path.resolve()), num_classes=num_classes)
         try:  # keep the file's classifier when it has num_classes outputs ...
             model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
@@ -149,7 +150,38 @@ def load_export(path: str | Path) -> nn.Module:
         raise ModelNotFoundError(
             f"{path} is not a meal-ray model export (expected model.safetensors and config.json there)."
         )
-    return timm.create_model(f"local-dir:{Path(path).resolve()}", pretrained=True).eval()
+    return _load_local_dir(path).eval()
+
+
+def _corrupt(path, e: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(f"weights {str(path)!r} cannot be read ({type(e).__name__}: {str(e)[:160]}): the file "
+                              "is truncated or corrupt, or not a weights file. Export or download it again.")
+
+
+def _load_local_dir(path, **kwargs) -> nn.Module:
+    """timm's ``local-dir:`` load of an export, with a corrupt file named instead of a loader traceback."""
+    check_weights_readable(Path(path) / "model.safetensors")
+    return timm.create_model(f"local-dir:{Path(path).resolve()}", pretrained=True, **kwargs)
+
+
+def check_weights_readable(path: Path) -> None:
+    """Open a weights file's header/archive (cheap) so a truncated or corrupt one fails with a clear message."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        else:
+            import zipfile
+
+            with open(path, "rb") as f:
+                zipped = f.read(2) == b"PK"
+            if zipped:  # torch.save's format: the archive's directory must be intact (a cut file loses it)
+                with zipfile.ZipFile(path) as z:
+                    z.namelist()
+    except Exception as e:  # noqa: BLE001 - safetensors, zip, pickle: each raises its own type
+        raise _corrupt(path, e) from None
 
 
 def discriminator_widths(num_classes: int, floor: int = DISCRIMINATOR_MIN_WIDTH) -> tuple[int, int]:

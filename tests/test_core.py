@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FMNIST_DATA_CONFIG
 from conftest import make_config as _cfg
 from torch import nn
 
@@ -381,3 +382,34 @@ def test_gpu_options_do_nothing_harmful_on_cpu():
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     with pytest.raises(ConfigError, match="run.amp='fp8': use bf16, fp16"):
         load_config(data=dict(BASE, run={"amp": "fp8"}))
+
+
+def test_bad_files_are_refused_by_name_before_ray_starts(tmp_path):
+    """A binary or non-mapping config, a corrupt export, a cut .pth and a class count the dataset does not have:
+    clear one-line errors from the CLI, no traceback, no Ray."""
+    from click.testing import CliRunner
+
+    from meal_ray.cli import main
+    from meal_ray.models import create_model, export_model
+
+    (tmp_path / "bin.yaml").write_bytes(b"\x00\x01\xff\xfe binary")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    export = export_model(create_model("test_resnet", num_classes=10, in_chans=1), tmp_path / "export",
+                          FMNIST_DATA_CONFIG)
+    blob = (export / "model.safetensors").read_bytes()
+    (export / "model.safetensors").write_bytes(blob[:len(blob) // 2])
+    torch.save(create_model("test_resnet", num_classes=10, in_chans=1).state_dict(), tmp_path / "good.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "good.pth").read_bytes()[:5000])
+    runner = CliRunner()
+    cases = [
+        (["distill", "--config", str(tmp_path / "bin.yaml")], "is not a text file (not UTF-8)"),
+        (["distill", "--config", str(tmp_path / "list.yaml")], "must hold a YAML mapping"),
+        (["evaluate", "--model", str(export)], "cannot be read"),
+        (["pretrain", "--config", "jobs/fmnist-student-init.yaml", "--set", f"student.weights={tmp_path / 'cut.pth'}",
+          "--set", "student.model=test_resnet"], "truncated or corrupt"),
+        (["distill", "--config", "jobs/fashion-mnist-quick.yaml", "--set", "student.num_classes=7"],
+         "the dataset has 10 classes but student.num_classes=7"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(main, args)
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, (args, res.output)

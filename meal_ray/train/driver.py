@@ -22,7 +22,7 @@ from meal_ray.cluster import ensure_ray
 from meal_ray.config import JobConfig, load_config
 from meal_ray.errors import ConfigError, ModelNotFoundError, OutputDirError
 from meal_ray.files import write_text_atomic
-from meal_ray.models import check_model_name
+from meal_ray.models import check_model_name, check_weights_readable, is_export_dir
 from meal_ray.sources.registry import source_class
 from meal_ray.train.worker import STATE_FILE, train_loop_per_worker
 
@@ -69,11 +69,18 @@ def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
 
 
 def check_job(cfg: JobConfig, source=None) -> None:
-    """Everything checkable on the driver before Ray starts: model names, weights files, the source's config."""
+    """Everything checkable on the driver before Ray starts: model names, weights files, the dataset (there, readable,
+    the student's class count), the source's config. Errors here are clear messages, not worker tracebacks."""
+    from meal_ray.data.datasets import load_datasets
+
     check_model_name(cfg.student.model)
     if cfg.student.weights and not Path(cfg.student.weights).exists():
         raise ModelNotFoundError(f"student.weights {cfg.student.weights!r} not found: give a meal-ray export "
                                  "directory or a weights file (.safetensors/.pth).")
+    if cfg.student.weights:
+        weights = Path(cfg.student.weights)
+        check_weights_readable(weights / "model.safetensors" if is_export_dir(weights) else weights)
+    load_datasets(cfg.data, cfg.student.num_classes)
     (source or source_class(cfg.teachers.source)).check_config(cfg)
 
 
