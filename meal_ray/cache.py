@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -238,12 +238,19 @@ class CachedPass:
     def rows(self, sample_ids) -> np.ndarray:
         return np.array([self.row(s) for s in sample_ids], dtype=np.int64)
 
-    def soft_labels(self, rows: np.ndarray, num_classes: int, recovery: str = "marginal"):
-        """(probs, logits) float32 [B, C] for ``rows``; exact (fp16) when k == C."""
+    def soft_labels(self, rows: np.ndarray, num_classes: int, recovery: str = "marginal",
+                    top_k: Optional[int] = None):
+        """(probs, logits) float32 [B, C] for ``rows``; exact (fp16) when k == C. ``top_k`` below the stored k uses
+        only the k largest (as a cache relabelled with that k would hold; the rest logit from the stored sums)."""
         ids = torch.from_numpy(self.topk_ids[rows])
         top_p = torch.from_numpy(self.topk_probs[rows])
         top_z = torch.from_numpy(self.topk_logits[rows])
+        rest = torch.from_numpy(self.rest_logit[rows])
         b, k = ids.shape
+        if top_k is not None and top_k < k:  # stored sorted by probability: the first top_k columns
+            total = top_z.sum(1) + rest * (num_classes - k)
+            ids, top_p, top_z, k = ids[:, :top_k], top_p[:, :top_k], top_z[:, :top_k], top_k
+            rest = (total - top_z.sum(1)) / (num_classes - k)
         if k < num_classes:
             mass = (1.0 - top_p.sum(1, keepdim=True)).clamp(min=0.0)
             if recovery == "renormalize":
@@ -251,7 +258,7 @@ class CachedPass:
                 top_p = top_p / top_p.sum(1, keepdim=True).clamp(min=1e-12)
             else:  # marginal smoothing (FKD): the left-over mass spread evenly over the other classes
                 probs = (mass / (num_classes - k)).expand(b, num_classes).clone()
-            logits = torch.from_numpy(self.rest_logit[rows]).view(b, 1).expand(b, num_classes).clone()
+            logits = rest.view(b, 1).expand(b, num_classes).clone()
         else:
             probs = torch.zeros(b, num_classes)
             logits = torch.zeros(b, num_classes)

@@ -223,8 +223,8 @@ def tracking_sync(run_dir, tracking_uri):
               help="Add a third arm: MEAL V2 from a soft-label cache of this many passes, relabelled once per seed "
                    "with the same teachers (0: no cache arm).")
 @click.option("--cache-top-k", default=None, type=int,
-              help="Ablation: the cache keeps only the k largest teacher probabilities per crop (default: all "
-                   "classes); reported in ablation-top<k>/.")
+              help="Ablation: the cache arm trains on only the k largest teacher probabilities per crop, the rest "
+                   "spread evenly as FKD does (teachers.cache_top_k; default: all classes); in ablation-top<k>/.")
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")

@@ -109,6 +109,7 @@ class TeachersConfig:
     autocast: Optional[str] = None  # None | "bf16" | "fp16" for teacher inference
     cache: Optional[str] = None  # source=cache: a soft-label cache directory written by `meal-ray relabel`
     cache_recovery: str = "marginal"  # top-k < classes: marginal (FKD: rest mass spread evenly) | renormalize
+    cache_top_k: Optional[int] = None  # use only the k largest stored probabilities (k's effect, no relabel)
     request: str = "pixels"  # served: send rendered crops (pixels) or crop boxes the replicas render (crops)
     client: str = "ingress"  # served: one call to the ensemble ingress | direct: call each teacher, average here
 
@@ -128,6 +129,8 @@ class TeachersConfig:
             raise ConfigError("teachers.source=cache needs teachers.cache: the directory `meal-ray relabel` wrote.")
         if self.cache_recovery not in ("marginal", "renormalize"):
             raise ConfigError(f"teachers.cache_recovery={self.cache_recovery!r}: use marginal or renormalize.")
+        if self.cache_top_k is not None and self.cache_top_k < 1:
+            raise ConfigError(f"teachers.cache_top_k={self.cache_top_k} must be >= 1 (or empty: all stored classes).")
         if self.request not in REQUESTS:
             raise ConfigError(f"teachers.request={self.request!r}: use pixels (send the rendered crops) or crops "
                               "(send crop boxes; the teacher replicas read the dataset and render them).")

@@ -64,6 +64,13 @@ def test_rows_are_exact_for_k_equal_c_and_smoothed_below():
     p, _ = data.soft_labels(rows, 10, "renormalize")
     assert torch.all(p[others] == 0) and torch.allclose(p.sum(1), torch.ones(6))
 
+    # teachers.cache_top_k: a k = C cache read as top-3 gives what a top-3 relabel holds (fp16 sums aside)
+    full, full_rows = _rows(probs, logits, 10)
+    p3, z3 = full.soft_labels(full_rows, 10, top_k=3)
+    p_relabel, z_relabel = data.soft_labels(rows, 10)
+    torch.testing.assert_close(p3, p_relabel, atol=0, rtol=0)
+    torch.testing.assert_close(z3, z_relabel, atol=2e-2, rtol=2e-3)
+
 
 def test_crop_records_depend_only_on_seed_pass_and_sample():
     full = FashionMNIST(train=False)

@@ -102,17 +102,18 @@ def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log
                top_k: Optional[int] = None) -> JobConfig:
     """Relabel the MEAL V2 arm's crops once (in-process teachers in a Ray Data actor; resumed or reused when the
     cache is there), then MEAL V2 from that cache: same student, init, schedule, CutMix, seed. ``top_k`` < classes
-    stores only the k largest probabilities per crop (the rest recovered as FKD does), tagged ``-top<k>``."""
+    trains on only the k largest stored probabilities per crop (``teachers.cache_top_k``: what a top-k relabel holds,
+    from the same crops and teachers), as stage ``meal-v2-cache-top<k>``."""
     from meal_ray.train.relabel import relabel
 
     base = meal.to_dict()
-    tag += f"-top{top_k}" if top_k else ""
     cache_dir = out / f"cache{tag}-seed{seed}"
     relabel_cfg = load_config(data=dict(base, teachers=dict(base["teachers"], source="local")))
-    relabel(relabel_cfg, cache_dir, passes=passes, k=top_k, actors=1, log=log)
-    cached = load_config(data=dict(base, name=f"meal-v2-cache{tag}-seed{seed}",
-                                   run=dict(base["run"], output=str(out / f"meal-v2-cache{tag}-seed{seed}")),
-                                   teachers=dict(base["teachers"], source="cache", cache=str(cache_dir))))
+    relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log)
+    name = f"meal-v2-cache{tag}{f'-top{top_k}' if top_k else ''}-seed{seed}"
+    cached = load_config(data=dict(base, name=name, run=dict(base["run"], output=str(out / name)),
+                                   teachers=dict(base["teachers"], source="cache", cache=str(cache_dir),
+                                                 cache_top_k=top_k)))
     _run_or_reuse(cached, log)
     return cached
 
@@ -145,7 +146,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     ``cutmix`` overrides the preset's CutMix in both arms (an ablation); ``preset`` replaces the quick/full
     settings (tests use tiny models). ``cache_passes`` > 0 adds a third arm: MEAL V2 from a soft-label cache of that
     many passes, relabelled once per seed with the same teachers (``meal-ray relabel``), no teachers running;
-    ``cache_top_k`` stores only the top k probabilities (default: all classes) and reports into ``ablation-top<k>``."""
+    ``cache_top_k`` trains the cache arm on the top k stored probabilities only and reports into ``ablation-top<k>``."""
     from ray import serve
 
     from meal_ray.cluster import ensure_ray

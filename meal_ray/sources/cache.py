@@ -82,8 +82,9 @@ class CachedSoftLabels:
 
     name = "cache"
 
-    def __init__(self, cache: SoftLabelCache, num_classes: int, recovery: str = "marginal"):
-        self.cache, self.num_classes, self.recovery = cache, num_classes, recovery
+    def __init__(self, cache: SoftLabelCache, num_classes: int, recovery: str = "marginal",
+                 top_k: Optional[int] = None):
+        self.cache, self.num_classes, self.recovery, self.top_k = cache, num_classes, recovery, top_k
         self.sampler = CacheReplaySampler(cache)
 
     @classmethod
@@ -92,6 +93,10 @@ class CachedSoftLabels:
         cache = SoftLabelCache(cfg.teachers.cache)
         train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
         cache.check_job(job_cache_spec(cfg, train), sample_ids(train))
+        if cfg.teachers.cache_top_k is not None and cfg.teachers.cache_top_k > cache.spec.k:
+            raise CacheError(f"teachers.cache_top_k={cfg.teachers.cache_top_k} but the cache at {cache.root} holds "
+                             f"only the top {cache.spec.k} classes per crop; use <= {cache.spec.k} or relabel with "
+                             "a larger --top-k.")
 
     @classmethod
     def preflight(cls, cfg: JobConfig) -> None:
@@ -99,7 +104,8 @@ class CachedSoftLabels:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, device=None) -> "CachedSoftLabels":
-        return cls(SoftLabelCache(cfg.teachers.cache), cfg.student.num_classes, cfg.teachers.cache_recovery)
+        return cls(SoftLabelCache(cfg.teachers.cache), cfg.student.num_classes, cfg.teachers.cache_recovery,
+                   cfg.teachers.cache_top_k)
 
     def crop_sampler(self) -> CacheReplaySampler:
         return self.sampler
@@ -112,7 +118,7 @@ class CachedSoftLabels:
             if not np.array_equal(data.crops[rows], batch.crops.numpy()):
                 raise CacheError("the batch's crops are not the ones in the soft-label cache: train with the "
                                  "cache's crop sampler (the cache source's crop_sampler()).")
-            probs, logits = data.soft_labels(rows, self.num_classes, self.recovery)
+            probs, logits = data.soft_labels(rows, self.num_classes, self.recovery, self.top_k)
             yield replace(batch, teacher_probs=probs, teacher_logits=logits, wait_s=time.perf_counter() - start)
 
     def close(self) -> None:
