@@ -115,7 +115,7 @@ class ServedSoftLabels:
             deadline, delay = time.monotonic() + self.retry_s, 0.2
             while True:
                 try:
-                    logits.append(torch.from_numpy(response.result(timeout_s=self.timeout_s)))
+                    logits.append(torch.tensor(response.result(timeout_s=self.timeout_s)))  # replies are read-only
                     break
                 except RayActorError:
                     if time.monotonic() + delay > deadline:
