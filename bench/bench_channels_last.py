@@ -32,7 +32,7 @@ def engine_for(model: str, channels_last: bool, size: int, batch: int) -> Engine
 
 
 def images_per_s(engine: Engine, steps: int) -> float:
-    batches = itertools.islice(itertools.cycle(list(itertools.islice(engine._batches(), steps))), steps)
+    batches = itertools.islice(itertools.cycle(list(itertools.islice(engine.batches(), steps))), steps)
     engine.student.train()
     start = time.perf_counter()
     n = 0

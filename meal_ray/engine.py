@@ -152,7 +152,8 @@ class Engine:
             self._rng.set_state(rng["cutmix"])
 
     # ------------------------------------------------------------------ training
-    def _batches(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[Batch]:
+        """This epoch's training batches (epoch set, CutMix applied unless the loader replays recorded mixes)."""
         o = self.cfg.optim
         for batch in batches_from_loader(self.train_loader):
             batch.epoch = self.epoch
@@ -202,7 +203,7 @@ class Engine:
         sums = {"loss": 0.0, "soft_ce": 0.0, "disc_loss": 0.0, "hard_ce": 0.0, "hits": 0, "samples": 0,
                 "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0, "first_loss": 0.0}
         start = last = time.perf_counter()
-        for step, batch in enumerate(self.source.attach(self._batches())):
+        for step, batch in enumerate(self.source.attach(self.batches())):
             for group in self.optimizer.param_groups:
                 if group.get("name") == "student":
                     group["lr"] = student_lr(o, epoch, step / max(steps_per_epoch, 1))

@@ -92,7 +92,7 @@ def measure_student(cfg: JobConfig, steps: int = 20, device: str = "cpu") -> flo
     engine = Engine.for_job(hard, device=device, log=lambda s: None)
     engine.student.train()
     done, start = 0, None
-    for i, batch in enumerate(engine._batches()):
+    for i, batch in enumerate(engine.batches()):
         if i == 3:
             start, done = time.perf_counter(), 0
         engine.train_step(batch)
