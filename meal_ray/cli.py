@@ -1,4 +1,4 @@
-"""`meal-ray` command line: pretrain, distill, evaluate, teachers up|status|down, demo, data."""
+"""`meal-ray` command line: init, pretrain, distill, evaluate, teachers up|status|down, demo, data."""
 
 from __future__ import annotations
 
@@ -61,6 +61,39 @@ def data_fashion_mnist(root, download, check):
         click.echo(f"Downloading Fashion-MNIST to {dest} ...")
         path = verify_fashion_mnist(str(download_fashion_mnist(dest)))
     click.echo(f"Fashion-MNIST OK at {path} (checksums verified)")
+
+
+# --------------------------------------------------------------------------- init
+
+
+@main.command("init")
+@click.option("--data", required=True, help="Your ImageNet-layout folder: DIR/train/<class>/, DIR/val/<class>/.")
+@click.option("--teacher", "teachers", multiple=True, metavar="ARCH=PATH",
+              help="A teacher: timm architecture = its weights (.safetensors/.pth state dict, or a meal-ray export "
+                   "directory); or a bare timm hub name (1000-class folders only). Repeatable.")
+@click.option("--student", default="mobilenetv3_small_050", show_default=True, help="The student's timm architecture.")
+@click.option("--student-init", type=click.Choice(["pretrain", "timm", "random"]), default="pretrain",
+              show_default=True,
+              help="pretrain: also write pretrain.yaml (hard labels on your folder) and distill from its export; "
+                   "timm: timm's pretrained weights (internet); random: from scratch.")
+@click.option("--output", required=True, help="Folder for pretrain.yaml, distill.yaml, serve.yaml, teachers/, runs/.")
+@click.option("--name", default=None, help="Job name prefix (default: the --output folder's name).")
+@click.option("--image-size", type=int, default=None,
+              help="Training crop size (default: the sampled images' median shorter side, rounded up to x8, in "
+                   "[32, 224]).")
+@click.option("--sample", type=int, default=500, show_default=True,
+              help="Training images read to measure channels, image size and mean/std.")
+@click.option("--teachers-source", type=click.Choice(["served", "local"]), default="served", show_default=True,
+              help="distill.yaml's teachers.source (served: Ray Serve app of serve.yaml; local: in-process).")
+@click.option("--force", is_flag=True, help="Overwrite configs already in --output.")
+@friendly_errors
+def init_cmd(data, teachers, student, student_init, output, name, image_size, sample, teachers_source, force):
+    """Write a job config (pretrain.yaml, distill.yaml) and a Serve config for your own folder and teachers, with the
+    folder's class count, image size, channels and mean/std filled in."""
+    from meal_ray.starter import init_job
+
+    init_job(data, list(teachers), output, student=student, student_init=student_init, name=name,
+             image_size=image_size, sample=sample, source=teachers_source, force=force, log=click.echo)
 
 
 # --------------------------------------------------------------------------- evaluate
