@@ -124,14 +124,39 @@ class Engine:
         return cls(cfg, train_loader, val_loader, classes, source, device, wrap_model, log)
 
     # ------------------------------------------------------------------ checkpoint state
+    def rng_state(self) -> dict:
+        """This rank's random streams (augmentation, CutMix, the loader's seed draws) as tensors and plain values, so
+        a checkpoint loads with ``torch.load(weights_only=True)``."""
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        loader_gen = getattr(self.train_loader, "generator", None)
+        return {"torch": torch.get_rng_state(), "python": random.getstate(), "cutmix": self._rng.get_state(),
+                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                "loader": loader_gen.get_state() if loader_gen is not None else None}
+
+    def set_rng_state(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self._rng.set_state(rng["cutmix"])
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, gauss))
+        loader_gen = getattr(self.train_loader, "generator", None)
+        if rng.get("loader") is not None and loader_gen is not None:
+            loader_gen.set_state(rng["loader"])
+
     def state_dict(self) -> dict:
+        """Everything a restarted run needs to continue bit for bit. Every rank must call it (each rank's random
+        streams are gathered into ``rng_per_rank``, since ranks draw different crops and mixes)."""
+        rng = [self.rng_state()]
+        if self.world_size > 1:
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, self.rng_state())
         return {
             "epoch": self.epoch,
             "student": self.student_raw.state_dict(),
             "discriminator": self.discriminator_raw.state_dict() if self.discriminator_raw is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cutmix": self._rng.get_state()},
+            "rng_per_rank": rng,
             "config": self.cfg.to_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
@@ -144,12 +169,13 @@ class Engine:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
-        rng = state.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-            self._rng.set_state(rng["cutmix"])
+        per_rank = state.get("rng_per_rank") or ([state["rng"]] if state.get("rng") else [])
+        if len(per_rank) == self.world_size:
+            self.set_rng_state(per_rank[self.rank])
+        elif per_rank:  # another worker count: the streams cannot continue as they were; rank 0's seeds everyone
+            self.log(f"checkpoint written by {len(per_rank)} worker(s), resumed with {self.world_size}: augmentation "
+                     "streams continue from rank 0's, so this run will not repeat an undisturbed one bit for bit")
+            self.set_rng_state(per_rank[0])
 
     # ------------------------------------------------------------------ training
     def batches(self) -> Iterator[Batch]:

@@ -16,6 +16,41 @@ from meal_ray.sources.registry import source_class
 STATE_FILE = "state.pt"
 
 
+def save_state(state: dict, directory: Path) -> None:
+    """``state.pt`` in ``directory``, complete or absent (written aside, then renamed)."""
+    tmp = Path(directory) / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, Path(directory) / STATE_FILE)
+
+
+def load_state(directory: Path, device="cpu") -> dict:
+    """A checkpoint's state, unpickling nothing but tensors and plain values (``weights_only=True``)."""
+    return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+
+
+def resume_state(checkpoint_dir: Path, device="cpu", log=print) -> tuple[dict, Path, list]:
+    """The state of Ray Train's latest checkpoint or, when that is unreadable (truncated on disk, not a plain-tensor
+    file), of the newest earlier one that loads, saying so. Returns (state, directory used, directories skipped)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    earlier = sorted((p for p in checkpoint_dir.parent.glob("checkpoint_*")
+                      if p.is_dir() and p.name < checkpoint_dir.name), reverse=True)
+    skipped = []
+    for candidate in [checkpoint_dir] + earlier:
+        try:
+            state = load_state(candidate, device)
+        except Exception as e:  # truncated zip, EOF, a pickled payload refused by weights_only
+            log(f"checkpoint {candidate.name} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                "trying the one before it")
+            skipped.append(candidate)
+            continue
+        if skipped:
+            log(f"resuming from {candidate.name} (epoch {state['epoch']}) instead of the unreadable "
+                f"{', '.join(p.name for p in skipped)}")
+        return state, candidate, skipped
+    raise RuntimeError(f"no readable checkpoint in {checkpoint_dir.parent} ({len(skipped)} tried, all unreadable): "
+                       "start the run again with --overwrite, or restore the checkpoint files")
+
+
 def _optimizer_norm(optimizer) -> float:
     """A fingerprint of the optimizer's momentum buffers (to show a resumed run restored them)."""
     total = 0.0
@@ -51,11 +86,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_info = {"start_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        if Path(checkpoint.path).is_dir():  # local or shared storage: earlier checkpoints are there to fall back on
+            state, _, skipped = resume_state(Path(checkpoint.path), device, log)
+        else:
+            with checkpoint.as_directory() as d:
+                state, skipped = load_state(d, device), []
         engine.load_state_dict(state)
         history = state.get("history", [])
-        start_info = {"start_epoch": engine.epoch, "resume_optimizer_norm": _optimizer_norm(engine.optimizer)}
+        start_info = {"start_epoch": engine.epoch, "resume_optimizer_norm": _optimizer_norm(engine.optimizer),
+                      "resume_skipped_checkpoints": len(skipped)}
         log(f"resumed from checkpoint at epoch {engine.epoch}")
     tracker = (Tracker(loop_config.get("tracking_uri"), loop_config.get("run_id"), log=log,
                        spool_dir=loop_config.get("output_dir") or cfg.output_dir)
@@ -67,14 +106,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append(metrics)
         if tracker:
             tracker.log_metrics(metrics, step=epoch)
+        state = engine.state_dict()  # on every rank: it gathers each rank's random streams
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                state = engine.state_dict()
                 state.update(history=history, val=result.to_dict(classes))
-                tmp = Path(d) / (STATE_FILE + ".tmp")
-                torch.save(state, tmp)
-                os.replace(tmp, Path(d) / STATE_FILE)  # a checkpoint is complete or absent
+                save_state(state, Path(d))
                 ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
 

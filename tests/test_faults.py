@@ -1,0 +1,195 @@
+"""Faults survived with nothing lost: each disturbed run ends with the weights of the undisturbed one, bit for bit.
+
+Teachers are deterministic and the engine checkpoints every piece of state (model, optimizer, sampler epoch and
+each rank's random streams), so "nothing lost" is an equality, not "it finished". Real Ray Train on a local cluster,
+real Fashion-MNIST, in-process teachers (the served path's replica kill is in test_serving.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import FMNIST_DATA
+
+from meal_ray.config import load_config
+
+EPOCHS = 3
+
+
+def job(tmp_path: Path, name: str, teachers: list, **run):
+    """A 2-worker local-teacher distillation with CutMix: every random stream (crops, mixes, shuffles) in play."""
+    return load_config(data=dict(
+        name=name, mode="distill",
+        data=dict(FMNIST_DATA, train_subset=1024, val_subset=300),
+        student=dict(model="test_efficientnet", num_classes=10),
+        teachers=dict(source="local", models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
+        optim=dict(epochs=EPOCHS, batch_size=128, lr=0.05, cutmix=True),
+        run=dict(dict(num_workers=2, cpus_per_worker=1, seed=3, output=str(tmp_path / name), checkpoints_to_keep=3,
+                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_every=0), **run)))
+
+
+def final_state(out: Path) -> dict:
+    from meal_ray.train.worker import load_state
+
+    return load_state(newest_checkpoint(out))
+
+
+def checkpoints(out: Path) -> list:
+    return sorted(p for p in (out / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+
+
+def newest_checkpoint(out: Path) -> Path:
+    return checkpoints(out)[-1]
+
+
+def assert_same_weights(state: dict, reference: dict) -> None:
+    for part in ("student", "discriminator"):
+        assert state[part].keys() == reference[part].keys()
+        for k, v in reference[part].items():
+            assert torch.equal(state[part][k], v), f"{part}.{k} differs from the undisturbed run"
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, ray_cluster, tiny_teachers):
+    """The reference: the same job, never disturbed. Returns (final state, output directory)."""
+    from meal_ray.train import run_job
+
+    root = tmp_path_factory.mktemp("undisturbed")
+    result = run_job(job(root, "undisturbed", tiny_teachers), log=lambda s: None)
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    out = root / "undisturbed"
+    return final_state(out), out
+
+
+def test_checkpoints_hold_plain_tensors_only_and_pickled_payloads_are_refused(tmp_path):
+    """A checkpoint loads with weights_only=True; one carrying a pickled object is refused, not executed."""
+    from conftest import make_config
+
+    from meal_ray.engine import Engine
+    from meal_ray.train.worker import load_state, save_state
+
+    engine = Engine.for_job(make_config("pretrain", "test_efficientnet", 1, 0.05, 256), log=lambda s: None)
+    save_state(engine.state_dict(), tmp_path)
+    state = load_state(tmp_path)
+    twin = Engine.for_job(make_config("pretrain", "test_efficientnet", 1, 0.05, 256), log=lambda s: None)
+    torch.manual_seed(12345)  # a different stream, which load_state_dict must put back
+    twin.load_state_dict(state)
+    assert torch.equal(torch.get_rng_state(), state["rng_per_rank"][0]["torch"])
+    (tmp_path / "evil").mkdir()
+    torch.save({"epoch": 1, "payload": _Payload()}, tmp_path / "evil" / "state.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_state(tmp_path / "evil")
+
+
+class _Payload:
+    """Stands for any pickled object in a checkpoint (it could run code when unpickled without weights_only)."""
+
+
+def _kill_when(out: Path, n_checkpoints: int, title: bytes, stop: threading.Event, killed: list,
+               pid: int | None = None) -> None:
+    """SIGKILL ``pid`` (or the first process whose title starts with ``title``) once ``n_checkpoints`` exist and a
+    little of the next epoch has run."""
+    while not stop.is_set() and not killed:
+        if len(checkpoints(out)) >= n_checkpoints and (out / "ray" / "train" /
+                                                       "checkpoint_manager_snapshot.json").is_file():
+            time.sleep(1.0)  # mid-epoch
+            targets = [pid] if pid else [int(c.parent.name) for c in Path("/proc").glob("[0-9]*/cmdline")
+                                         if _title(c).startswith(title) and _ours(int(c.parent.name))]
+            for target in targets[:1]:
+                os.kill(target, signal.SIGKILL)
+                killed.append(target)
+        time.sleep(0.05)
+
+
+def _title(cmdline: Path) -> bytes:
+    try:
+        return cmdline.read_bytes()
+    except OSError:
+        return b""
+
+
+def _ours(pid: int) -> bool:
+    """A process of this session's cluster (its raylet is our child), not another cluster's."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def test_killed_train_worker_ends_with_the_undisturbed_weights(tmp_path, undisturbed, tiny_teachers):
+    """Item 2: a worker SIGKILLed mid-epoch 2; Ray Train restarts the group from epoch 1's checkpoint."""
+    from meal_ray.train import run_job
+
+    reference, _ = undisturbed
+    cfg = job(tmp_path, "worker-killed", tiny_teachers)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_when, args=(cfg.output_dir, 1, b"ray::RayTrainWorker", stop, killed))
+    killer.start()
+    try:
+        result = run_job(cfg, log=lambda s: None)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no train worker was found to kill"
+    restarted = [h for h in result["history"] if h["start_epoch"] > 0]
+    assert restarted, "the run was not restarted from a checkpoint"
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]  # no epoch skipped or counted twice
+    assert_same_weights(final_state(cfg.output_dir), reference)
+
+
+def test_killed_driver_then_resume_ends_with_the_undisturbed_weights(tmp_path, undisturbed, tiny_teachers,
+                                                                      ray_cluster):
+    """Item 3: the job's driver (`meal-ray distill` on the cluster) SIGKILLed mid-epoch 2, then the same command
+    with --resume."""
+    cfg = job(tmp_path, "driver-killed", tiny_teachers)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    command = [str(Path(sys.executable).parent / "meal-ray"), "distill", "--config", str(config),
+               "--address", ray_cluster.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_when, args=(cfg.output_dir, 1, b"", stop, killed, driver.pid))
+    killer.start()
+    try:
+        driver.wait(timeout=600)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed and driver.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
+    assert not (cfg.output_dir / "metrics.json").exists()
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((cfg.output_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert_same_weights(final_state(cfg.output_dir), undisturbed[0])
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(undisturbed, tiny_teachers):
+    """Item 5: the newest checkpoint cut short on disk; --resume says so, continues from the one before and still
+    ends with the undisturbed weights. (Runs last on the reference's directory: it retrains epoch 3 there.)"""
+    from meal_ray.train import run_job
+
+    reference, out = undisturbed
+    newest = newest_checkpoint(out)
+    data = (newest / "state.pt").read_bytes()
+    (newest / "state.pt").write_bytes(data[: len(data) // 2])
+    cfg = job(out.parent, "undisturbed", tiny_teachers)
+    result = run_job(cfg, resume=True, log=lambda s: None)
+    resumed = [h for h in result["history"] if h.get("resume_skipped_checkpoints")]
+    assert resumed and resumed[0]["start_epoch"] == EPOCHS - 1 and resumed[0]["resume_skipped_checkpoints"] == 1
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert_same_weights(final_state(out), reference)
