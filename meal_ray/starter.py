@@ -140,8 +140,8 @@ def measure_folder(root: str | Path, sample: int = DEFAULT_SAMPLE, image_size: O
     squares = np.zeros(channels)
     count = 0
     for arr in images:
-        if channels == 1:
-            x = (arr if arr.ndim == 2 else arr[..., 0]).reshape(-1, 1)  # RGB-stored gray: R ~ luminance
+        if channels == 1:  # luminance, as the dataset reads RGB-stored grayscale images (PIL's convert("L"))
+            x = (arr if arr.ndim == 2 else np.asarray(Image.fromarray(arr).convert("L"))).reshape(-1, 1)
         else:
             x = (np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr).reshape(-1, 3)
         x = x.astype(np.float64) / 255.0
