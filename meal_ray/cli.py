@@ -138,13 +138,16 @@ def _job_options(fn):
                      help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)."),
         click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
         click.option("--overwrite", is_flag=True, help="Replace the run in --output."),
+        click.option("--register", "register", default=None, metavar="NAME",
+                     help="Register the final student in the MLflow model registry as NAME (a new version each run; "
+                          "same as --set run.register_model=NAME)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _run(mode, config_path, overrides, output, tracking_uri, address, resume, overwrite):
+def _run(mode, config_path, overrides, output, tracking_uri, address, resume, overwrite, register=None):
     from meal_ray.config import load_config
     from meal_ray.train.driver import run_job
 
@@ -154,6 +157,8 @@ def _run(mode, config_path, overrides, output, tracking_uri, address, resume, ov
     if tracking_uri:
         extra.append(f"run.tracking_uri={tracking_uri}")
     cfg = load_config(config_path, extra)
+    if register:
+        cfg.run.register_model = register
     if cfg.mode != mode:
         raise click.UsageError(f"{config_path} is a mode={cfg.mode} config; use `meal-ray {cfg.mode}` for it.")
     run_job(cfg, resume=resume, overwrite=overwrite, address=address)

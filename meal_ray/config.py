@@ -259,6 +259,7 @@ class RunConfig:
     log_every: int = 20  # steps between progress lines
     channels_last: bool = True  # student in NHWC memory layout: same math, ~2.7x faster mobile nets on CPU (bench/)
     amp: Optional[str] = None  # GPU: student mixed precision, bf16 | fp16 (fp16 with a loss scaler); CPU: fp32
+    register_model: Optional[str] = None  # MLflow model registry name: the final student becomes a version of it
 
     def validate(self) -> None:
         _positive("run.num_workers", self.num_workers)

@@ -1,14 +1,33 @@
-"""PNG plots for runs and the demo: training curves and per-class accuracy bars."""
+"""PNG plots for runs and the demo: training curves and per-class accuracy bars.
+
+Epoch axes have whole-number ticks; a series (a model, an arm) has one colour in every plot (``colors``, else one
+picked from its name), and per-class plots keep the dataset's class order.
+"""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+PALETTE = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def color_of(name: str, colors: Optional[Mapping[str, str]] = None) -> str:
+    """``colors[name]``, else a palette colour chosen from the name itself (the same in every plot and run)."""
+    if colors and name in colors:
+        return colors[name]
+    return PALETTE[zlib.crc32(name.encode()) % len(PALETTE)]
+
+
+def _whole_epochs(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_training_curves(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -19,9 +38,11 @@ def plot_training_curves(history: Sequence[dict], path: str | Path, title: str =
         if any(key in h for h in history):
             ax_l.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
     ax_l.set_xlabel("epoch"), ax_l.set_ylabel("loss"), ax_l.legend(), ax_l.grid(alpha=0.3)
+    _whole_epochs(ax_l)
     for key in ("train_top1", "val_top1"):
         ax_a.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
     ax_a.set_xlabel("epoch"), ax_a.set_ylabel("top-1 (%)"), ax_a.legend(), ax_a.grid(alpha=0.3)
+    _whole_epochs(ax_a)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -29,15 +50,18 @@ def plot_training_curves(history: Sequence[dict], path: str | Path, title: str =
     return Path(path)
 
 
-def plot_per_class(classes: Sequence[str], series: dict, path: str | Path, title: str = "Per-class accuracy") -> Path:
-    """Grouped bars: one group per class, one bar per named series (e.g. control vs MEAL V2)."""
+def plot_per_class(classes: Sequence[str], series: dict, path: str | Path, title: str = "Per-class accuracy",
+                   colors: Optional[Mapping[str, str]] = None) -> Path:
+    """Grouped bars: one group per class in ``classes``' order, one bar per named series (e.g. control vs MEAL V2).
+    A series is a list in ``classes``' order or a ``{class: accuracy}`` mapping (put in that order here)."""
     import numpy as np
 
+    series = {name: [v[c] for c in classes] if isinstance(v, Mapping) else list(v) for name, v in series.items()}
     x = np.arange(len(classes))
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(8, len(classes) * 0.9), 4.5))
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name, color=color_of(name, colors))
     ax.set_xticks(x, classes, rotation=30, ha="right")
     lo = min(min(v) for v in series.values())
     ax.set_ylim(max(0, lo - 10), 100)
@@ -49,17 +73,18 @@ def plot_per_class(classes: Sequence[str], series: dict, path: str | Path, title
     return Path(path)
 
 
-def plot_arms(curves: dict, path: str | Path, title: str = "", reference: dict | None = None) -> Path:
+def plot_arms(curves: dict, path: str | Path, title: str = "", reference: dict | None = None,
+              colors: Optional[Mapping[str, str]] = None) -> Path:
     """Val top-1 per epoch of several arms, one line per seed (same colour per arm), with horizontal references."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (arm, per_seed) in enumerate(curves.items()):
+    for arm, per_seed in curves.items():
         for j, (seed, history) in enumerate(per_seed.items()):
             ax.plot([h["epoch"] for h in history], [h["val_top1"] for h in history], marker="o", ms=3,
-                    color=colors[i % len(colors)], alpha=0.85, label=arm if j == 0 else None)
-    for k, (name, value) in enumerate((reference or {}).items()):
-        ax.axhline(value, ls="--", lw=1, color=colors[(len(curves) + k) % len(colors)], label=name)
+                    color=color_of(arm, colors), alpha=0.85, label=arm if j == 0 else None)
+    for name, value in (reference or {}).items():
+        ax.axhline(value, ls="--", lw=1, color=color_of(name, colors), label=name)
     ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)"), ax.set_title(title), ax.grid(alpha=0.3)
+    _whole_epochs(ax)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

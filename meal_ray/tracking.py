@@ -14,8 +14,9 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 # Fail fast on an unreachable tracking server instead of MLflow's minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -42,6 +43,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 PENDING_FILE = "mlflow-pending.jsonl"
+#: MLflow 3 experiment kind: "custom_model_development" is the UI's "Machine learning" (runs, metrics, charts), not
+#: the GenAI view (traces, evaluations). MLflow 3.17's UI shows whichever workflow its header switch (or the URL's
+#: ``?workflowType=machine_learning``) selects; older 3.x UIs and MLflow's own tools read this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # what mlflow.start_run(nested=True) sets: the UI nests the run under its parent
+MODEL_NAME = "student"  # the logged MLflow model's name (runs:/<run_id>/student in the run's Models)
+
+
+def metric_key(name: str) -> str:
+    """A readable MLflow metric key: lower-case words joined by ``_``, ``/`` kept as MLflow's group separator
+    (``MEAL V2 (ensemble soft labels)`` -> ``meal_v2_ensemble_soft_labels``)."""
+    parts = [re.sub(r"[^a-z0-9.\-]+", "_", p.strip().lower()).strip("_") for p in str(name).split("/")]
+    return "/".join(p for p in parts if p) or "_"
 
 
 class Tracker:
@@ -58,6 +73,8 @@ class Tracker:
         self._next_try = 0.0
         self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._client = None
+        self.model_uri: Optional[str] = None  # set once the student is logged as an MLflow model
+        self.registered_version: Optional[str] = None
 
     @property
     def client(self):
@@ -99,28 +116,78 @@ class Tracker:
         elif kind == "artifact":
             fn = self.client.log_artifacts if Path(record["path"]).is_dir() else self.client.log_artifact
             fn(record["run_id"], record["path"], record.get("artifact_path"))
+        elif kind == "model":
+            return self._send_model(record)
         elif kind == "end":
             self.client.set_terminated(record["run_id"], record["status"])
+        return None
 
-    def _deliver(self, record: dict, what: str) -> None:
-        """Send now (pending records first) or, while the server is away, append to the spool."""
+    def _send_model(self, record: dict):
+        """Log a meal-ray export as an MLflow pytorch model of the run (and register it when asked)."""
+        import logging
+
+        import mlflow.pytorch
+        import numpy as np
+        import timm
+        from mlflow.models import infer_signature
+
+        from meal_ray.models import load_export, read_export_config
+
+        path, run_id = Path(record["path"]), record["run_id"]
+        model, config = load_export(path), read_export_config(path)
+        shape = [int(v) for v in config["pretrained_cfg"]["input_size"]]
+        example = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)  # a normalized batch
+        import torch
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        labels = config.get("label_names") or []
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        logged = self.client.create_logged_model(
+            experiment_id, name=record.get("name", MODEL_NAME), source_run_id=run_id,
+            params={k: str(v) for k, v in (("architecture", config.get("architecture")),
+                                           ("num_classes", config.get("num_classes")),
+                                           ("input_size", "x".join(map(str, shape)))) if v is not None})
+        quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning: the safetensors export is the safe copy
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with _tracking_uri(self.uri):
+                info = mlflow.pytorch.log_model(
+                    model, name=record.get("name", MODEL_NAME), model_id=logged.model_id, run_id=run_id,
+                    signature=infer_signature(example, output), input_example=example, step=record.get("step", 0),
+                    serialization_format="pickle",  # load_model returns the timm module itself, any batch size
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+                    metadata={"label_names": labels, "timm_architecture": config.get("architecture"),
+                              "data_config": config.get("pretrained_cfg", {})},
+                    registered_model_name=record.get("registered_model_name"), await_registration_for=0)
+        finally:
+            quiet.setLevel(level)
+        self.model_uri = info.model_uri
+        self.registered_version = info.registered_model_version
+        return info
+
+    def _deliver(self, record: dict, what: str):
+        """Send now (pending records first) or, while the server is away, append to the spool. Returns what the
+        send returned (None when kept)."""
         if self.disabled:
-            return
+            return None
         if self._down_since is not None and time.monotonic() < self._next_try:
             self._keep(record)
-            return
+            return None
         try:
             if self.spool is not None and self.spool.exists():
                 self.flush()
-            self._send(record)
+            result = self._send(record)
         except Exception as e:  # noqa: BLE001
             self._failed(what, e)
             self._keep(record)
-            return
+            return None
         if self._down_since is not None:
             self._log(f"MLflow tracking at {self.uri} is back after {time.monotonic() - self._down_since:.0f}s; "
                       "the records kept meanwhile were sent.")
             self._down_since = None
+        return result
 
     def _keep(self, record: dict) -> None:
         if self.spool is None:
@@ -157,22 +224,38 @@ class Tracker:
                 self.spool.unlink(missing_ok=True)
         return sent
 
-    def start(self, experiment: str, run_name: str, params: dict, tags: Optional[dict] = None) -> Optional[str]:
-        """Create (or, with self.run_id set, reopen) the run and log params."""
+    def experiment_id(self, experiment: str) -> str:
+        """The experiment's id, created as a model-training experiment when new (an existing one without a kind
+        is marked too; a kind chosen in the UI is kept)."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return self.client.create_experiment(experiment, artifact_location=self._artifact_root(),
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return exp.experiment_id
+
+    def start(self, experiment: str, run_name: str, params: dict, tags: Optional[dict] = None,
+              parent_run_id: Optional[str] = None, datasets: Sequence[dict] = ()) -> Optional[str]:
+        """Create (or, with self.run_id set, reopen) the run and log params; ``parent_run_id`` nests it under that
+        run (as ``mlflow.start_run(nested=True)`` does); ``datasets`` (:func:`dataset_input`) become run inputs."""
         def _start():
             if self.run_id:
                 self.client.update_run(self.run_id, status="RUNNING")
                 return self.run_id
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = (exp.experiment_id if exp
-                      else self.client.create_experiment(experiment, artifact_location=self._artifact_root()))
-            run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
+            exp_id = self.experiment_id(experiment)
+            run_tags = dict(tags or {})
+            if parent_run_id:
+                run_tags[PARENT_RUN_TAG] = parent_run_id
+            run = self.client.create_run(exp_id, run_name=run_name, tags=run_tags)
             self.run_id = run.info.run_id
             from mlflow.entities import Param
 
             items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
+            if datasets:
+                self.client.log_inputs(self.run_id, datasets=[_dataset_input(**d) for d in datasets])
             return self.run_id
 
         return self._safe("start run", _start)
@@ -197,9 +280,74 @@ class Tracker:
         self._deliver({"kind": "artifact", "run_id": self.run_id, "path": str(Path(path).resolve()),
                        "artifact_path": artifact_path}, "log artifact")
 
+    def log_model(self, export_dir: str | Path, registered_model_name: Optional[str] = None, step: int = 0,
+                  name: str = MODEL_NAME):
+        """The student export as an MLflow pytorch model of this run (signature and input example from its data
+        config), registered as ``registered_model_name`` when given. Kept in the spool like any record while the
+        server is away. Returns mlflow's ModelInfo, or None."""
+        if not self.run_id:
+            return None
+        return self._deliver({"kind": "model", "run_id": self.run_id, "path": str(Path(export_dir).resolve()),
+                              "name": name, "step": int(step), "registered_model_name": registered_model_name},
+                             "log model")
+
+    def url(self) -> Optional[str]:
+        """The run's page in the MLflow UI (None without a run or when the store does not answer)."""
+        if not self.run_id:
+            return None
+        exp_id = self._safe("get run", lambda: self.client.get_run(self.run_id).info.experiment_id)
+        return run_url(self.uri, exp_id, self.run_id) if exp_id else None
+
+    def set_tags(self, tags: dict) -> None:
+        if self.run_id:
+            self._safe("set tags", lambda: [self.client.set_tag(self.run_id, k, str(v)[:5000])
+                                             for k, v in tags.items()])
+
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             self._deliver({"kind": "end", "run_id": self.run_id, "status": status}, "end run")
+
+
+@contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's fluent tracking URI set to ``uri`` for a block, then put back as it was, MLFLOW_TRACKING_URI included
+    (mlflow's own helper unsets that variable on the way out)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def dataset_input(name: str, source: str, context: str, digest_of, profile: Optional[dict] = None) -> dict:
+    """A run input (:class:`mlflow.entities.Dataset`) for :meth:`Tracker.start`: ``digest_of`` is hashed into the
+    digest (the same data and subset give the same digest), ``context`` is MLflow's ``training`` / ``evaluation``."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(digest_of, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return {"name": name, "digest": digest, "source": source, "context": context,
+            "profile": json.dumps(profile or {}, default=str)}
+
+
+def _dataset_input(name, digest, source, context, profile):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                                profile=profile),
+                        tags=[InputTag("mlflow.data.context", context)])
+
+
+def run_url(tracking_uri: str, experiment_id: Optional[str], run_id: Optional[str]) -> str:
+    """Where a run opens in the MLflow UI (``mlflow ui`` on its default port for a local store), in the UI's
+    model-training view."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def sync_pending(run_dir: str | Path, uri: Optional[str] = None, log=print) -> int:

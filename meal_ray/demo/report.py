@@ -110,17 +110,29 @@ def evaluate_ensemble(teachers) -> dict:
     return {"top1": result.top1, "top5": result.top5, "per_class": dict(zip(classes, result.per_class))}
 
 
+#: One colour per table row in every demo plot (per-class bars, the arms' curves and their reference lines).
+COLORS = {CONTROL: "#7f7f7f", MEAL: "#d62728", CACHED: "#ff7f0e", "teacher ensemble": "#1f77b4",
+          "student init": "#2ca02c"}
+
+
+def seeds_text(seeds) -> str:
+    """``seed 0`` for one seed, ``mean over seeds 0, 1, 2`` for several."""
+    seeds = list(seeds)
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}"
+
+
 def plot_demo(out: Path, runs: list) -> None:
     from meal_ray.plots import plot_arms, plot_per_class, plot_training_curves
 
     def mean_per_class(label):
-        return [statistics.mean(r["per_class"][label][c] for r in runs) for c in classes]
+        return {c: statistics.mean(r["per_class"][label][c] for r in runs) for c in classes}
 
-    classes = list(runs[0]["per_class"][CONTROL].keys())
-    seeds = ", ".join(str(r["seed"]) for r in runs)
+    classes = list(runs[0]["per_class"][CONTROL].keys())  # the dataset's class order, in every plot
+    seeds = [r["seed"] for r in runs]
     arms = [CONTROL, MEAL] + ([CACHED] if runs[0].get("cached") is not None else [])
     plot_per_class(classes, {k: mean_per_class(k) for k in arms + ["teacher ensemble"]},
-                   out / "per_class_accuracy.png", f"Fashion-MNIST test accuracy per class (mean over seeds {seeds})")
+                   out / "per_class_accuracy.png", f"Fashion-MNIST test accuracy per class ({seeds_text(seeds)})",
+                   colors=COLORS)
     curves = {arm: {} for arm in arms}
     for r in runs:
         for arm, cfg in zip(arms, (r["control"], r["meal"], r.get("cached"))):
@@ -128,8 +140,10 @@ def plot_demo(out: Path, runs: list) -> None:
     rows = {row["model"]: row["top1"] for row in runs[0]["rows"]}
     reference = {"teacher ensemble": rows["teacher ensemble"]}
     if "student init" in rows:
-        reference["student init (seed %d)" % runs[0]["seed"]] = rows["student init"]
-    plot_arms(curves, out / "arms_test_top1.png", f"control vs MEAL V2 from the same init (seeds {seeds})", reference)
+        reference["student init"] = rows["student init"]
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}: one line per seed"
+    plot_arms(curves, out / "arms_test_top1.png", f"control vs MEAL V2 from the same init ({which})", reference,
+              colors=COLORS)
     for name, key in (("control", "control"), ("meal_v2", "meal")):
         cfg = runs[0][key]
         history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
@@ -137,17 +151,40 @@ def plot_demo(out: Path, runs: list) -> None:
                              f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
 
 
-def log_demo_run(out: Path, results: dict, tracking_uri: Optional[str], tag: str = "") -> None:
-    from meal_ray.tracking import Tracker
+#: Short metric names of the table's rows (a teacher's row is its architecture).
+METRIC_NAMES = {CONTROL: "control", MEAL: "meal_v2", CACHED: "meal_v2_cache", "teacher ensemble": "teacher_ensemble",
+                "student init": "student_init"}
 
-    tracker = Tracker(tracking_uri)
-    seeds = "-".join(str(s) for s in results["seeds"])
-    tracker.start("meal-ray-demo", f"demo-{results['preset']}{tag}-seeds{seeds}",
-                  dict(results["ablation"], seeds=seeds))
-    tracker.log_metrics({f"top1_mean/{r['model']}": r["top1"]["mean"] for r in results["summary"]}, step=0)
-    tracker.log_metrics({f"top1_std/{r['model']}": r["top1"]["std"] for r in results["summary"]}, step=0)
-    tracker.log_metrics({"gain_over_control_mean": results["gain_over_control"]["mean"],
-                         "gain_over_control_std": results["gain_over_control"]["std"]}, step=0)
+
+def metric_name(model: str) -> str:
+    from meal_ray.tracking import metric_key
+
+    return METRIC_NAMES.get(model) or metric_key(model)
+
+
+def demo_metrics(results: dict) -> dict:
+    """The demo run's metrics: ``top1/<row>`` and ``top5/<row>`` (the mean over seeds; ``top1_std/<row>`` with
+    several seeds), ``gain_over_control_mean``/``_std``, ``test_acc/<row>/<class>`` (mean over seeds)."""
+    several = len(results["seeds"]) > 1
+    out = {}
+    for r in results["summary"]:
+        name = metric_name(r["model"])
+        out[f"top1/{name}"] = r["top1"]["mean"]
+        out[f"top5/{name}"] = r["top5"]["mean"]
+        if several:
+            out[f"top1_std/{name}"] = r["top1"]["std"]
+    out["gain_over_control_mean"] = results["gain_over_control"]["mean"]
+    out["gain_over_control_std"] = results["gain_over_control"]["std"]
+    for model in (CONTROL, MEAL, CACHED):
+        per_seed = [run["per_class"][model] for run in results["runs"] if model in run["per_class"]]
+        for c in (per_seed[0] if per_seed else {}):
+            out[f"test_acc/{metric_name(model)}/{c.replace('/', '-')}"] = statistics.mean(p[c] for p in per_seed)
+    return out
+
+
+def log_demo_run(out: Path, results: dict, tracker) -> None:
+    """Results, plots and tables on the demo's parent run (its stages are the nested runs), which then ends."""
+    tracker.log_metrics(demo_metrics(results), step=0)
     for p in sorted(out.glob("*.png")) + [out / "results.json", out / "results.md"]:
         tracker.log_artifact(p)
     tracker.end()
@@ -185,7 +222,8 @@ def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
 
 def format_summary(summary: list, gain: dict, seeds: list) -> str:
     """The paper-style table over seeds: mean ± sample std of each row."""
-    lines = [f"Fashion-MNIST test set (10000 images), mean ± std over seeds {', '.join(map(str, seeds))}",
+    over = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
+    lines = [f"Fashion-MNIST test set (10000 images), {over}",
              "",
              "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

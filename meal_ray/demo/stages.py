@@ -88,18 +88,54 @@ def _reusable(cfg: JobConfig) -> bool:
     return saved == cfg.to_dict() or _same_but_tracking(saved, cfg.to_dict())
 
 
-def _run_or_reuse(cfg: JobConfig, log) -> dict:
+def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None) -> dict:
+    """Train a stage, or reuse it when finished; either way its MLflow run is nested under the demo's run
+    ``parent_run_id`` (a reused stage as a short run that names the run which trained it)."""
     from meal_ray.train.driver import run_job
 
     if _reusable(cfg):
         log(f"[demo] reusing finished stage {cfg.name} ({cfg.output_dir})")
+        link_reused_stage(cfg, parent_run_id)
         return json.loads((cfg.output_dir / "metrics.json").read_text())
     log(f"[demo] stage {cfg.name}: {cfg.mode} {cfg.student.model} for {cfg.optim.epochs} epochs")
-    return run_job(cfg, overwrite=True, log=log)
+    return run_job(cfg, overwrite=True, log=log, parent_run_id=parent_run_id, tags={"meal_ray.stage": cfg.name})
+
+
+def link_reused_stage(cfg: JobConfig, parent_run_id: Optional[str]) -> Optional[str]:
+    """A nested run ``<stage> (reused)`` under the demo's run: the stage's config, tags and final top-1/top-5, and
+    ``meal_ray.reused_run_id`` naming the MLflow run that trained it. Returns its run id."""
+    from meal_ray.tracking import Tracker, default_tracking_uri
+    from meal_ray.train.driver import tracking_datasets, tracking_tags
+
+    if not parent_run_id:
+        return None
+    out = cfg.output_dir
+    trained_by = json.loads((out / "run.json").read_text()).get("mlflow_run_id") or ""
+    metrics = json.loads((out / "metrics.json").read_text())
+    tracker = Tracker(cfg.run.tracking_uri or default_tracking_uri())
+    note = (f"Stage {cfg.name} was trained earlier (MLflow run {trained_by or 'unknown'}; files in {out}) and reused "
+            "by this demo run, not retrained.")
+    run_id = tracker.start(cfg.run.experiment, f"{cfg.name} (reused)", cfg.to_dict(),
+                           tags=dict(tracking_tags(cfg), **{"meal_ray.stage": cfg.name, "meal_ray.reused": "true",
+                                                            "meal_ray.reused_run_id": trained_by,
+                                                            "mlflow.note.content": note}),
+                           parent_run_id=parent_run_id, datasets=tracking_datasets(cfg))
+    tracker.log_metrics({"final_top1": metrics["top1"], "final_top5": metrics["top5"]}, step=metrics.get("epochs", 0))
+    tracker.end()
+    return run_id
+
+
+def open_demo_run(tracking_uri: Optional[str], name: str, params: dict, tags: dict, spool_dir: Path, log):
+    """The demo's parent MLflow run (a model-training experiment ``meal-ray-demo``); every stage nests under it."""
+    from meal_ray.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, log=log, spool_dir=spool_dir)
+    tracker.start("meal-ray-demo", name, params, tags=tags)
+    return tracker
 
 
 def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log,
-               top_k: Optional[int] = None) -> JobConfig:
+               top_k: Optional[int] = None, parent_run_id: Optional[str] = None) -> JobConfig:
     """Relabel the MEAL V2 arm's crops once (in-process teachers in a Ray Data actor; resumed or reused when the
     cache is there), then MEAL V2 from that cache: same student, init, schedule, CutMix, seed. ``top_k`` < classes
     trains on only the k largest stored probabilities per crop (``teachers.cache_top_k``: what a top-k relabel holds,
@@ -114,7 +150,7 @@ def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log
     cached = load_config(data=dict(base, name=name, run=dict(base["run"], output=str(out / name)),
                                    teachers=dict(base["teachers"], source="cache", cache=str(cache_dir),
                                                  cache_top_k=top_k)))
-    _run_or_reuse(cached, log)
+    run_stage(cached, log, parent_run_id)
     return cached
 
 
@@ -147,10 +183,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     settings (tests use tiny models). ``cache_passes`` > 0 adds a third arm: MEAL V2 from a soft-label cache of that
     many passes, relabelled once per seed with the same teachers (``meal-ray relabel``), no teachers running;
     ``cache_top_k`` trains the cache arm on the top k stored probabilities only and reports into ``ablation-top<k>``."""
-    from ray import serve
-
     from meal_ray.cluster import ensure_ray
-    from meal_ray.serve.app import build_app
 
     preset_name = "custom" if preset else "quick" if quick else "full"
     preset = dict(preset or PRESETS[preset_name])
@@ -177,6 +210,31 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                     student_init=student_init, cutmix=None if arm_cutmix == preset_cutmix else arm_cutmix)
     control_tag, tag = _arm_tags(**ablation)
     student_size = preset.get("student_size", DATA["image_size"])
+    cache_tag = f"-top{cache_top_k}" if cache_top_k else ""
+    parent = open_demo_run(
+        tracking_uri, f"demo-{preset_name}{tag}{cache_tag}-seeds{'-'.join(map(str, seeds))}",
+        dict(ablation, seeds="-".join(map(str, seeds)), preset=preset_name, settings=preset, cache_passes=cache_passes,
+             cache_top_k=cache_top_k),
+        {"meal_ray.mode": "demo", "meal_ray.dataset": DATA["dataset"], "meal_ray.student": preset["student"],
+         "meal_ray.teachers": ", ".join(preset["teachers"])}, out, log)
+    try:
+        results = _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache_tag, student_size,
+                            arm_cutmix, tracking_uri, cache_passes, cache_top_k, classes, log, parent)
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    return results
+
+
+def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache_tag, student_size, arm_cutmix,
+              tracking_uri, cache_passes, cache_top_k, classes, log, parent) -> dict:
+    from ray import serve
+
+    from meal_ray.serve.app import build_app
+
+    parent_id = parent.run_id
+    no_discriminator, weight_decay, hard_label_weight, student_init = (
+        ablation[k] for k in ("no_discriminator", "weight_decay", "hard_label_weight", "student_init"))
 
     # 1. teachers (fixed seeds: every demo seed distills from the same ensemble), reused when finished
     teachers = []
@@ -184,7 +242,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
         cfg = _stage_config(f"teacher-{arch}", "pretrain", out, arch, preset["teacher_epochs"], preset, i,
                             tracking_uri, train_subset=preset.get("teacher_subset", preset["subset"]),
                             optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-        _run_or_reuse(cfg, log)
+        run_stage(cfg, log, parent_id)
         teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
     shared = evaluate_shared(teachers)
 
@@ -199,7 +257,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                 cfg = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"],
                                     preset["init_epochs"], preset, seed, tracking_uri, image_size=student_size,
                                     optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-                _run_or_reuse(cfg, log)
+                run_stage(cfg, log, parent_id)
                 init_weights = str(cfg.output_dir / "student")
             control = _stage_config(f"control{control_tag}-seed{seed}", "pretrain", out, preset["student"],
                                     preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
@@ -211,13 +269,14 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                               models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
                 loss=dict(discriminator="off" if no_discriminator else "reference",
                           hard_label_weight=hard_label_weight))
-            _run_or_reuse(control, log)
+            run_stage(control, log, parent_id)
             if not served and not _reusable(meal):
                 log("[demo] starting the teacher ensemble as a Ray Serve application")
                 serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
                 served = True
-            _run_or_reuse(meal, log)
-            cached = _cache_arm(meal, out, tag, seed, cache_passes, log, cache_top_k) if cache_passes else None
+            run_stage(meal, log, parent_id)
+            cached = (_cache_arm(meal, out, tag, seed, cache_passes, log, cache_top_k, parent_id) if cache_passes
+                      else None)
             log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
             runs.append(evaluate_seed(seed, shared, init_weights, control, meal, cached))
             log(format_table(runs[-1]["rows"], runs[-1]["per_class"]))
@@ -228,7 +287,6 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     # 3. results.json, exports (first seed), plots, tables; an ablation reports into its own folder so the
     # default run's results are never replaced
     first = runs[0]
-    cache_tag = f"-top{cache_top_k}" if cache_top_k else ""
     report = out / f"ablation{tag}{cache_tag}" if tag or cache_tag else out
     report.mkdir(exist_ok=True)
     for name, cfg in (("student", first["meal"]), ("control", first["control"])):
@@ -255,7 +313,7 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
                   "evenly over the other classes (FKD's marginal smoothing)\n\n" + tables)
     write_text(report / "results.md", tables + "\n")
     log(tables)
-    log_demo_run(report, results, tracking_uri, tag + cache_tag)
+    log_demo_run(report, results, parent)
     return results
 
 

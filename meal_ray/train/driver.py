@@ -41,7 +41,8 @@ def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
             old, new = dict(record["config"]), cfg.to_dict()
             for d in (old, new):
                 d["optim"] = {k: v for k, v in d["optim"].items() if k != "epochs"}
-                d["run"] = {k: v for k, v in d["run"].items() if k not in ("tracking_uri", "log_every")}
+                d["run"] = {k: v for k, v in d["run"].items()
+                            if k not in ("tracking_uri", "log_every", "register_model")}
             diff = sorted(k for k in new if old.get(k) != new.get(k))
             if diff:
                 raise OutputDirError(
@@ -84,9 +85,40 @@ def check_job(cfg: JobConfig, source=None) -> None:
     (source or source_class(cfg.teachers.source)).check_config(cfg)
 
 
+def tracking_tags(cfg: JobConfig) -> dict:
+    """What a run is, as MLflow tags a person filters on: mode, student, dataset, the teacher set."""
+    tags = {"meal_ray.mode": cfg.mode, "meal_ray.student": cfg.student.model, "meal_ray.dataset": dataset_name(cfg),
+            "meal_ray.teacher_source": cfg.teachers.source}
+    if cfg.teachers.source != "none":
+        tags["meal_ray.teachers"] = ", ".join(t.model for t in cfg.teachers.models)
+        tags["meal_ray.teacher_weights"] = ", ".join(str(t.weights or "hub") for t in cfg.teachers.models)
+    return tags
+
+
+def dataset_name(cfg: JobConfig) -> str:
+    d = cfg.data
+    return d.dataset if d.dataset != "imagefolder" else f"imagefolder:{Path(d.root or '.').resolve().name}"
+
+
+def tracking_datasets(cfg: JobConfig) -> list:
+    """The training and evaluation data as MLflow run inputs (name, source, subset; digest over what selects it)."""
+    from meal_ray.tracking import dataset_input
+
+    d = cfg.data
+    source = str(Path(d.root).resolve()) if d.root else d.dataset
+    out = []
+    for split, subset, context in (("train", d.train_subset, "training"), ("val", d.val_subset, "evaluation")):
+        select = {"dataset": d.dataset, "root": source, "split": split, "subset": subset, "seed": cfg.run.seed}
+        out.append(dataset_input(f"{dataset_name(cfg)}/{split}", source, context, select,
+                                 {"split": split, "subset": subset or "all", "num_classes": cfg.student.num_classes,
+                                  "image_size": d.image_size}))
+    return out
+
+
 def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
-            log=print) -> dict:
-    """Run a pretrain or distill job end to end and return the final metrics record."""
+            log=print, parent_run_id: Optional[str] = None, tags: Optional[dict] = None) -> dict:
+    """Run a pretrain or distill job end to end and return the final metrics record. ``parent_run_id`` nests the
+    MLflow run under that run (the demo's stages); ``tags`` are added to the run's."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -102,7 +134,8 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     out = cfg.output_dir
     uri = cfg.run.tracking_uri or default_tracking_uri()
     tracker = Tracker(uri, record.get("mlflow_run_id"), log=log, spool_dir=out)
-    run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags={"meal_ray.mode": cfg.mode})
+    run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags=dict(tracking_tags(cfg), **(tags or {})),
+                           parent_run_id=parent_run_id, datasets=tracking_datasets(cfg))
     record = {"name": cfg.name, "mode": cfg.mode, "student": cfg.student.model, "config": cfg.to_dict(),
               "mlflow_run_id": run_id, "tracking_uri": uri, "started": record.get("started", time.time())}
     _write_json(out / RUN_FILE, record)
@@ -161,8 +194,22 @@ def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:
     for p in plots + [out / "metrics.json"]:
         tracker.log_artifact(p)
     tracker.log_artifact(out / "student", "student")
+    info = tracker.log_model(out / "student", cfg.run.register_model and str(cfg.run.register_model),
+                             step=state["epoch"])
+    if info is not None:
+        metrics.update(mlflow_model_uri=info.model_uri, registered_model=cfg.run.register_model,
+                       registered_model_version=info.registered_model_version)
+        _write_json(out / "metrics.json", metrics)
     tracker.end("FINISHED")
     log(f"[meal-ray] done: top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  student export {out / 'student'}")
+    if info is not None:
+        registered = (f"; registered as {cfg.run.register_model} version {info.registered_model_version}"
+                      if info.registered_model_version else "")
+        log(f"[meal-ray] MLflow model {info.model_uri} (mlflow.pytorch.load_model){registered}")
+    url = tracker.url()
+    if url:
+        log(f"[meal-ray] MLflow run: {url}" + ("" if tracker.uri.startswith("http") else
+                                              f" (after `mlflow ui --backend-store-uri {tracker.uri}`)"))
     return metrics
 
 

@@ -1,0 +1,153 @@
+"""MLflow as its users expect: the student as an MLflow model (loadable, registered), runs with their dataset and
+teachers, model-training experiments, the demo as a parent run with nested stages, readable metric names."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import FMNIST_DATA
+
+pytestmark = pytest.mark.slow
+
+READABLE = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")
+
+
+def _fashion_mnist_images(data_config: dict, n: int = 256):
+    """The first ``n`` real Fashion-MNIST test images, preprocessed as the export's config.json says (resize, crop,
+    normalize: what a timm model takes)."""
+    from torch.utils.data import DataLoader
+
+    from meal_ray.config import DataConfig
+    from meal_ray.data import EvalTransform, EvalView, load_datasets
+    from meal_ray.data.loaders import Normalize
+
+    cfg = DataConfig(**dict(FMNIST_DATA, val_subset=n))
+    _, val, _ = load_datasets(cfg, 10)
+    loader = DataLoader(EvalView(val, EvalTransform(data_config["input_size"][-1], cfg.crop_pct, cfg.interpolation)),
+                        batch_size=n)
+    images, labels = next(iter(loader))
+    return Normalize(data_config["mean"], data_config["std"])(images), labels
+
+
+def test_distill_logs_a_loadable_registered_mlflow_model(tmp_path, ray_cluster, tiny_teachers, monkeypatch):
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.cli import main
+    from meal_ray.models import load_export, read_export_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    job = dict(name="fmnist-distill", mode="distill", data=dict(FMNIST_DATA, train_subset=512, val_subset=500),
+               student=dict(model="test_efficientnet", num_classes=10),
+               teachers=dict(source="local", models=[{"model": t["model"], "weights": t["weights"]}
+                                                     for t in tiny_teachers]),
+               optim=dict(epochs=1, batch_size=128, lr=0.05),
+               run=dict(num_workers=1, cpus_per_worker=1, log_every=0, experiment="fmnist"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["distill", "--config", str(tmp_path / "job.yaml"), "--output", str(out),
+                                    "--register", "fmnist-student"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["registered_model"] == "fmnist-student" and metrics["registered_model_version"] == 1
+
+    client = MlflowClient(uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    # the experiment opens as model training, not as a GenAI app
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # the teacher set and the data: tags and run inputs
+    assert run.data.tags["meal_ray.teachers"] == "test_resnet, resnet10t"
+    assert run.data.tags["meal_ray.dataset"] == "fashion-mnist" and run.data.tags["meal_ray.mode"] == "distill"
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs}
+    assert inputs == {"fashion-mnist/train": {"mlflow.data.context": "training"},
+                      "fashion-mnist/val": {"mlflow.data.context": "evaluation"}}
+    assert all(READABLE.match(k) for k in run.data.metrics), sorted(run.data.metrics)
+    assert "val_acc/Ankle boot" in run.data.metrics and "val_top1" in run.data.metrics
+
+    # the run's output is the logged model, with a signature and an input example from the data config
+    model_id = run.outputs.model_outputs[0].model_id
+    assert metrics["mlflow_model_uri"] == f"models:/{model_id}"
+    logged = client.get_logged_model(model_id)
+    assert logged.name == "student" and logged.source_run_id == run.info.run_id and str(logged.status) == "READY"
+    info = mlflow.models.get_model_info(f"models:/{model_id}")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 28, 28)
+    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 10)
+    assert info.saved_input_example_info is not None
+    assert info.metadata["label_names"][:2] == ["T-shirt/top", "Trouser"]
+
+    # registered: version 1 of fmnist-student points at this run's model
+    (version,) = client.search_model_versions("name='fmnist-student'")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id and version.source == f"models:/{model_id}"
+
+    # mlflow.pytorch.load_model gives the timm student back; it predicts what the safetensors export predicts
+    export = out / "student"
+    images, labels = _fashion_mnist_images(read_export_config(export)["pretrained_cfg"])
+    with torch.no_grad():
+        expected = load_export(export)(images)
+        for uri_ in (f"models:/{model_id}", "models:/fmnist-student/1", f"runs:/{run.info.run_id}/student"):
+            loaded = mlflow.pytorch.load_model(uri_).eval()
+            got = loaded(images)
+            assert torch.equal(got.argmax(1), expected.argmax(1)), uri_
+            assert torch.allclose(got, expected, atol=1e-5), uri_
+    assert type(loaded).__name__ == "EfficientNet"
+    pyfunc = mlflow.pyfunc.load_model("models:/fmnist-student/1")  # the serving path: numpy in, logits out
+    assert np.array_equal(np.asarray(pyfunc.predict(images.numpy())).argmax(1), expected.argmax(1).numpy())
+    # the safetensors export is still there and unchanged in form
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
+
+    # a second run with the same name is version 2
+    res = CliRunner().invoke(main, ["distill", "--config", str(tmp_path / "job.yaml"), "--output", str(out),
+                                    "--overwrite", "--set", "run.register_model=fmnist-student"])
+    assert res.exit_code == 0, res.output
+    assert sorted(str(v.version) for v in client.search_model_versions("name='fmnist-student'")) == ["1", "2"]
+
+
+def test_demo_stages_are_nested_runs_of_the_demo_run_and_reused_stages_stay_linked(tmp_path, ray_cluster):
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.demo.stages import _stage_config, open_demo_run, run_stage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "demo"
+    out.mkdir()
+    lines: list = []
+    preset = dict(subset=512, val_subset=500, batch=128)
+    parent = open_demo_run(uri, "demo-test", {"seeds": "0"}, {"meal_ray.mode": "demo"}, out, lines.append)
+    cfg = _stage_config("teacher-test_resnet", "pretrain", out, "test_resnet", 1, preset, 0, uri)
+    trained = run_stage(cfg, lines.append, parent.run_id)
+    parent.end()
+    # the demo again: the stage is finished, so it is reused, and linked under the new demo run
+    again = open_demo_run(uri, "demo-test", {"seeds": "0"}, {"meal_ray.mode": "demo"}, out, lines.append)
+    reused = run_stage(cfg, lines.append, again.run_id)
+    again.end()
+    assert reused == trained and sum("reusing finished stage" in line for line in lines) == 1
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("meal-ray-demo")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    def children(parent_id):
+        return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+    (first,) = children(parent.run_id)
+    assert first.info.run_id == trained["mlflow_run_id"] and first.info.run_name == "teacher-test_resnet"
+    assert first.data.tags["meal_ray.stage"] == "teacher-test_resnet" and first.info.status == "FINISHED"
+    assert {d.dataset.name for d in first.inputs.dataset_inputs} == {"fashion-mnist/train", "fashion-mnist/val"}
+    (link,) = children(again.run_id)
+    assert link.info.run_name == "teacher-test_resnet (reused)" and link.info.status == "FINISHED"
+    assert link.data.tags["meal_ray.reused_run_id"] == trained["mlflow_run_id"]
+    assert link.data.metrics["final_top1"] == pytest.approx(trained["top1"])
+    assert link.data.params["optim.epochs"] == "1"
+    # the parent runs are top-level runs of the same experiment
+    for run_id in (parent.run_id, again.run_id):
+        run = client.get_run(run_id)
+        assert "mlflow.parentRunId" not in run.data.tags and run.info.status == "FINISHED"
+        assert run.info.experiment_id == exp.experiment_id
