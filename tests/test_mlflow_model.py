@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -12,8 +13,6 @@ import torch
 import yaml
 from click.testing import CliRunner
 from conftest import FMNIST_DATA
-
-pytestmark = pytest.mark.slow
 
 READABLE = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")
 
@@ -35,6 +34,7 @@ def _fashion_mnist_images(data_config: dict, n: int = 256):
     return Normalize(data_config["mean"], data_config["std"])(images), labels
 
 
+@pytest.mark.slow
 def test_distill_logs_a_loadable_registered_mlflow_model(tmp_path, ray_cluster, tiny_teachers, monkeypatch):
     import mlflow
     import mlflow.pytorch
@@ -110,6 +110,7 @@ def test_distill_logs_a_loadable_registered_mlflow_model(tmp_path, ray_cluster, 
     assert sorted(str(v.version) for v in client.search_model_versions("name='fmnist-student'")) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_demo_stages_are_nested_runs_of_the_demo_run_and_reused_stages_stay_linked(tmp_path, ray_cluster):
     from mlflow.tracking import MlflowClient
 
@@ -151,3 +152,108 @@ def test_demo_stages_are_nested_runs_of_the_demo_run_and_reused_stages_stay_link
         run = client.get_run(run_id)
         assert "mlflow.parentRunId" not in run.data.tags and run.info.status == "FINISHED"
         assert run.info.experiment_id == exp.experiment_id
+
+
+# --------------------------------------------------------------------------- names and plots (no Ray)
+
+
+def _results(seeds):
+    from meal_ray.demo.report import CONTROL, MEAL
+
+    rows = ["resnet18", "teacher ensemble", "student init", CONTROL, MEAL]
+    stat = {"mean": 80.0, "std": 0.5}
+    per_class = {"T-shirt/top": 70.0, "Ankle boot": 95.0}
+    return {"seeds": seeds, "summary": [{"model": m, "top1": stat, "top5": stat} for m in rows],
+            "gain_over_control": stat,
+            "runs": [{"per_class": {CONTROL: per_class, MEAL: per_class}} for _ in seeds]}
+
+
+def test_demo_metric_names_are_readable():
+    from meal_ray.demo.report import demo_metrics
+    from meal_ray.tracking import metric_key
+
+    one = demo_metrics(_results([0]))
+    assert {"top1/meal_v2", "top1/control", "top1/teacher_ensemble", "top1/student_init", "top1/resnet18",
+            "top5/meal_v2", "gain_over_control_mean", "test_acc/meal_v2/T-shirt-top",
+            "test_acc/control/Ankle boot"} <= set(one)
+    assert not any(k.startswith("top1_std/") for k in one)  # one seed: no spread to report
+    assert "top1_std/meal_v2" in demo_metrics(_results([0, 1]))
+    assert all(READABLE.match(k) and "(" not in k for k in one)
+    assert metric_key("MEAL V2 (soft-label cache)") == "meal_v2_soft-label_cache"
+
+
+def test_one_seed_reads_seed_0_not_a_mean():
+    from meal_ray.demo.report import format_summary, gain_over_control, seeds_text, summarize
+
+    assert seeds_text([0]) == "seed 0" and seeds_text([0, 1, 2]) == "mean over seeds 0, 1, 2"
+    rows = [{"model": m, "arch": "a", "params": 1e6, "top1": t, "top5": 99.0, "gap_to_ensemble": 0.0,
+             "similar_classes": 1.0, "dissimilar_classes": 1.0}
+            for m, t in (("control (hard labels)", 80.0), ("MEAL V2 (ensemble soft labels)", 81.0))]
+    summary = summarize([{"rows": rows}])
+    text = format_summary(summary, gain_over_control(summary), [0])
+    assert text.startswith("Fashion-MNIST test set (10000 images), seed 0\n") and "mean" not in text.split("\n")[0]
+
+
+def test_plots_whole_epochs_one_class_order_and_one_colour_per_series(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from meal_ray import plots
+    from meal_ray.demo.report import COLORS, CONTROL, MEAL
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep each figure to look at
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_top1": 80.0 + e, "train_top1": 79.0 + e} for e in (1, 2, 3)]
+    plots.plot_training_curves(history, tmp_path / "curves.png")
+    plots.plot_arms({CONTROL: {0: history}, MEAL: {0: history}}, tmp_path / "arms.png",
+                    reference={"teacher ensemble": 85}, colors=COLORS)
+    for fig in figures:
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks == [1, 2, 3], ticks
+    classes = ["T-shirt/top", "Trouser", "Ankle boot"]
+    acc = {"Ankle boot": 97.0, "T-shirt/top": 81.0, "Trouser": 95.0}  # a mapping in another order
+    plots.plot_per_class(classes, {CONTROL: acc, MEAL: acc, "teacher ensemble": acc}, tmp_path / "a.png",
+                         colors=COLORS)
+    plots.plot_per_class(classes, {MEAL: acc}, tmp_path / "b.png", colors=COLORS)
+    arms_lines = {line.get_label(): to_hex(line.get_color()) for line in figures[1].axes[0].get_lines()}
+    for fig in figures[2:]:
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == classes
+        for container in ax.containers:
+            name = container.get_label()
+            assert to_hex(container.patches[0].get_facecolor()) == COLORS[name]  # the same colour in every plot
+            assert [p.get_height() for p in container.patches] == [81.0, 95.0, 97.0]  # in the classes' order
+    assert arms_lines[MEAL] == COLORS[MEAL] and arms_lines["teacher ensemble"] == COLORS["teacher ensemble"]
+    assert plots.color_of("resnet18") == plots.color_of("resnet18")  # unnamed series: a fixed colour from the name
+    plt.close("all")
+
+
+@pytest.mark.slow
+def test_a_model_logged_while_mlflow_is_away_is_kept_and_sent_later(tmp_path, monkeypatch):
+    import mlflow.pytorch
+    from conftest import FMNIST_DATA_CONFIG
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.models import create_model, export_model, load_export
+    from meal_ray.tracking import PENDING_FILE, Tracker, sync_pending
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = Tracker(uri).start("away", "run", {"a": 1})
+    export = export_model(create_model("test_efficientnet", num_classes=10, in_chans=1).eval(), tmp_path / "student",
+                          FMNIST_DATA_CONFIG, label_names=[str(i) for i in range(10)])
+    with socket.socket() as s:  # a port nobody answers on: the server is away
+        s.bind(("127.0.0.1", 0))
+        away = f"http://127.0.0.1:{s.getsockname()[1]}"
+    messages: list = []
+    tracker = Tracker(away, run_id, log=messages.append, spool_dir=tmp_path)
+    assert tracker.log_model(export, registered_model_name="away-student") is None
+    assert json.loads((tmp_path / PENDING_FILE).read_text())["kind"] == "model" and "kept in" in messages[0]
+    assert sync_pending(tmp_path, uri, log=messages.append) == 1 and not (tmp_path / PENDING_FILE).exists()
+    (version,) = MlflowClient(uri).search_model_versions("name='away-student'")
+    assert version.run_id == run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(mlflow.pytorch.load_model("models:/away-student/1")(x), load_export(export)(x))
