@@ -123,7 +123,20 @@ class Tracker:
         return None
 
     def _send_model(self, record: dict):
-        """Log a meal-ray export as an MLflow pytorch model of the run (and register it when asked)."""
+        """Log a meal-ray export as an MLflow pytorch model of the run (and register it when asked). An unreachable
+        store raises (the record is kept, as any other); any other failure (a name the registry refuses, an export
+        since deleted) is said once and dropped, so it never holds back the records after it."""
+        experiment_id = self.client.get_run(record["run_id"]).info.experiment_id
+        try:
+            return self._log_model(record, experiment_id)
+        except Exception as e:  # noqa: BLE001
+            if _is_outage(e):
+                raise
+            self._log(f"WARNING: the student was not logged as an MLflow model ({type(e).__name__}: {str(e)[:300]}); "
+                      f"the run's other records are sent; the export is in {record['path']}.")
+            return None
+
+    def _log_model(self, record: dict, experiment_id: str):
         import logging
 
         import mlflow.pytorch
@@ -142,7 +155,6 @@ class Tracker:
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
         labels = config.get("label_names") or []
-        experiment_id = self.client.get_run(run_id).info.experiment_id
         logged = self.client.create_logged_model(
             experiment_id, name=record.get("name", MODEL_NAME), source_run_id=run_id,
             params={k: str(v) for k, v in (("architecture", config.get("architecture")),
@@ -306,6 +318,16 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             self._deliver({"kind": "end", "run_id": self.run_id, "status": status}, "end run")
+
+
+def _is_outage(e: Exception) -> bool:
+    """The store did not answer (connection refused or reset, timeouts, a 5xx after retries), as opposed to a
+    request it refused."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(s in text for s in ("max retries exceeded", "connection", "timed out", "timeout",
+                                   "temporarily_unavailable", "503", "502", "504"))
 
 
 @contextmanager

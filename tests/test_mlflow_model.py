@@ -257,3 +257,9 @@ def test_a_model_logged_while_mlflow_is_away_is_kept_and_sent_later(tmp_path, mo
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(mlflow.pytorch.load_model("models:/away-student/1")(x), load_export(export)(x))
+    # a model the registry refuses is said once and dropped: it never holds back the run's later records
+    sqlite = Tracker(uri, run_id, log=messages.append, spool_dir=tmp_path)
+    assert sqlite.log_model(tmp_path / "no-such-export") is None
+    assert "not logged as an MLflow model" in messages[-1] and not (tmp_path / PENDING_FILE).exists()
+    sqlite.end()
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
