@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Optional
 
-from meal_ray.errors import TeachersNotRunningError
+from meal_ray.errors import MealRayError, TeachersNotRunningError
 from meal_ray.serve.protocol import HOW_TO_START
 
 
@@ -71,6 +71,24 @@ def _token_auth_for(address: str) -> None:
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     except Exception:  # another Ray version: leave it to RAY_AUTH_MODE
         pass
+
+
+def user_error(exc: BaseException) -> Optional[MealRayError]:
+    """The meal-ray error (named problem and fix) inside a Ray failure: a Train worker's or a task's exception as
+    Ray wraps it (WorkerGroupError.worker_failures, RayTaskError causes), so the CLI shows the message, not Ray's
+    traceback. None when there is none."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MealRayError):
+            cause = getattr(e, "cause", None)  # a RayTaskError subclassing the user's error: unwrap to the original
+            return cause if isinstance(cause, MealRayError) else e
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        todo += [getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__, e.__context__]
+    return None
 
 
 def quiet_train_reports() -> None:

@@ -112,6 +112,7 @@ class TeachersConfig:
     cache_top_k: Optional[int] = None  # use only the k largest stored probabilities (k's effect, no relabel)
     request: str = "pixels"  # served: send rendered crops (pixels) or crop boxes the replicas render (crops)
     client: str = "ingress"  # served: one call to the ensemble ingress | direct: call each teacher, average here
+    timeout_s: float = 600.0  # served: stop the job (resumable) when no soft labels come back for this long
 
     def validate(self) -> None:
         from meal_ray.sources.registry import SOURCES
@@ -124,6 +125,9 @@ class TeachersConfig:
             raise ConfigError("teachers.models is empty: list at least one teacher, or set teachers.source=none.")
         if self.prefetch < 1:
             raise ConfigError(f"teachers.prefetch={self.prefetch} must be >= 1.")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+            raise ConfigError(f"teachers.timeout_s={self.timeout_s!r} must be a number of seconds > 0 (how long to "
+                              "wait for the teachers before the job stops, resumable).")
         check_autocast("teachers.autocast", self.autocast)
         if self.source == "cache" and not self.cache:
             raise ConfigError("teachers.source=cache needs teachers.cache: the directory `meal-ray relabel` wrote.")

@@ -30,6 +30,10 @@ class TeachersNotRunningError(MealRayError, RuntimeError):
     """The Serve teacher application is not deployed or not healthy."""
 
 
+class TeachersUnavailableError(TeachersNotRunningError):
+    """The teachers stopped answering for longer than teachers.timeout_s during a run."""
+
+
 class ProtocolError(MealRayError, ValueError):
     """A teacher request or reply does not follow the Serve protocol (wrong type, dtype, shape or version)."""
 

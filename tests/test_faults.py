@@ -193,3 +193,98 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(undisturbed,
     assert resumed and resumed[0]["start_epoch"] == EPOCHS - 1 and resumed[0]["resume_skipped_checkpoints"] == 1
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
     assert_same_weights(final_state(out), reference)
+
+
+# --------------------------------------------------------------------------- served teachers
+APP = "meal-ray-faults-teachers"
+
+
+def served_job(tmp_path: Path, name: str, teachers: list, **over):
+    cfg = job(tmp_path, name, teachers)
+    cfg.teachers.source, cfg.teachers.app_name, cfg.optim.epochs = "served", APP, 2
+    for k, v in over.items():
+        setattr(cfg.teachers, k, v)
+    cfg.validate()
+    return cfg
+
+
+def deploy_teachers(teachers: list) -> None:
+    from ray import serve
+
+    from meal_ray.serve.app import build_app
+
+    serve.run(build_app({"teachers": teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005}), name=APP,
+              route_prefix=None)
+
+
+@pytest.fixture(scope="module")
+def served_undisturbed(tmp_path_factory, ray_cluster, tiny_teachers):
+    """Teachers served (teacher0, teacher1) and the reference served run's final state."""
+    from ray import serve
+
+    from meal_ray.train import run_job
+
+    deploy_teachers(tiny_teachers)
+    root = tmp_path_factory.mktemp("served")
+    run_job(served_job(root, "undisturbed", tiny_teachers), log=lambda s: None)
+    yield final_state(root / "undisturbed")
+    serve.delete(APP)
+
+
+def test_killed_teacher_replica_mid_epoch_ends_with_the_undisturbed_weights(tmp_path, served_undisturbed,
+                                                                            tiny_teachers):
+    """Item 1: a teacher replica SIGKILLed mid-epoch 2 of a served run; Serve replaces it, the ingress asks again,
+    no step is skipped or repeated."""
+    from meal_ray.train import run_job
+
+    cfg = served_job(tmp_path, "replica-killed", tiny_teachers)
+    stop, killed = threading.Event(), []
+    title = f"ray::ServeReplica:{APP}:teacher0".encode()
+    killer = threading.Thread(target=_kill_when, args=(cfg.output_dir, 1, title, stop, killed))
+    killer.start()
+    try:
+        result = run_job(cfg, log=lambda s: None)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no teacher replica was found to kill"
+    assert all(h["start_epoch"] == 0 for h in result["history"])  # the run itself never restarted
+    assert_same_weights(final_state(cfg.output_dir), served_undisturbed)
+
+
+def test_teachers_gone_past_the_timeout_stop_the_job_resumably(tmp_path, served_undisturbed, tiny_teachers):
+    """Item 4: the teacher application deleted mid-epoch 2 and gone for longer than teachers.timeout_s: the job
+    stops with the teachers' own message and its checkpoint; it never hangs. Teachers back, --resume ends with the
+    undisturbed weights."""
+    from ray import serve
+
+    from meal_ray.errors import TeachersNotRunningError
+    from meal_ray.train import run_job
+
+    cfg = served_job(tmp_path, "teachers-gone", tiny_teachers, timeout_s=10.0)
+    stop, gone = threading.Event(), []
+
+    def delete_teachers():
+        while not stop.is_set() and len(checkpoints(cfg.output_dir)) < 1:
+            time.sleep(0.05)
+        if not stop.is_set():
+            time.sleep(1.0)
+            serve.delete(APP)
+            gone.append(time.monotonic())
+
+    deleter = threading.Thread(target=delete_teachers)
+    deleter.start()
+    try:
+        with pytest.raises(TeachersNotRunningError) as failure:
+            run_job(cfg, log=lambda s: None)
+    finally:
+        stop.set()
+        deleter.join()
+        deploy_teachers(tiny_teachers)
+    assert gone, "the job ended before the teachers could be removed"
+    assert time.monotonic() - gone[0] < 300  # bounded: the timeout, a restart attempt, no hang
+    message = str(failure.value)
+    assert "meal-ray teachers up" in message and "--resume" in message and "Traceback" not in message
+    assert not (cfg.output_dir / "metrics.json").exists() and checkpoints(cfg.output_dir)
+    run_job(cfg, resume=True, log=lambda s: None)
+    assert_same_weights(final_state(cfg.output_dir), served_undisturbed)

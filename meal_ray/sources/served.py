@@ -7,7 +7,7 @@ from typing import Iterable, Iterator, Optional
 
 from meal_ray.config import JobConfig
 from meal_ray.ensemble import TeacherSet, average_teacher_outputs, check_compatible, describe_differences, fingerprint
-from meal_ray.errors import ConfigError, TeacherSetMismatchError, TeachersNotRunningError
+from meal_ray.errors import ConfigError, TeacherSetMismatchError, TeachersNotRunningError, TeachersUnavailableError
 from meal_ray.serve.protocol import (
     DEFAULT_APP_NAME,
     HOW_TO_START,
@@ -78,7 +78,7 @@ class ServedSoftLabels:
     @classmethod
     def from_config(cls, cfg: JobConfig, device=None) -> "ServedSoftLabels":
         source = cls(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch, request=cfg.teachers.request,
-                     client=cfg.teachers.client)
+                     client=cfg.teachers.client, timeout_s=cfg.teachers.timeout_s)
         source.check_student(cfg.student.num_classes, cfg.data.in_chans)
         return source
 
@@ -97,10 +97,16 @@ class ServedSoftLabels:
         return self.handle.remote(request), len(request)
 
     def _collect(self, pending) -> tuple:
-        if self.teachers:
-            return self._collect_direct(*pending)
-        response, rows = pending
-        reply = TeacherReply.parse(response.result(timeout_s=self.timeout_s), rows)
+        try:
+            if self.teachers:
+                return self._collect_direct(*pending)
+            response, rows = pending
+            reply = TeacherReply.parse(response.result(timeout_s=self.timeout_s), rows)
+        except TimeoutError:
+            raise TeachersUnavailableError(
+                f"no soft labels from the Serve application {self.app_name!r} for {self.timeout_s:g} s "
+                "(teachers.timeout_s): its replicas are gone or overloaded. The job stops; its last epoch's checkpoint "
+                f"is kept. Check `meal-ray teachers status`; {HOW_TO_START}") from None
         probs, logits = reply.tensors()
         return probs, logits, float(reply.latency_s)
 

@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 
-from meal_ray.cluster import ensure_ray
+from meal_ray.cluster import ensure_ray, user_error
 from meal_ray.config import JobConfig, load_config
 from meal_ray.errors import ConfigError, ModelNotFoundError, OutputDirError
 from meal_ray.files import write_text_atomic
 from meal_ray.models import check_model_name, check_weights_readable, is_export_dir
 from meal_ray.sources.registry import source_class
-from meal_ray.train.worker import STATE_FILE, train_loop_per_worker
+from meal_ray.train.worker import load_state, train_loop_per_worker
 
 RUN_FILE = "run.json"
 
@@ -161,9 +160,16 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
         f"output {out}, MLflow run {run_id} at {uri}")
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         tracker.end("FAILED")
-        raise
+        error = user_error(e)  # a worker's own message (named problem and fix), not Ray's traceback
+        if error is None:
+            raise
+        kept = sorted(p.name for p in (out / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+        if kept:
+            error.args = (f"{error}\n[the run's checkpoints are kept, newest {kept[-1]}: fix the cause and run the "
+                          "same command with --resume]",)
+        raise error from None
     return finish(cfg, result.checkpoint, tracker, log)
 
 
@@ -177,7 +183,7 @@ def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:
     if checkpoint is None:
         raise ConfigError("training produced no checkpoint (optim.epochs already reached?)")
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(Path(d))
     student = build_student(load_config(data=dict(cfg.to_dict(), student=dict(cfg.to_dict()["student"], weights=None,
                                                                                 pretrained=False))))
     student.load_state_dict(state["student"])
