@@ -437,9 +437,12 @@ def init_job(data: str, teachers: list, output: str, student: str = "mobilenetv3
     steps = []
     if student_init == "pretrain":
         steps.append(f"meal-ray pretrain --config {_rel(files['pretrain.yaml'])}")
-    steps += [f"meal-ray teachers up --config {_rel(files['serve.yaml'])}   # in a second terminal; or add "
-              "--set teachers.source=local below",
-              f"meal-ray distill --config {_rel(files['distill.yaml'])}",
+    distill = f"meal-ray distill --config {_rel(files['distill.yaml'])}"
+    steps += ([distill + "   # teachers in-process"] if source == "local" else
+              [distill + " --set teachers.source=local   # teachers in-process; or on Ray Serve:",
+               f"meal-ray teachers up --config {_rel(files['serve.yaml'])}   # in a second terminal, then",
+               distill + " --address <the address `teachers up` prints>"])
+    steps += [
               f"meal-ray evaluate --model {_rel(out / 'runs' / 'distill' / 'student')} --dataset imagefolder "
               f"--root {stats.root}"]
     log("[init] next:\n  " + "\n  ".join(steps))
