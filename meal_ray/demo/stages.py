@@ -314,6 +314,9 @@ def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache
     write_text(report / "results.md", tables + "\n")
     log(tables)
     log_demo_run(report, results, parent)
+    url = parent.url()
+    if url:
+        log(f"[demo] MLflow: {url} (the demo's run; each stage is a run nested under it)")
     return results
 
 
