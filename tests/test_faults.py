@@ -288,3 +288,23 @@ def test_teachers_gone_past_the_timeout_stop_the_job_resumably(tmp_path, served_
     assert not (cfg.output_dir / "metrics.json").exists() and checkpoints(cfg.output_dir)
     run_job(cfg, resume=True, log=lambda s: None)
     assert_same_weights(final_state(cfg.output_dir), served_undisturbed)
+
+
+def test_two_jobs_sharing_one_teacher_pool_each_end_as_their_solo_run(tmp_path, served_undisturbed, tiny_teachers,
+                                                                      ray_cluster):
+    """Item 7: two distillation jobs (two `meal-ray distill` drivers) on one served teacher pool at once; the replicas
+    batch both jobs' requests together, and each job ends with the weights of the same job run alone."""
+    commands = []
+    for name in ("shared-a", "shared-b"):
+        cfg = served_job(tmp_path, name, tiny_teachers)
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(cfg.to_dict()))
+        commands.append((cfg.output_dir, [str(Path(sys.executable).parent / "meal-ray"), "distill", "--config",
+                                          str(config), "--address", ray_cluster.get_runtime_context().gcs_address]))
+    drivers = [(out, subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+               for out, c in commands]
+    for out, driver in drivers:
+        _, err = driver.communicate(timeout=900)
+        assert driver.returncode == 0, err[-3000:]
+    for out, _ in drivers:
+        assert_same_weights(final_state(out), served_undisturbed)
