@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-
 from meal_ray.cluster import ensure_ray, user_error
 from meal_ray.config import JobConfig, load_config
 from meal_ray.errors import ConfigError, ModelNotFoundError, OutputDirError
