@@ -78,3 +78,30 @@ def tiny_teachers(tmp_path_factory):
         model = create_model(arch, num_classes=10, in_chans=1, data_config=dc)
         out.append({"model": arch, "weights": str(export_model(model.eval(), root / f"t{i}", dc))})
     return out
+
+
+def write_fashion_mnist_folder(root, folders, per_class_train, per_class_val):
+    """An ImageNet-layout folder (train/<class>/, val/<class>/) of real Fashion-MNIST items named by ``folders``
+    (one per label): PNG and JPEG alternate, every third item is stored as RGB."""
+    from PIL import Image
+
+    from meal_ray.data import FashionMNIST
+
+    for split, data, per_class in (("train", FashionMNIST(train=True), per_class_train),
+                                   ("val", FashionMNIST(train=False), per_class_val)):
+        taken = {c: 0 for c in range(10)}
+        for i, (image, label) in enumerate(zip(data.images[:3000], data.targets[:3000].tolist())):
+            if taken[label] == per_class:
+                continue
+            taken[label] += 1
+            folder = root / split / folders[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            im = Image.fromarray(image[0].numpy(), mode="L")
+            if i % 3 == 0:
+                im = im.convert("RGB")
+            if i % 2:
+                im.save(folder / f"{i}.jpg", quality=95)
+            else:
+                im.save(folder / f"{i}.png")
+        assert all(n == per_class for n in taken.values())
+    return root

@@ -7,6 +7,7 @@ real Fashion-MNIST, in-process teachers (the served path's replica kill is in te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -22,6 +24,8 @@ import yaml
 from conftest import FMNIST_DATA
 
 from meal_ray.config import load_config
+
+pytestmark = pytest.mark.slow  # real Ray Train/Serve runs, ~1 min each on 2 cores
 
 EPOCHS = 3
 
@@ -95,20 +99,39 @@ class _Payload:
     """Stands for any pickled object in a checkpoint (it could run code when unpickled without weights_only)."""
 
 
-def _kill_when(out: Path, n_checkpoints: int, title: bytes, stop: threading.Event, killed: list,
-               pid: int | None = None) -> None:
-    """SIGKILL ``pid`` (or the first process whose title starts with ``title``) once ``n_checkpoints`` exist and a
-    little of the next epoch has run."""
-    while not stop.is_set() and not killed:
-        if len(checkpoints(out)) >= n_checkpoints and (out / "ray" / "train" /
-                                                       "checkpoint_manager_snapshot.json").is_file():
-            time.sleep(1.0)  # mid-epoch
-            targets = [pid] if pid else [int(c.parent.name) for c in Path("/proc").glob("[0-9]*/cmdline")
-                                         if _title(c).startswith(title) and _ours(int(c.parent.name))]
-            for target in targets[:1]:
-                os.kill(target, signal.SIGKILL)
-                killed.append(target)
-        time.sleep(0.05)
+@contextlib.contextmanager
+def mid_epoch_2(out: Path, action: Callable[[], bool]):
+    """Run ``action`` in a thread about a second into epoch 2 (once Ray Train registered epoch 1's checkpoint), again
+    until it returns True; yields a list that gets the time it succeeded."""
+    stop, done = threading.Event(), []
+
+    def watch():
+        while not stop.is_set() and not done:
+            if checkpoints(out) and (out / "ray" / "train" / "checkpoint_manager_snapshot.json").is_file():
+                time.sleep(1.0)
+                if not stop.is_set() and action():
+                    done.append(time.monotonic())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def kill(title: bytes = b"", pid: Optional[int] = None) -> Callable[[], bool]:
+    """An action that SIGKILLs ``pid``, or the first of our cluster's processes whose title starts with ``title``."""
+    def action() -> bool:
+        targets = [pid] if pid else [int(c.parent.name) for c in Path("/proc").glob("[0-9]*/cmdline")
+                                     if _title(c).startswith(title) and _ours(int(c.parent.name))]
+        for target in targets[:1]:
+            os.kill(target, signal.SIGKILL)
+        return bool(targets)
+
+    return action
 
 
 def _title(cmdline: Path) -> bytes:
@@ -136,14 +159,8 @@ def test_killed_train_worker_ends_with_the_undisturbed_weights(tmp_path, undistu
 
     reference, _ = undisturbed
     cfg = job(tmp_path, "worker-killed", tiny_teachers)
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_when, args=(cfg.output_dir, 1, b"ray::RayTrainWorker", stop, killed))
-    killer.start()
-    try:
+    with mid_epoch_2(cfg.output_dir, kill(b"ray::RayTrainWorker")) as killed:
         result = run_job(cfg, log=lambda s: None)
-    finally:
-        stop.set()
-        killer.join()
     assert killed, "no train worker was found to kill"
     restarted = [h for h in result["history"] if h["start_epoch"] > 0]
     assert restarted, "the run was not restarted from a checkpoint"
@@ -161,14 +178,8 @@ def test_killed_driver_then_resume_ends_with_the_undisturbed_weights(tmp_path, u
     command = [str(Path(sys.executable).parent / "meal-ray"), "distill", "--config", str(config),
                "--address", ray_cluster.get_runtime_context().gcs_address]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_when, args=(cfg.output_dir, 1, b"", stop, killed, driver.pid))
-    killer.start()
-    try:
+    with mid_epoch_2(cfg.output_dir, kill(pid=driver.pid)) as killed:
         driver.wait(timeout=600)
-    finally:
-        stop.set()
-        killer.join()
     assert killed and driver.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
     assert not (cfg.output_dir / "metrics.json").exists()
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
@@ -238,15 +249,8 @@ def test_killed_teacher_replica_mid_epoch_ends_with_the_undisturbed_weights(tmp_
     from meal_ray.train import run_job
 
     cfg = served_job(tmp_path, "replica-killed", tiny_teachers)
-    stop, killed = threading.Event(), []
-    title = f"ray::ServeReplica:{APP}:teacher0".encode()
-    killer = threading.Thread(target=_kill_when, args=(cfg.output_dir, 1, title, stop, killed))
-    killer.start()
-    try:
+    with mid_epoch_2(cfg.output_dir, kill(f"ray::ServeReplica:{APP}:teacher0".encode())) as killed:
         result = run_job(cfg, log=lambda s: None)
-    finally:
-        stop.set()
-        killer.join()
     assert killed, "no teacher replica was found to kill"
     assert all(h["start_epoch"] == 0 for h in result["history"])  # the run itself never restarted
     assert_same_weights(final_state(cfg.output_dir), served_undisturbed)
@@ -262,24 +266,11 @@ def test_teachers_gone_past_the_timeout_stop_the_job_resumably(tmp_path, served_
     from meal_ray.train import run_job
 
     cfg = served_job(tmp_path, "teachers-gone", tiny_teachers, timeout_s=10.0)
-    stop, gone = threading.Event(), []
-
-    def delete_teachers():
-        while not stop.is_set() and len(checkpoints(cfg.output_dir)) < 1:
-            time.sleep(0.05)
-        if not stop.is_set():
-            time.sleep(1.0)
-            serve.delete(APP)
-            gone.append(time.monotonic())
-
-    deleter = threading.Thread(target=delete_teachers)
-    deleter.start()
     try:
-        with pytest.raises(TeachersNotRunningError) as failure:
-            run_job(cfg, log=lambda s: None)
+        with mid_epoch_2(cfg.output_dir, lambda: serve.delete(APP) or True) as gone:
+            with pytest.raises(TeachersNotRunningError) as failure:
+                run_job(cfg, log=lambda s: None)
     finally:
-        stop.set()
-        deleter.join()
         deploy_teachers(tiny_teachers)
     assert gone, "the job ended before the teachers could be removed"
     assert time.monotonic() - gone[0] < 300  # bounded: the timeout, a restart attempt, no hang

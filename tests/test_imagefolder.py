@@ -10,42 +10,20 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import write_fashion_mnist_folder
 from PIL import Image
 
 from meal_ray.cli import main
 from meal_ray.config import DataConfig
-from meal_ray.data import FASHION_MNIST_CLASSES, FashionMNIST, ImageFolderUint8, load_datasets
+from meal_ray.data import FASHION_MNIST_CLASSES, ImageFolderUint8, load_datasets
 from meal_ray.errors import DatasetError
 
 FOLDERS = [c.replace("/", "-") for c in FASHION_MNIST_CLASSES]  # "T-shirt-top": a class name is a folder name
 
 
-def _write_split(root, images, labels, per_class):
-    """``per_class`` items of each class; PNG and JPEG alternate, every third item is saved as RGB."""
-    taken = {c: 0 for c in range(10)}
-    for i, (image, label) in enumerate(zip(images, labels.tolist())):
-        if taken[label] == per_class:
-            continue
-        taken[label] += 1
-        folder = root / FOLDERS[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        im = Image.fromarray(image[0].numpy(), mode="L")
-        if i % 3 == 0:
-            im = im.convert("RGB")
-        if i % 2:
-            im.save(folder / f"{i}.jpg", quality=95)
-        else:
-            im.save(folder / f"{i}.png")
-    assert all(n == per_class for n in taken.values())
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("my-dataset")
-    train, test = FashionMNIST(train=True), FashionMNIST(train=False)
-    _write_split(root / "train", train.images[:3000], train.targets[:3000], 80)
-    _write_split(root / "val", test.images[:2000], test.targets[:2000], 20)
-    return root
+    return write_fashion_mnist_folder(tmp_path_factory.mktemp("my-dataset"), FOLDERS, 80, 20)
 
 
 def test_folder_images_are_converted_to_the_configured_channels(image_folder, tmp_path):

@@ -14,42 +14,20 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import write_fashion_mnist_folder
 from PIL import Image
 
 from meal_ray.cli import main
-from meal_ray.data import FASHION_MNIST_CLASSES, FashionMNIST
+from meal_ray.data import FASHION_MNIST_CLASSES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # "0-T-shirt-top", "1-Trouser", ...: sorted folder names keep Fashion-MNIST's label order
 FOLDERS = [f"{i}-{c.replace('/', '-')}" for i, c in enumerate(FASHION_MNIST_CLASSES)]
 
 
-def _write_split(root, images, labels, per_class):
-    """``per_class`` items of each class; PNG and JPEG alternate, every third item is stored as RGB."""
-    taken = {c: 0 for c in range(10)}
-    for i, (image, label) in enumerate(zip(images, labels.tolist())):
-        if taken[label] == per_class:
-            continue
-        taken[label] += 1
-        folder = root / FOLDERS[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        im = Image.fromarray(image[0].numpy(), mode="L")
-        if i % 3 == 0:
-            im = im.convert("RGB")
-        if i % 2:
-            im.save(folder / f"{i}.jpg", quality=95)
-        else:
-            im.save(folder / f"{i}.png")
-    assert all(n == per_class for n in taken.values())
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("my-images")
-    train, test = FashionMNIST(train=True), FashionMNIST(train=False)
-    _write_split(root / "train", train.images[:3000], train.targets[:3000], 30)
-    _write_split(root / "val", test.images[:2000], test.targets[:2000], 10)
-    return root
+    return write_fashion_mnist_folder(tmp_path_factory.mktemp("my-images"), FOLDERS, 30, 10)
 
 
 def _cli(*args, ok=True):
