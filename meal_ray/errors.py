@@ -50,6 +50,10 @@ class CacheMismatchError(CacheError):
     """A soft-label cache was made for other teachers, data, classes, image size or crops than the job's."""
 
 
+class CheckpointError(MealRayError, RuntimeError):
+    """No checkpoint of a run can be read back."""
+
+
 class OutputDirError(MealRayError, FileExistsError):
     """The output directory holds a different run."""
 

@@ -95,6 +95,19 @@ def test_checkpoints_hold_plain_tensors_only_and_pickled_payloads_are_refused(tm
         load_state(tmp_path / "evil")
 
 
+def test_no_readable_checkpoint_is_a_clear_error_naming_the_fix(tmp_path):
+    from meal_ray.errors import CheckpointError
+    from meal_ray.train.worker import resume_state
+
+    for name in ("checkpoint_1", "checkpoint_2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"PK\x03\x04cut short")
+    said = []
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        resume_state(tmp_path / "checkpoint_2", log=said.append)
+    assert [s.split()[1] for s in said] == ["checkpoint_2", "checkpoint_1"]  # newest first, each one named
+
+
 class _Payload:
     """Stands for any pickled object in a checkpoint (it could run code when unpickled without weights_only)."""
 

@@ -11,6 +11,7 @@ import torch
 
 from meal_ray.cluster import quiet_train_reports
 from meal_ray.config import load_config
+from meal_ray.errors import CheckpointError
 from meal_ray.sources.registry import source_class
 
 STATE_FILE = "state.pt"
@@ -47,7 +48,7 @@ def resume_state(checkpoint_dir: Path, device="cpu", log=print) -> tuple[dict, P
             log(f"resuming from {candidate.name} (epoch {state['epoch']}) instead of the unreadable "
                 f"{', '.join(p.name for p in skipped)}")
         return state, candidate, skipped
-    raise RuntimeError(f"no readable checkpoint in {checkpoint_dir.parent} ({len(skipped)} tried, all unreadable): "
+    raise CheckpointError(f"no readable checkpoint in {checkpoint_dir.parent} ({len(skipped)} tried, all unreadable): "
                        "start the run again with --overwrite, or restore the checkpoint files")
 
 
