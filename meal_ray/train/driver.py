@@ -18,7 +18,7 @@ from typing import Optional
 
 from meal_ray.cluster import ensure_ray, user_error
 from meal_ray.config import JobConfig, load_config
-from meal_ray.errors import ConfigError, ModelNotFoundError, OutputDirError
+from meal_ray.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputDirError
 from meal_ray.files import write_text_atomic
 from meal_ray.models import check_model_name, check_weights_readable, is_export_dir
 from meal_ray.sources.registry import source_class
@@ -165,7 +165,7 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
         if error is None:
             raise
         kept = sorted(p.name for p in (out / "ray" / "train").glob("checkpoint_*") if p.is_dir())
-        if kept:
+        if kept and not isinstance(error, CheckpointError):  # unreadable checkpoints: resuming is no fix
             error.args = (f"{error}\n[the run's checkpoints are kept, newest {kept[-1]}: fix the cause and run the "
                           "same command with --resume]",)
         raise error from None
