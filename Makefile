@@ -22,7 +22,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check meal_ray tests bench scripts
 
 test: setup lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup lint
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -105,3 +106,9 @@ def write_fashion_mnist_folder(root, folders, per_class_train, per_class_val):
                 im.save(folder / f"{i}.png")
         assert all(n == per_class for n in taken.values())
     return root
+
+
+def json_line(output: str) -> dict:
+    """The last JSON object printed by a `--json` command. Run in this process with CliRunner, its output also holds
+    the lines Ray's log monitor forwards from the cluster's actors (this process is a Ray driver)."""
+    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import write_fashion_mnist_folder
+from conftest import json_line, write_fashion_mnist_folder
 from PIL import Image
 
 from meal_ray.cli import main
@@ -93,7 +93,7 @@ def test_own_folder_pretrain_distill_evaluate_with_the_cli(image_folder, tmp_pat
         assert list(metrics["per_class"]) == sorted(FOLDERS) and metrics["count"] == 200  # the folder's class names
         out = cli("evaluate", "--model", str(tmp_path / run / "student"), "--dataset", "imagefolder",
                   "--root", str(image_folder), "--json")
-        result = json.loads(out.strip().splitlines()[-1])
+        result = json_line(out)
         assert result["top1"] == pytest.approx(metrics["top1"], abs=1e-9), run
         assert (result["per_class"] == pytest.approx(metrics["per_class"])
                 and list(result["per_class"]) == sorted(FOLDERS))

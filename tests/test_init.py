@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import write_fashion_mnist_folder
+from conftest import json_line, write_fashion_mnist_folder
 from PIL import Image
 
 from meal_ray.cli import main
@@ -189,7 +189,7 @@ def test_readme_own_data_walkthrough(image_folder, tmp_path, monkeypatch, ray_cl
     assert written["teachers"]["source"] == "served" and written["data"]["mean"] == list(stats.mean)
     init_top1 = json.loads(Path("myjob/runs/pretrain/metrics.json").read_text())["top1"]
     metrics = json.loads(Path("myjob/runs/distill/metrics.json").read_text())
-    result = json.loads(outputs["evaluate"].strip().splitlines()[-1])
+    result = json_line(outputs["evaluate"])
     assert result["top1"] == metrics["top1"]  # the exported student gives exactly what the distill run reported
     assert result["per_class"] == metrics["per_class"] and list(result["per_class"]) == FOLDERS
     assert result["count"] == metrics["count"] == 100
