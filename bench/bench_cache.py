@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from meal_ray.cache import SoftLabelCache
+    from meal_ray.cluster import start_serve_without_http
     from meal_ray.serve.app import build_app
     from meal_ray.sources.cache import CachedSoftLabels, CacheReplaySampler
     from meal_ray.sources.served import ServedSoftLabels
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
         relabel(_config(root, teachers, "local", args.subset, args.epochs, cutmix=False), root / "cache-no-mix",
                 passes=args.epochs, actors=2, log=lambda s: None)
 
+        start_serve_without_http()
         serve.run(build_app({"teachers": teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005}),
                   name="bench-cache-teachers", route_prefix=None)
         served_cfg = _config(root, teachers, "served", args.subset, args.epochs)

@@ -60,6 +60,7 @@ def latency(batch: int = 64, requests: int = 30) -> dict:
     import torch
     from ray import serve
 
+    from meal_ray.cluster import start_serve_without_http
     from meal_ray.config import TeacherSpec
     from meal_ray.data import Batch
     from meal_ray.ensemble import TeacherEnsemble
@@ -88,6 +89,7 @@ def latency(batch: int = 64, requests: int = 30) -> dict:
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
+        start_serve_without_http()
         serve.run(build_app({"teachers": teachers, "max_batch_size": batch, "batch_wait_timeout_s": 0.0}),
                   name="bench-wire", route_prefix=None)
         source = ServedSoftLabels("bench-wire", prefetch=1)

@@ -25,7 +25,7 @@ from meal_ray.config import INTERPOLATIONS, TeachersConfig, teacher_list
 from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError
 from meal_ray.models import (
     check_model_name,
-    check_weights_readable,
+    check_weights_fit,
     create_model,
     is_export_dir,
     model_data_config,
@@ -194,8 +194,8 @@ class TeacherSet:
                     f"teacher {spec.model!r}: weights {spec.weights!r} not found (looked at {path.resolve()}). "
                     "Give a meal-ray export directory (model.safetensors + config.json) or a weights file; "
                     "produce Fashion-MNIST teachers with `meal-ray pretrain --config jobs/fmnist-teacher-<arch>.yaml`.")
-            if path is not None and path.is_file():
-                check_weights_readable(path)
+            if path is not None and path.exists():  # readable, and for this architecture
+                check_weights_fit(spec.model, Path(os.path.expanduser(str(spec.weights))))
 
     def describe(self) -> list:
         self.check_files()

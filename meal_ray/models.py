@@ -56,20 +56,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrain
     """
     check_model_name(name)
     if weights and is_export_dir(weights):
-        cfg = read_export_config(weights)
-        got_classes = cfg.get("num_classes")
-        got_chans = cfg.get("model_args", {}).get("in_chans", cfg.get("pretrained_cfg", {}).get("input_size", [3])[0])
-        if got_classes != num_classes or got_chans != in_chans:
-            raise ClassCountMismatchError(
-                f"weights {weights} are for {got_classes} classes and {got_chans} input channels, but "
-                f"{num_classes} classes and {in_chans} channels were asked for; set num_classes={got_classes} "
-                f"and use data with {got_chans} channels, or use other weights."
-            )
-        if cfg.get("architecture") != name.split(".")[0]:
-            raise ModelNotFoundError(
-                f"weights {weights} hold a {cfg.get('architecture')!r} model, not {name!r}; "
-                f"set the model name to {cfg.get('architecture')!r}."
-            )
+        _check_export_fits(weights, name, num_classes, in_chans)
         model = _load_local_dir(weights, **kwargs)
     elif weights:
         path = Path(weights)
@@ -95,6 +82,67 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrain
     if data_config:
         set_data_config(model, data_config)
     return model
+
+
+def _check_export_fits(weights, name: str, num_classes: Optional[int], in_chans: Optional[int]) -> None:
+    cfg = read_export_config(weights)
+    got_classes = cfg.get("num_classes")
+    got_chans = cfg.get("model_args", {}).get("in_chans", cfg.get("pretrained_cfg", {}).get("input_size", [3])[0])
+    if (num_classes is not None and got_classes != num_classes) or (in_chans is not None and got_chans != in_chans):
+        raise ClassCountMismatchError(
+            f"weights {weights} are for {got_classes} classes and {got_chans} input channels, but "
+            f"{num_classes} classes and {in_chans} channels were asked for; set num_classes={got_classes} "
+            f"and use data with {got_chans} channels, or use other weights."
+        )
+    if cfg.get("architecture") != name.split(".")[0]:
+        raise ModelNotFoundError(
+            f"weights {weights} hold a {cfg.get('architecture')!r} model, not {name!r}; "
+            f"set the model name to {cfg.get('architecture')!r}."
+        )
+
+
+def check_weights_fit(name: str, weights: str | Path, num_classes: Optional[int] = None,
+                      in_chans: Optional[int] = None) -> None:
+    """Before Ray starts: weights that exist must read and be for ``name`` (an export's config.json names its
+    architecture; a weights file's tensor names and shapes are compared with the model built on the meta device, which
+    costs no memory). The classifier may differ (timm re-initializes it); anything else is a clear error here rather
+    than a worker's load traceback."""
+    path = Path(weights)
+    if is_export_dir(path):
+        check_weights_readable(path / "model.safetensors")
+        _check_export_fits(path, name, num_classes, in_chans)
+        return
+    check_weights_readable(path)
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=num_classes or 1000, in_chans=in_chans or 3)
+    head = model.pretrained_cfg.get("classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)  # its name prefix(es); "x".startswith(()) is False
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)}
+    got = {k.removeprefix("module."): v for k, v in _tensor_shapes(path).items()}
+    got = {k: v for k, v in got.items() if not k.startswith(head)}
+    wrong = sorted(k for k in expected if k in got and got[k] != expected[k])
+    missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unknown or wrong:
+        detail = "; ".join(f"{what}: {len(keys)} (e.g. {keys[0]})" for what, keys in (
+            ("tensors the model has and the file lacks", missing), ("tensors in the file the model lacks", unknown),
+            ("tensors of another shape", wrong)) if keys)
+        raise ModelNotFoundError(f"weights file {path} does not fit model {name!r} ({detail}); give the architecture "
+                                 "the weights were trained as, or other weights.")
+
+
+def _tensor_shapes(path: Path) -> dict:
+    """Tensor names and shapes of a weights file, reading no tensor data where the format allows."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("state_dict", "model", "state_dict_ema"):  # checkpoints that wrap the state dict (timm reads these)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def set_data_config(model: nn.Module, data_config: dict) -> None:

@@ -28,6 +28,15 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+_URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(value) -> str:
+    """A param value as text with any URI's ``user:password@`` replaced by ``***@``: a tracking or storage URI that
+    carries credentials must not end up readable by everyone who can see the run."""
+    return _URI_CREDENTIALS.sub("***@", str(value))
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -263,7 +272,7 @@ class Tracker:
             self.run_id = run.info.run_id
             from mlflow.entities import Param
 
-            items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+            items = [Param(k, redact(v)[:6000]) for k, v in flatten(params).items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
             if datasets:

@@ -56,6 +56,9 @@ def ray_cluster():
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    from meal_ray.cluster import start_serve_without_http
+
+    start_serve_without_http()  # as meal-ray does: the tests' serve.run() calls then open no HTTP port either
     yield ray
     try:
         from ray import serve

@@ -97,6 +97,7 @@ def deployed(head, tiny_teachers):
         time.sleep(2)
     assert "status: RUNNING" in out, out
     assert all(d["status"] == "HEALTHY" for d in status["deployments"].values())
+    assert not yaml.safe_load(out).get("proxies"), out  # the repo's config runs no HTTP proxy
     return status
 
 
@@ -133,15 +134,20 @@ def test_ray_job_submit_runs_the_quick_job_to_succeeded(head, deployed, tmp_path
     assert run.data.metrics["final_top1"] == pytest.approx(metrics["top1"])
 
 
-def test_embedded_ray_starts_despite_a_stale_record_of_a_killed_ray_start(tmp_path):
+def test_embedded_ray_starts_despite_a_stale_record_and_its_serve_opens_no_http_port(tmp_path):
     """A `ray start --block` stopped by a signal leaves /tmp/ray/ray_current_cluster behind; a bare ray.init() then
-    tries to join that dead cluster and refuses num_cpus. Embedded Ray is started with address="local"."""
+    tries to join that dead cluster and refuses num_cpus. Embedded Ray is started with address="local". The Serve
+    that the demo starts there runs no HTTP proxy: nothing listens on Serve's port 8000."""
     record = Path("/tmp/ray/ray_current_cluster")
     saved = record.read_text() if record.exists() else None
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(f"127.0.0.1:{_free_ports(1)[0]}")
-    code = ("import ray\nfrom meal_ray.cluster import ensure_ray\nensure_ray(num_cpus=1, log_to_driver=False)\n"
-            "print('cpus', ray.cluster_resources()['CPU'])\nray.shutdown()\n")
+    code = ("import ray, socket\nfrom ray import serve\n"
+            "from meal_ray.cluster import ensure_ray, start_serve_without_http\n"
+            "ensure_ray(num_cpus=1, log_to_driver=False)\nprint('cpus', ray.cluster_resources()['CPU'])\n"
+            "start_serve_without_http()\nprint('proxies', len(serve.status().proxies))\n"
+            "print('port 8000', 'open' if socket.socket().connect_ex(('127.0.0.1', 8000)) == 0 else 'closed')\n"
+            "serve.shutdown()\nray.shutdown()\n")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
@@ -151,3 +157,4 @@ def test_embedded_ray_starts_despite_a_stale_record_of_a_killed_ray_start(tmp_pa
         else:
             record.write_text(saved)
     assert out.returncode == 0 and "cpus 1.0" in out.stdout, out.stderr[-2000:]
+    assert "proxies 0" in out.stdout and "port 8000 closed" in out.stdout, out.stdout

@@ -413,3 +413,22 @@ def test_bad_files_are_refused_by_name_before_ray_starts(tmp_path):
     for args, message in cases:
         res = runner.invoke(main, args)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+def test_mlflow_params_carry_no_credentials(tmp_path, monkeypatch):
+    """A tracking URI with user:password@ is logged with ***@; nothing from the environment becomes a param."""
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.config import load_config
+    from meal_ray.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "env-s3cret")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("jobs/fashion-mnist-quick.yaml").to_dict()
+    cfg["run"]["tracking_uri"] = "https://alice:s3cret@mlflow.example.com/"
+    tracker = Tracker(uri, log=lambda s: None)
+    run_id = tracker.start("credentials", "job", cfg)
+    params = MlflowClient(uri).get_run(run_id).data.params
+    assert params["run.tracking_uri"] == "https://***@mlflow.example.com/"
+    assert params["teachers.models.0.model"] == cfg["teachers"]["models"][0]["model"]  # the rest as given
+    assert not any("s3cret" in v for v in params.values())

@@ -21,7 +21,7 @@ from meal_ray.config import TeacherSpec
 from meal_ray.data import Batch
 from meal_ray.ensemble import TeacherEnsemble
 from meal_ray.errors import ClassCountMismatchError, ConfigError, ModelNotFoundError, TeachersNotRunningError
-from meal_ray.serve.protocol import PROTOCOL_VERSION, TeacherRequest
+from meal_ray.serve.protocol import MAX_SAMPLES, MAX_SIDE, PROTOCOL_VERSION, TeacherRequest
 
 APP = "meal-ray-test-teachers"
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +116,9 @@ def test_protocol_validates_requests_and_replies_in_one_place():
         validate_crops(np.zeros((2, 3, 28, 28), np.uint8), 1)
     with pytest.raises(ProtocolError, match="non-empty"):
         validate_crops(np.zeros((0, 1, 28, 28), np.uint8), 1)
+    # oversized requests are refused on their shape: this 10 GB "batch" is a broadcast view, never allocated
+    with pytest.raises(ProtocolError, match=r"too large: shape \(1, 1, 100000, 100000\).*at most 4096 px"):
+        validate_crops(np.broadcast_to(np.zeros((1, 1, 1, 1), np.uint8), (1, 1, 100000, 100000)), 1)
     request = TeacherRequest.from_images(torch.from_numpy(ok))
     assert TeacherRequest.parse(request, 1) is request and request.version == PROTOCOL_VERSION
     reply = TeacherReply.from_tensors(torch.full((2, 10), 0.1), torch.zeros(2, 10), 0.5)
@@ -295,7 +298,9 @@ def test_malformed_requests_get_clear_errors_and_the_replicas_keep_serving(app):
            (TeacherRequest(good, version=PROTOCOL_VERSION + 1),
             rf"the client speaks meal-ray teacher protocol v{PROTOCOL_VERSION + 1}, "
             rf"this side speaks v{PROTOCOL_VERSION}"),
-           ({"images": good}, r"must be a meal_ray.serve.protocol.TeacherRequest \(or CropRequest\), got dict")]
+           ({"images": good}, r"must be a meal_ray.serve.protocol.TeacherRequest \(or CropRequest\), got dict"),
+           (TeacherRequest(np.zeros((MAX_SAMPLES + 1, 1, 1, 1), np.uint8)), r"too large.*at most 65536 crops"),
+           (TeacherRequest(np.zeros((1, 1, 1, MAX_SIDE + 1), np.uint8)), r"too large.*at most 4096 px a side")]
     for handle in (ingress, teacher):  # validated by the ingress and, called directly, by each teacher
         for request, message in bad:
             with pytest.raises(ProtocolError, match=message):
@@ -374,7 +379,9 @@ def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
            (CropRequest(good.records[:, :5].copy(), 28), r"got int32 \(8, 5\)"),
            (CropRequest(np.where(np.arange(15) == 0, 60000, good.records).astype(np.int32), 28),
             r"sample ids must be in \[0, 60000\)"),
-           (CropRequest(good.records, 0), "size=0 must be the student's crop side")]
+           (CropRequest(good.records, 0), "size=0 must be the student's crop side"),
+           (CropRequest(good.records, MAX_SIDE + 1), r"too large: shape \(8, 4097\)"),
+           (CropRequest(np.where(np.arange(15) == 3, 10**9, good.records).astype(np.int32), 28), "too large")]
     for handle in (ingress, small):
         for request, message in bad:
             with pytest.raises(ProtocolError, match=message):

@@ -21,10 +21,15 @@ import torch
 from meal_ray.config import DEFAULT_APP_NAME
 from meal_ray.errors import ProtocolError
 
-__all__ = ["CROP_FIELDS", "DEFAULT_APP_NAME", "HOW_TO_START", "MIX_FIELDS", "PROTOCOL_VERSION", "CropRequest",
-           "TeacherReply", "TeacherRequest", "check_version", "parse_request", "validate_crops"]
+__all__ = ["CROP_FIELDS", "DEFAULT_APP_NAME", "HOW_TO_START", "MAX_SAMPLES", "MAX_SIDE", "MIX_FIELDS",
+           "PROTOCOL_VERSION", "CropRequest", "TeacherReply", "TeacherRequest", "check_version", "parse_request",
+           "validate_crops"]
 
 PROTOCOL_VERSION = 1
+#: Largest request a replica accepts, checked on the shape before any tensor is made from it: an oversized or
+#: hostile request is refused with a ProtocolError, not answered with an out-of-memory crash of the replica.
+MAX_SIDE = 4096  # px, a crop's height or width (also a crop request's render size and box sides)
+MAX_SAMPLES = 65536  # crops in one request (replicas infer it in chunks of max_batch_size)
 HOW_TO_START = (
     "Start the teachers with `meal-ray teachers up --config deployments/fashion-mnist.yaml` "
     "(embedded local Ray; keep it running) or, on a running cluster (`ray start --head`), "
@@ -64,7 +69,15 @@ def validate_crops(images: Any, in_chans: Optional[int] = None) -> np.ndarray:
                             f"shape {tuple(images.shape)}. The teachers take {in_chans}-channel images.")
     if min(images.shape) == 0:
         raise ProtocolError(f"teacher request images must be a non-empty {expected}; got shape {tuple(images.shape)}.")
+    _check_size(len(images), max(images.shape[2:]), tuple(images.shape))
     return images
+
+
+def _check_size(samples: int, side: int, shape: tuple) -> None:
+    if samples > MAX_SAMPLES or side > MAX_SIDE:
+        raise ProtocolError(f"teacher request too large: shape {shape}; a request holds at most {MAX_SAMPLES} crops "
+                            f"of at most {MAX_SIDE} px a side. Send smaller batches (optim.batch_size) or crops "
+                            "(data.image_size).")
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,8 @@ class CropRequest:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ProtocolError(f"crop request size={size!r} must be the student's crop side in pixels (>= 1).")
         mixed = r[r[:, 6] >= 0] if r.shape[1] == MIX_FIELDS else np.zeros((0, MIX_FIELDS), np.int32)
+        _check_size(len(r), max(int(size), int(np.concatenate([r[:, 3:5], mixed[:, 9:11]]).max(initial=0))),
+                    (len(r), int(size)))
         ids = np.concatenate([r[:, 0], mixed[:, 6]])
         if ids.min() < 0 or (num_samples is not None and ids.max() >= num_samples):
             raise ProtocolError(f"crop request sample ids must be in [0, {num_samples or 'N'}) (the training set "
