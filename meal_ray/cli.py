@@ -26,6 +26,21 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _set_verbose(ctx, param, value):
+    if value:
+        import os
+
+        from meal_ray.cluster import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # read where Ray starts; passed on to `ray job submit` drivers' children too
+
+
+verbose_option = click.option(
+    "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_set_verbose,
+    help="Show Ray's own output too (its workers' log lines, startup messages); by default only meal-ray's progress "
+         "lines and results are shown (Ray's logs stay in /tmp/ray/session_latest/logs).")
+
+
 @click.group()
 @click.version_option(package_name="meal-ray")
 def main():
@@ -141,6 +156,7 @@ def _job_options(fn):
         click.option("--register", "register", default=None, metavar="NAME",
                      help="Register the final student in the MLflow model registry as NAME (a new version each run; "
                           "same as --set run.register_model=NAME)."),
+        verbose_option,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -190,6 +206,7 @@ def distill(**kwargs):
 @click.option("--shard-size", type=int, default=8192, show_default=True, help="Crops per Parquet shard.")
 @click.option("--actors", type=int, default=None, help="Ray Data actors labelling shards (default: run.num_workers).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray).")
+@verbose_option
 @friendly_errors
 def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, address):
     """Label P passes of a job's training crops once into a soft-label cache (Parquet), for teachers.source=cache."""
@@ -266,6 +283,7 @@ def tracking_sync(run_dir, tracking_uri):
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")
+@verbose_option
 @friendly_errors
 def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, cutmix, cache_passes,
          cache_top_k, tracking_uri, address):

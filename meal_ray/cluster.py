@@ -20,26 +20,45 @@ from typing import Optional
 from meal_ray.errors import MealRayError, TeachersNotRunningError
 from meal_ray.serve.protocol import HOW_TO_START
 
+VERBOSE_ENV = "MEAL_RAY_VERBOSE"  # set by --verbose: Ray's own output (its workers' logs, startup lines) shown
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, start_local: bool = True,
-               log_to_driver: bool = True) -> None:
+               log_to_driver: Optional[bool] = None) -> None:
     """Connect to a cluster (``address``, else RAY_ADDRESS), else start an embedded local Ray.
 
     With ``start_local=False`` it only connects (``auto`` finds a cluster on this machine).
-    Inside `ray job submit` RAY_ADDRESS points at the job's cluster, so jobs join it.
+    Inside `ray job submit` RAY_ADDRESS points at the job's cluster, so jobs join it. Unless ``--verbose``
+    (:func:`verbose`), the actors' output is not forwarded here (it stays in Ray's log files): the user sees meal-ray's
+    progress lines, not Ray's startup noise.
     """
     import ray
 
     if ray.is_initialized():
         return
+    log_to_driver = verbose() if log_to_driver is None else log_to_driver
+    level = logging.INFO if verbose() else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS") or (None if start_local else "auto")
     if address:
         _token_auth_for(address)
-        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
     else:
         # "local": always a new embedded instance; a bare init() would join the cluster named in Ray's record of the
         # last `ray start`, which outlives a killed `ray start --block` and then refuses num_cpus
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver)
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, logging_level=level)
+
+
+def start_serve_without_http() -> None:
+    """Start Ray Serve with no HTTP proxy (``proxy_location: Disabled``, as in the repo's Serve configs): meal-ray calls
+    the teachers through deployment handles, so no port is opened that nothing uses. A Serve already running on the
+    cluster is used as it is (with the proxies its own config asked for)."""
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
 
 
 def connect(address: Optional[str] = None) -> None:

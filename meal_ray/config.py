@@ -260,7 +260,7 @@ class RunConfig:
     experiment: str = "meal-ray"
     checkpoints_to_keep: int = 2
     max_failures: int = 1
-    log_every: int = 20  # steps between progress lines
+    log_every: int = 20  # steps between step log lines where no live progress line is shown (0: none)
     channels_last: bool = True  # student in NHWC memory layout: same math, ~2.7x faster mobile nets on CPU (bench/)
     amp: Optional[str] = None  # GPU: student mixed precision, bf16 | fp16 (fp16 with a loss scaler); CPU: fp32
     register_model: Optional[str] = None  # MLflow model registry name: the final student becomes a version of it

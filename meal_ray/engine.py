@@ -109,6 +109,7 @@ class Engine:
         self.amp = cfg.run.amp if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.epoch = 0  # next epoch to run
+        self.progress = None  # a meal_ray.progress.ProgressWriter on the rank that reports progress, if any
         self._rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # per-rank augmentation stream
 
@@ -247,7 +248,9 @@ class Engine:
                 sums["latency_s"] += batch.teacher_latency_s
                 sums["latency_n"] += 1
             now = time.perf_counter()
-            if self.rank == 0 and self.cfg.run.log_every and (step + 1) % self.cfg.run.log_every == 0:
+            if self.progress is not None:
+                self.progress.step(epoch, step + 1, steps_per_epoch, n * self.world_size, batch.wait_s)
+            elif self.rank == 0 and self.cfg.run.log_every and (step + 1) % self.cfg.run.log_every == 0:
                 self.log(f"epoch {epoch + 1}/{o.epochs} step {step + 1}/{steps_per_epoch} "
                          f"loss {out['loss']:.4f} "
                          f"({n * self.world_size / max(now - last, 1e-9) * self.cfg.run.log_every:.0f} img/s)")

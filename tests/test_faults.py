@@ -208,6 +208,10 @@ def test_killed_driver_then_resume_ends_with_the_undisturbed_weights(tmp_path, u
     assert not (cfg.output_dir / "metrics.json").exists()
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # what the user sees: rank 0's lines through the driver's progress view, none of Ray's actor output
+    assert "[meal-ray] resumed from checkpoint at epoch 1" in resumed.stdout
+    assert f"[meal-ray] epoch {EPOCHS}/{EPOCHS} | loss" in resumed.stdout
+    assert "RayTrainWorker" not in resumed.stdout + resumed.stderr, resumed.stdout + resumed.stderr
     metrics = json.loads((cfg.output_dir / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
     assert_same_weights(final_state(cfg.output_dir), undisturbed[0])

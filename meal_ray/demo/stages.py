@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,6 +34,7 @@ from meal_ray.demo.report import (
     write_text,
 )
 from meal_ray.errors import ConfigError
+from meal_ray.progress import format_duration
 
 DEMO_APP = "meal-ray-demo-teachers"
 
@@ -88,17 +90,59 @@ def _reusable(cfg: JobConfig) -> bool:
     return saved == cfg.to_dict() or _same_but_tracking(saved, cfg.to_dict())
 
 
-def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None) -> dict:
+class DemoClock:
+    """The whole demo's ETA: the work of the stages still to train (epochs x images) at the pace measured so far
+    (before any stage has finished, the running stage's own pace). Reused stages cost nothing."""
+
+    def __init__(self, plan: Sequence[tuple]):
+        self.work = dict(plan)  # stage name -> epochs x training images
+        self.finished: set = set()
+        self.spent_s, self.done_work = 0.0, 0
+        self.current: Optional[str] = None
+        self.started = time.monotonic()
+
+    def start(self, name: str, work: int) -> str:
+        self.work.setdefault(name, work)
+        self.current, self.started = name, time.monotonic()
+        return f"stage {len(self.finished) + 1}/{len(self.work)}"
+
+    def finish(self, trained: bool) -> None:
+        if trained:
+            self.spent_s += time.monotonic() - self.started
+            self.done_work += self.work[self.current]
+        self.finished.add(self.current)
+        self.current = None
+
+    def suffix(self, stage_eta_s: Optional[float]) -> str:
+        """`` | demo: stage 3/9, ETA 21m04s`` for the live progress line."""
+        left = sum(w for n, w in self.work.items() if n not in self.finished and n != self.current)
+        if self.done_work:
+            pace = self.spent_s / self.done_work
+        elif stage_eta_s is not None and self.current:
+            pace = (time.monotonic() - self.started + stage_eta_s) / max(self.work[self.current], 1)
+        else:
+            pace = None
+        eta = None if pace is None else (stage_eta_s or 0.0) + left * pace
+        return f" | demo: stage {len(self.finished) + 1}/{len(self.work)}, ETA {format_duration(eta)}"
+
+
+def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: Optional[DemoClock] = None) -> dict:
     """Train a stage, or reuse it when finished; either way its MLflow run is nested under the demo's run
     ``parent_run_id`` (a reused stage as a short run that names the run which trained it)."""
     from meal_ray.train.driver import run_job
 
+    clock = clock or DemoClock([])
+    which = clock.start(cfg.name, cfg.optim.epochs * (cfg.data.train_subset or 60000))
     if _reusable(cfg):
-        log(f"[demo] reusing finished stage {cfg.name} ({cfg.output_dir})")
+        log(f"[demo] {which}: reusing finished stage {cfg.name} ({cfg.output_dir})")
         link_reused_stage(cfg, parent_run_id)
+        clock.finish(trained=False)
         return json.loads((cfg.output_dir / "metrics.json").read_text())
-    log(f"[demo] stage {cfg.name}: {cfg.mode} {cfg.student.model} for {cfg.optim.epochs} epochs")
-    return run_job(cfg, overwrite=True, log=log, parent_run_id=parent_run_id, tags={"meal_ray.stage": cfg.name})
+    log(f"[demo] {which}: {cfg.name}, {cfg.mode} {cfg.student.model} for {cfg.optim.epochs} epochs")
+    result = run_job(cfg, overwrite=True, log=log, parent_run_id=parent_run_id, tags={"meal_ray.stage": cfg.name},
+                     progress_suffix=clock.suffix)
+    clock.finish(trained=True)
+    return result
 
 
 def link_reused_stage(cfg: JobConfig, parent_run_id: Optional[str]) -> Optional[str]:
@@ -135,7 +179,8 @@ def open_demo_run(tracking_uri: Optional[str], name: str, params: dict, tags: di
 
 
 def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log,
-               top_k: Optional[int] = None, parent_run_id: Optional[str] = None) -> JobConfig:
+               top_k: Optional[int] = None, parent_run_id: Optional[str] = None,
+               clock: Optional[DemoClock] = None) -> JobConfig:
     """Relabel the MEAL V2 arm's crops once (in-process teachers in a Ray Data actor; resumed or reused when the
     cache is there), then MEAL V2 from that cache: same student, init, schedule, CutMix, seed. ``top_k`` < classes
     trains on only the k largest stored probabilities per crop (``teachers.cache_top_k``: what a top-k relabel holds,
@@ -146,12 +191,16 @@ def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log
     cache_dir = out / f"cache{tag}-seed{seed}"
     relabel_cfg = load_config(data=dict(base, teachers=dict(base["teachers"], source="local")))
     relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log)
-    name = f"meal-v2-cache{tag}{f'-top{top_k}' if top_k else ''}-seed{seed}"
+    name = cache_stage_name(tag, top_k, seed)
     cached = load_config(data=dict(base, name=name, run=dict(base["run"], output=str(out / name)),
                                    teachers=dict(base["teachers"], source="cache", cache=str(cache_dir),
                                                  cache_top_k=top_k)))
-    run_stage(cached, log, parent_run_id)
+    run_stage(cached, log, parent_run_id, clock)
     return cached
+
+
+def cache_stage_name(tag: str, top_k: Optional[int], seed: int) -> str:
+    return f"meal-v2-cache{tag}{f'-top{top_k}' if top_k else ''}-seed{seed}"
 
 
 def _same_but_tracking(a: dict, b: dict) -> bool:
@@ -230,11 +279,22 @@ def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache
               tracking_uri, cache_passes, cache_top_k, classes, log, parent) -> dict:
     from ray import serve
 
+    from meal_ray.cluster import start_serve_without_http
     from meal_ray.serve.app import build_app
 
     parent_id = parent.run_id
     no_discriminator, weight_decay, hard_label_weight, student_init = (
         ablation[k] for k in ("no_discriminator", "weight_decay", "hard_label_weight", "student_init"))
+
+    # the stages in the order they run, for the whole demo's ETA
+    teacher_images, images = preset.get("teacher_subset", preset["subset"]) or 60000, preset["subset"] or 60000
+    plan = [(f"teacher-{arch}", preset["teacher_epochs"] * teacher_images) for arch in preset["teachers"]]
+    for seed in seeds:
+        plan += [(f"student-init-seed{seed}", preset["init_epochs"] * images)] if student_init == "pretrained" else []
+        plan += [(f"control{control_tag}-seed{seed}", preset["arm_epochs"] * images),
+                 (f"meal-v2{tag}-seed{seed}", preset["arm_epochs"] * images)]
+        plan += [(cache_stage_name(tag, cache_top_k, seed), preset["arm_epochs"] * images)] if cache_passes else []
+    clock = DemoClock(plan)
 
     # 1. teachers (fixed seeds: every demo seed distills from the same ensemble), reused when finished
     teachers = []
@@ -242,7 +302,7 @@ def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache
         cfg = _stage_config(f"teacher-{arch}", "pretrain", out, arch, preset["teacher_epochs"], preset, i,
                             tracking_uri, train_subset=preset.get("teacher_subset", preset["subset"]),
                             optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-        run_stage(cfg, log, parent_id)
+        run_stage(cfg, log, parent_id, clock)
         teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
     shared = evaluate_shared(teachers)
 
@@ -257,7 +317,7 @@ def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache
                 cfg = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"],
                                     preset["init_epochs"], preset, seed, tracking_uri, image_size=student_size,
                                     optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-                run_stage(cfg, log, parent_id)
+                run_stage(cfg, log, parent_id, clock)
                 init_weights = str(cfg.output_dir / "student")
             control = _stage_config(f"control{control_tag}-seed{seed}", "pretrain", out, preset["student"],
                                     preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
@@ -269,14 +329,15 @@ def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache
                               models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
                 loss=dict(discriminator="off" if no_discriminator else "reference",
                           hard_label_weight=hard_label_weight))
-            run_stage(control, log, parent_id)
+            run_stage(control, log, parent_id, clock)
             if not served and not _reusable(meal):
                 log("[demo] starting the teacher ensemble as a Ray Serve application")
+                start_serve_without_http()
                 serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
                 served = True
-            run_stage(meal, log, parent_id)
-            cached = (_cache_arm(meal, out, tag, seed, cache_passes, log, cache_top_k, parent_id) if cache_passes
-                      else None)
+            run_stage(meal, log, parent_id, clock)
+            cached = (_cache_arm(meal, out, tag, seed, cache_passes, log, cache_top_k, parent_id, clock)
+                      if cache_passes else None)
             log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
             runs.append(evaluate_seed(seed, shared, init_weights, control, meal, cached))
             log(format_table(runs[-1]["rows"], runs[-1]["per_class"]))

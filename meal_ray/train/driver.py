@@ -14,13 +14,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from meal_ray.cluster import ensure_ray, user_error
 from meal_ray.config import JobConfig, load_config
 from meal_ray.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputDirError
 from meal_ray.files import write_text_atomic
-from meal_ray.models import check_model_name, check_weights_readable, is_export_dir
+from meal_ray.models import check_model_name, check_weights_fit
 from meal_ray.sources.registry import source_class
 from meal_ray.train.worker import load_state, train_loop_per_worker
 
@@ -30,6 +30,8 @@ RUN_FILE = "run.json"
 def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
     """Refuse to mix runs in one directory (nothing is touched here); return the saved run record when resuming."""
     out = cfg.output_dir
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"the output {out} is a file, not a directory; choose another --output (run.output).")
     record_path = out / RUN_FILE
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -77,8 +79,7 @@ def check_job(cfg: JobConfig, source=None) -> None:
         raise ModelNotFoundError(f"student.weights {cfg.student.weights!r} not found: give a meal-ray export "
                                  "directory or a weights file (.safetensors/.pth).")
     if cfg.student.weights:
-        weights = Path(cfg.student.weights)
-        check_weights_readable(weights / "model.safetensors" if is_export_dir(weights) else weights)
+        check_weights_fit(cfg.student.model, cfg.student.weights, cfg.student.num_classes, cfg.data.in_chans)
     load_datasets(cfg.data, cfg.student.num_classes)
     (source or source_class(cfg.teachers.source)).check_config(cfg)
 
@@ -114,12 +115,16 @@ def tracking_datasets(cfg: JobConfig) -> list:
 
 
 def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
-            log=print, parent_run_id: Optional[str] = None, tags: Optional[dict] = None) -> dict:
+            log=print, parent_run_id: Optional[str] = None, tags: Optional[dict] = None,
+            progress_suffix: Callable[[Optional[float]], str] = lambda eta_s: "") -> dict:
     """Run a pretrain or distill job end to end and return the final metrics record. ``parent_run_id`` nests the
-    MLflow run under that run (the demo's stages); ``tags`` are added to the run's."""
+    MLflow run under that run (the demo's stages); ``tags`` are added to the run's. While it trains, a live progress
+    line (``progress_suffix(stage ETA)`` appended: the demo's whole-demo ETA) and rank 0's log lines are shown
+    through ``log``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from meal_ray.progress import PROGRESS_FILE, ProgressView
     from meal_ray.tracking import Tracker, default_tracking_uri
 
     source = source_class(cfg.teachers.source)
@@ -157,8 +162,10 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     )
     log(f"[meal-ray] {cfg.mode} {cfg.student.model}: {cfg.run.num_workers} worker(s), {cfg.optim.epochs} epochs, "
         f"output {out}, MLflow run {run_id} at {uri}")
+    (out / PROGRESS_FILE).unlink(missing_ok=True)  # a previous attempt's lines are not this one's
     try:
-        result = trainer.fit()
+        with ProgressView(out / PROGRESS_FILE, print_line=log, suffix=progress_suffix, label=f"{cfg.mode} {cfg.name}"):
+            result = trainer.fit()
     except BaseException as e:
         tracker.end("FAILED")
         error = user_error(e)  # a worker's own message (named problem and fix), not Ray's traceback

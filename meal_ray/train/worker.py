@@ -68,6 +68,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from ray.train import Checkpoint
 
     from meal_ray.engine import Engine
+    from meal_ray.progress import PROGRESS_FILE, ProgressWriter
     from meal_ray.tracking import Tracker
 
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
@@ -77,12 +78,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     # Train V2 patches print() to tee into its logger, so every line would reach the driver twice;
     # write to stdout directly, and keep Train's per-report INFO lines (a full dict each) out of it.
-    log = (lambda s: (sys.stdout.write(f"[meal-ray] {s}\n"), sys.stdout.flush())) if rank == 0 else (lambda s: None)
+    # Rank 0's lines also go to progress.json, which the driver shows (Ray's forwarding of worker output is off
+    # unless --verbose).
+    progress = (ProgressWriter(Path(loop_config["output_dir"]) / PROGRESS_FILE, cfg.name, cfg.optim.epochs,
+                               teachers=cfg.mode == "distill")
+                if rank == 0 and loop_config.get("output_dir") else None)
+
+    def log(s: str) -> None:
+        if rank == 0:
+            sys.stdout.write(f"[meal-ray] {s}\n")
+            sys.stdout.flush()
+            if progress is not None:
+                progress.message(s)
+
     quiet_train_reports()
     source = source_class(cfg.teachers.source).from_config(cfg, device)
     wrap = ray.train.torch.prepare_model if world > 1 else (lambda m: m.to(device))
     crop_sampler = source.crop_sampler() if hasattr(source, "crop_sampler") else None  # the cache replays its crops
     engine = Engine.for_job(cfg, source=source, device=device, wrap_model=wrap, log=log, crop_sampler=crop_sampler)
+    engine.progress = progress
     history: list = []
     start_info = {"start_epoch": 0}
     checkpoint = ray.train.get_checkpoint()

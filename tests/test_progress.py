@@ -1,0 +1,79 @@
+"""The live progress line: what rank 0 writes, what the driver shows on a terminal and on a pipe, the demo's ETA."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from meal_ray.progress import ProgressView, ProgressWriter, format_duration
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_writer_counts_steps_and_estimates_the_time_left(tmp_path):
+    clock, path = Clock(), tmp_path / "progress.json"
+    writer = ProgressWriter(path, "quick", epochs=2, teachers=True, interval_s=1.0, clock=clock)
+    for step in range(1, 6):  # 5 of 2 x 10 steps, 1 s each, 128 images, 0.25 s of it waiting for teachers
+        clock.now += 1.0
+        writer.step(0, step, 10, images=128, wait_s=0.25)
+    state = json.loads(path.read_text())
+    assert (state["epoch"], state["step"], state["steps"], state["epochs"]) == (1, 5, 10, 2)
+    assert state["eta_s"] == 15.0  # 15 steps left at the measured 1 s per step
+    assert state["images_per_s"] == 128.0 and state["teacher_wait"] == 0.25
+    writer.message("epoch 1/2 | loss 1.0")
+    assert json.loads(path.read_text())["messages"] == ["epoch 1/2 | loss 1.0"]
+    assert [format_duration(s) for s in (None, 12, 245, 3725)] == ["?", "12s", "4m05s", "1h02m"]
+
+
+def test_view_draws_one_live_line_on_a_terminal_and_plain_lines_on_a_pipe(tmp_path):
+    clock, path = Clock(), tmp_path / "progress.json"
+    writer = ProgressWriter(path, "quick", epochs=2, teachers=False, clock=clock)
+    printed, terminal = [], Terminal()
+    view = ProgressView(path, print_line=printed.append, stream=terminal, suffix=lambda eta: " | demo ETA 9m",
+                        label="distill quick")
+    view.poll()
+    assert "distill quick: starting" in terminal.getvalue() and printed == []
+    clock.now += 2.0
+    writer.step(0, 1, 4, images=64)
+    writer.message("resumed from checkpoint at epoch 1")
+    view.poll()
+    live = terminal.getvalue().rsplit("\r\x1b[K", 1)[-1]
+    assert live == "distill quick: epoch 1/2 | step 1/4 | 32 img/s | ETA 14s | demo ETA 9m"  # no teacher wait
+    assert printed == ["[meal-ray] resumed from checkpoint at epoch 1"]
+    view.poll()
+    assert len(printed) == 1  # each worker line once
+    # a restarted worker group writes a new attempt whose lines count from 0 again: they are all new
+    ProgressWriter(path, "quick", epochs=2, clock=clock).message("restarted")
+    view.poll()
+    assert printed[-1] == "[meal-ray] restarted"
+
+    pipe_lines: list = []
+    pipe = ProgressView(path, print_line=pipe_lines.append, stream=io.StringIO(), plain_every_s=0.0)
+    pipe.poll()
+    assert pipe_lines == ["[meal-ray] restarted", "[meal-ray] quick: starting (0s)"]  # plain text, no escapes
+
+
+def test_demo_eta_adds_the_stages_left_at_the_measured_pace():
+    from meal_ray.demo.stages import DemoClock
+
+    clock = DemoClock([("teacher-a", 100), ("teacher-b", 100), ("control-seed0", 50)])
+    assert clock.start("teacher-a", 100) == "stage 1/3"
+    assert clock.suffix(None) == " | demo: stage 1/3, ETA ?"
+    clock.started -= 10.0  # 10 s into the first stage, 10 s to go: 0.2 s per unit of work
+    assert clock.suffix(10.0) == " | demo: stage 1/3, ETA 40s"  # 10 s + 150 units x 0.2 s
+    clock.finish(trained=True)
+    clock.start("teacher-b", 100)
+    clock.finish(trained=False)  # reused: free
+    assert clock.start("control-seed0", 50) == "stage 3/3"
+    assert clock.suffix(5.0) == " | demo: stage 3/3, ETA 5s"
