@@ -42,6 +42,8 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, st
         return
     log_to_driver = verbose() if log_to_driver is None else log_to_driver
     level = logging.INFO if verbose() else logging.WARNING
+    if not verbose():
+        quiet_startup()
     address = address or os.environ.get("RAY_ADDRESS") or (None if start_local else "auto")
     if address:
         _token_auth_for(address)
@@ -59,6 +61,14 @@ def start_serve_without_http() -> None:
     from ray import serve
 
     serve.start(proxy_location="Disabled")
+
+
+def quiet_startup() -> None:
+    """Hide what every start prints and no user acts on: Ray's notice that token auth is on (its default since 2.60)
+    and MLflow's creation of a new sqlite store's tables. ``--verbose`` keeps them."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def connect(address: Optional[str] = None) -> None:

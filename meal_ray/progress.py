@@ -62,6 +62,8 @@ class ProgressWriter:
         now = self.clock()
         if step == 1:
             self._epoch_start, self._epoch_wait = self._last, 0.0
+            if self._done:  # the window since the last epoch's end holds its validation: img/s restarts here
+                self._window = (now, -images)
         self._last = now
         self._done += 1
         self._epoch_wait += wait_s
@@ -71,7 +73,7 @@ class ProgressWriter:
         self.state.update(epoch=epoch + 1, step=step, steps=steps,
                           eta_s=remaining * (now - self._started) / self._done)
         if now - self._written >= self.interval_s or step == steps:
-            if now > since:
+            if now > since and seen + images > 0:
                 self.state["images_per_s"] = (seen + images) / (now - since)
             if self.teachers and now > self._epoch_start:
                 self.state["teacher_wait"] = min(1.0, self._epoch_wait / (now - self._epoch_start))
