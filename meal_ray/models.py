@@ -118,7 +118,11 @@ def check_weights_fit(name: str, weights: str | Path, num_classes: Optional[int]
     head = model.pretrained_cfg.get("classifier") or ()
     head = (head,) if isinstance(head, str) else tuple(head)  # its name prefix(es); "x".startswith(()) is False
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)}
-    got = {k.removeprefix("module."): v for k, v in _tensor_shapes(path).items()}
+    try:  # .pth files load with weights_only=True: a pickled object in one is refused here
+        shapes = _tensor_shapes(path)
+    except Exception as e:  # noqa: BLE001 - safetensors, zip, unpickling: each raises its own type
+        raise _corrupt(path, e) from None
+    got = {k.removeprefix("module."): v for k, v in shapes.items()}
     got = {k: v for k, v in got.items() if not k.startswith(head)}
     wrong = sorted(k for k in expected if k in got and got[k] != expected[k])
     missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))

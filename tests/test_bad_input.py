@@ -29,6 +29,10 @@ INIT = str(ROOT / "jobs" / "fmnist-student-init.yaml")
 SERVE = str(ROOT / "deployments" / "fashion-mnist.yaml")
 
 
+class Payload:
+    """Stands for any pickled object in a weights file (unpickled without weights_only, it could run code)."""
+
+
 def checksums(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -63,6 +67,7 @@ def files(tmp_path_factory):
     torch.save(teacher.state_dict(), root / "teacher.pth")
     (root / "cut.pth").write_bytes((root / "teacher.pth").read_bytes()[:5000])
     (root / "not-weights.safetensors").write_text("hello")
+    torch.save({"state_dict": teacher.state_dict(), "payload": Payload()}, root / "pickled.pth")
 
     (root / "bin.yaml").write_bytes(b"\x00\x01\xff\xfe binary")
     (root / "list.yaml").write_text("- a\n- b\n")
@@ -128,6 +133,9 @@ def cases(f: Path) -> list:
                                         "--set", f"student.weights={teacher}"], "test_resnet"),
         ("student .pth other arch", ["pretrain", "--config", INIT, "--set", "student.model=test_efficientnet",
                                      "--set", f"student.weights={f / 'teacher.pth'}"], "does not fit model"),
+        ("student .pth with a pickled object", ["pretrain", "--config", INIT, "--set", "student.model=test_resnet",
+                                               "--set", f"student.weights={f / 'pickled.pth'}"],
+         "Weights only load failed"),
         ("teacher weights missing", ["distill", "--config", QUICK, *local, "--set",
                                      'teachers.models=[{"model": "test_resnet", "weights": "/nope"}]'], "not found"),
         ("teacher weights cut", ["distill", "--config", QUICK, *local, "--set",
