@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup data lint test test-fast demo demo-quick distill-quick clean
+.PHONY: setup data lint test test-fast test-faults demo demo-quick distill-quick clean
 
 setup: $(VENV)/.installed data
 
@@ -22,10 +22,13 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check meal_ray tests bench scripts
 
 test: setup lint
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -m "not faults" $(PYTEST_ARGS)
 
 test-fast: setup lint
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not faults" $(PYTEST_ARGS)
+
+test-faults: setup lint
+	$(BIN)/python -m pytest -q --durations=10 -m faults $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/meal-ray demo --output runs/demo

@@ -38,7 +38,7 @@ def trained_teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained_teachers")
     out = []
     for i, arch in enumerate(("resnet10t", "test_resnet")):
-        cfg = make_config("pretrain", arch, epochs=3, lr=0.05, subset=12000, seed=i)
+        cfg = make_config("pretrain", arch, epochs=3, lr=0.05, subset=6000, seed=i)
         engine = Engine.for_job(cfg, log=lambda s: None)
         result = engine.fit()
         out.append({"model": arch,

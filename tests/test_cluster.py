@@ -123,6 +123,8 @@ def test_ray_job_submit_runs_the_quick_job_to_succeeded(head, deployed, tmp_path
                   "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", head["address"], sid)
     assert status.stdout.strip() == "SUCCEEDED", status.stderr[-2000:] + r.stdout[-4000:] + r.stderr[-4000:]
     assert r.returncode == 0 and "done: top-1" in r.stdout
+    # the job's output (`ray job logs`): rank 0's epoch lines through the driver's progress view, no actor output
+    assert "[meal-ray] epoch 2/2 | loss" in r.stdout and "RayTrainWorker" not in r.stdout, r.stdout[-4000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and len(metrics["history"]) == 2 and metrics["count"] == 2000

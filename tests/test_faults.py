@@ -25,7 +25,9 @@ from conftest import FMNIST_DATA
 
 from meal_ray.config import load_config
 
-pytestmark = pytest.mark.slow  # real Ray Train/Serve runs, ~1 min each on 2 cores
+# The disturbed runs (real Ray Train/Serve, 1-2 min each on 2 cores, ~10 min in all) are `make test-faults`, kept out of
+# `make test` to hold the suite's time; the checkpoint-format tests here run in both.
+fault_run = pytest.mark.faults
 
 EPOCHS = 2
 
@@ -173,6 +175,7 @@ def _ours(pid: int) -> bool:
     return False
 
 
+@fault_run
 def test_killed_train_worker_ends_with_the_undisturbed_weights(tmp_path, undisturbed, tiny_teachers):
     """Item 2: a worker SIGKILLed mid-epoch 2; Ray Train restarts the group from epoch 1's checkpoint."""
     from meal_ray.train import run_job
@@ -188,6 +191,7 @@ def test_killed_train_worker_ends_with_the_undisturbed_weights(tmp_path, undistu
     assert_same_weights(final_state(cfg.output_dir), reference)
 
 
+@fault_run
 def test_killed_driver_then_resume_ends_with_the_undisturbed_weights(tmp_path, undisturbed, tiny_teachers,
                                                                       ray_cluster):
     """Item 3: the job's driver (`meal-ray distill` on the cluster) SIGKILLed mid-epoch 2, then the same command
@@ -217,6 +221,7 @@ def test_killed_driver_then_resume_ends_with_the_undisturbed_weights(tmp_path, u
     assert_same_weights(final_state(cfg.output_dir), undisturbed[0])
 
 
+@fault_run
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(undisturbed, tiny_teachers):
     """Item 5: the newest checkpoint cut short on disk; --resume says so, continues from the one before and still
     ends with the undisturbed weights. (Runs last on the reference's directory: it retrains epoch 3 there.)"""
@@ -270,6 +275,7 @@ def served_undisturbed(tmp_path_factory, ray_cluster, tiny_teachers):
     serve.delete(APP)
 
 
+@fault_run
 def test_killed_teacher_replica_mid_epoch_ends_with_the_undisturbed_weights(tmp_path, served_undisturbed,
                                                                             tiny_teachers):
     """Item 1: a teacher replica SIGKILLed mid-epoch 2 of a served run; Serve replaces it, the ingress asks again,
@@ -284,6 +290,7 @@ def test_killed_teacher_replica_mid_epoch_ends_with_the_undisturbed_weights(tmp_
     assert_same_weights(final_state(cfg.output_dir), served_undisturbed)
 
 
+@fault_run
 def test_teachers_gone_past_the_timeout_stop_the_job_resumably(tmp_path, served_undisturbed, tiny_teachers):
     """Item 4: the teacher application deleted mid-epoch 2 and gone for longer than teachers.timeout_s: the job
     stops with the teachers' own message and its checkpoint; it never hangs. Teachers back, --resume ends with the
@@ -322,6 +329,7 @@ def test_teachers_gone_past_the_timeout_stop_the_job_resumably(tmp_path, served_
     assert_same_weights(final_state(cfg.output_dir), served_undisturbed)
 
 
+@fault_run
 def test_two_jobs_sharing_one_teacher_pool_each_end_as_their_solo_run(tmp_path, served_undisturbed, tiny_teachers,
                                                                       ray_cluster):
     """Item 7: two distillation jobs (two `meal-ray distill` drivers) on one served teacher pool at once; the replicas
