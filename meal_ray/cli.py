@@ -32,7 +32,7 @@ def _set_verbose(ctx, param, value):
 
         from meal_ray.cluster import VERBOSE_ENV
 
-        os.environ[VERBOSE_ENV] = "1"  # read where Ray starts; passed on to `ray job submit` drivers' children too
+        os.environ[VERBOSE_ENV] = "1"  # read by cluster.ensure_ray when Ray starts or is joined
 
 
 verbose_option = click.option(

@@ -184,8 +184,9 @@ class TeacherSet:
     def from_config(cls, teachers: TeachersConfig) -> "TeacherSet":
         return cls(tuple(teacher_list(teachers.models)), teachers.autocast)
 
-    def check_files(self) -> None:
-        """Model names and weights files exist (before Ray starts or any teacher is loaded)."""
+    def check_files(self, fit: bool = True) -> None:
+        """Model names and weights files exist (before Ray starts or any teacher is loaded) and, with ``fit``, are
+        readable weights for their architecture."""
         for spec in self.specs:
             check_model_name(spec.model)
             path = weights_file(spec)
@@ -194,11 +195,11 @@ class TeacherSet:
                     f"teacher {spec.model!r}: weights {spec.weights!r} not found (looked at {path.resolve()}). "
                     "Give a meal-ray export directory (model.safetensors + config.json) or a weights file; "
                     "produce Fashion-MNIST teachers with `meal-ray pretrain --config jobs/fmnist-teacher-<arch>.yaml`.")
-            if path is not None and path.exists():  # readable, and for this architecture
+            if fit and path is not None and path.exists():
                 check_weights_fit(spec.model, Path(os.path.expanduser(str(spec.weights))))
 
     def describe(self) -> list:
-        self.check_files()
+        self.check_files(fit=False)  # the job's check_config did the full check; this hashes the files anyway
         return [describe_teacher(s) for s in self.specs]
 
     def fingerprint(self) -> str:

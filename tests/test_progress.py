@@ -67,13 +67,13 @@ def test_view_draws_one_live_line_on_a_terminal_and_plain_lines_on_a_pipe(tmp_pa
 def test_demo_eta_adds_the_stages_left_at_the_measured_pace():
     from meal_ray.demo.stages import DemoClock
 
-    clock = DemoClock([("teacher-a", 100), ("teacher-b", 100), ("control-seed0", 50)])
-    assert clock.start("teacher-a", 100) == "stage 1/3"
+    clock = DemoClock([100, 100, 50])  # two teachers, then a control arm: epochs x images each
+    assert clock.start(100) == "stage 1/3"
     assert clock.suffix(None) == " | demo: stage 1/3, ETA ?"
     clock.started -= 10.0  # 10 s into the first stage, 10 s to go: 0.2 s per unit of work
     assert clock.suffix(10.0) == " | demo: stage 1/3, ETA 40s"  # 10 s + 150 units x 0.2 s
     clock.finish(trained=True)
-    clock.start("teacher-b", 100)
+    clock.start(100)
     clock.finish(trained=False)  # reused: free
-    assert clock.start("control-seed0", 50) == "stage 3/3"
+    assert clock.start(50) == "stage 3/3"
     assert clock.suffix(5.0) == " | demo: stage 3/3, ETA 5s"

@@ -91,39 +91,38 @@ def _reusable(cfg: JobConfig) -> bool:
 
 
 class DemoClock:
-    """The whole demo's ETA: the work of the stages still to train (epochs x images) at the pace measured so far
-    (before any stage has finished, the running stage's own pace). Reused stages cost nothing."""
+    """The whole demo's ETA: the work of the stages still to train (epochs x images, in the order they run) at the
+    pace measured so far (before any stage has finished, the running stage's own pace). Reused stages cost nothing."""
 
-    def __init__(self, plan: Sequence[tuple]):
-        self.work = dict(plan)  # stage name -> epochs x training images
-        self.finished: set = set()
+    def __init__(self, works: Sequence[int]):
+        self.works = list(works)  # per stage, in run order: epochs x training images
+        self.index = 0  # the running stage
         self.spent_s, self.done_work = 0.0, 0
-        self.current: Optional[str] = None
         self.started = time.monotonic()
 
-    def start(self, name: str, work: int) -> str:
-        self.work.setdefault(name, work)
-        self.current, self.started = name, time.monotonic()
-        return f"stage {len(self.finished) + 1}/{len(self.work)}"
+    def start(self, work: int) -> str:
+        if self.index >= len(self.works):  # a stage the plan did not count
+            self.works.append(work)
+        self.started = time.monotonic()
+        return f"stage {self.index + 1}/{len(self.works)}"
 
     def finish(self, trained: bool) -> None:
         if trained:
             self.spent_s += time.monotonic() - self.started
-            self.done_work += self.work[self.current]
-        self.finished.add(self.current)
-        self.current = None
+            self.done_work += self.works[self.index]
+        self.index += 1
 
     def suffix(self, stage_eta_s: Optional[float]) -> str:
         """`` | demo: stage 3/9, ETA 21m04s`` for the live progress line."""
-        left = sum(w for n, w in self.work.items() if n not in self.finished and n != self.current)
+        left = sum(self.works[self.index + 1:])
         if self.done_work:
             pace = self.spent_s / self.done_work
-        elif stage_eta_s is not None and self.current:
-            pace = (time.monotonic() - self.started + stage_eta_s) / max(self.work[self.current], 1)
+        elif stage_eta_s is not None:
+            pace = (time.monotonic() - self.started + stage_eta_s) / max(self.works[self.index], 1)
         else:
             pace = None
         eta = None if pace is None else (stage_eta_s or 0.0) + left * pace
-        return f" | demo: stage {len(self.finished) + 1}/{len(self.work)}, ETA {format_duration(eta)}"
+        return f" | demo: stage {self.index + 1}/{len(self.works)}, ETA {format_duration(eta)}"
 
 
 def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: Optional[DemoClock] = None) -> dict:
@@ -132,7 +131,7 @@ def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: O
     from meal_ray.train.driver import run_job
 
     clock = clock or DemoClock([])
-    which = clock.start(cfg.name, cfg.optim.epochs * (cfg.data.train_subset or 60000))
+    which = clock.start(cfg.optim.epochs * (cfg.data.train_subset or 60000))
     if _reusable(cfg):
         log(f"[demo] {which}: reusing finished stage {cfg.name} ({cfg.output_dir})")
         link_reused_stage(cfg, parent_run_id)
@@ -191,16 +190,12 @@ def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log
     cache_dir = out / f"cache{tag}-seed{seed}"
     relabel_cfg = load_config(data=dict(base, teachers=dict(base["teachers"], source="local")))
     relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log)
-    name = cache_stage_name(tag, top_k, seed)
+    name = f"meal-v2-cache{tag}{f'-top{top_k}' if top_k else ''}-seed{seed}"
     cached = load_config(data=dict(base, name=name, run=dict(base["run"], output=str(out / name)),
                                    teachers=dict(base["teachers"], source="cache", cache=str(cache_dir),
                                                  cache_top_k=top_k)))
     run_stage(cached, log, parent_run_id, clock)
     return cached
-
-
-def cache_stage_name(tag: str, top_k: Optional[int], seed: int) -> str:
-    return f"meal-v2-cache{tag}{f'-top{top_k}' if top_k else ''}-seed{seed}"
 
 
 def _same_but_tracking(a: dict, b: dict) -> bool:
@@ -286,15 +281,13 @@ def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache
     no_discriminator, weight_decay, hard_label_weight, student_init = (
         ablation[k] for k in ("no_discriminator", "weight_decay", "hard_label_weight", "student_init"))
 
-    # the stages in the order they run, for the whole demo's ETA
-    teacher_images, images = preset.get("teacher_subset", preset["subset"]) or 60000, preset["subset"] or 60000
-    plan = [(f"teacher-{arch}", preset["teacher_epochs"] * teacher_images) for arch in preset["teachers"]]
-    for seed in seeds:
-        plan += [(f"student-init-seed{seed}", preset["init_epochs"] * images)] if student_init == "pretrained" else []
-        plan += [(f"control{control_tag}-seed{seed}", preset["arm_epochs"] * images),
-                 (f"meal-v2{tag}-seed{seed}", preset["arm_epochs"] * images)]
-        plan += [(cache_stage_name(tag, cache_top_k, seed), preset["arm_epochs"] * images)] if cache_passes else []
-    clock = DemoClock(plan)
+    # each stage's work in the order they run, for the whole demo's ETA: teachers, then per seed init, control,
+    # MEAL V2 and the cache arm
+    images = preset["subset"] or 60000
+    per_seed = ([preset["init_epochs"] * images] if student_init == "pretrained" else []) \
+        + [preset["arm_epochs"] * images] * (3 if cache_passes else 2)
+    clock = DemoClock([preset["teacher_epochs"] * (preset.get("teacher_subset", preset["subset"]) or 60000)]
+                      * len(preset["teachers"]) + per_seed * len(seeds))
 
     # 1. teachers (fixed seeds: every demo seed distills from the same ensemble), reused when finished
     teachers = []

@@ -168,14 +168,13 @@ class CropRequest:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ProtocolError(f"crop request size={size!r} must be the student's crop side in pixels (>= 1).")
         mixed = r[r[:, 6] >= 0] if r.shape[1] == MIX_FIELDS else np.zeros((0, MIX_FIELDS), np.int32)
-        _check_size(len(r), max(int(size), int(np.concatenate([r[:, 3:5], mixed[:, 9:11]]).max(initial=0))),
-                    (len(r), int(size)))
+        sides = np.concatenate([r[:, 3:5], mixed[:, 9:11]])  # crop and CutMix-partner crop heights and widths
+        _check_size(len(r), max(int(size), int(sides.max())), (len(r), int(size)))
         ids = np.concatenate([r[:, 0], mixed[:, 6]])
         if ids.min() < 0 or (num_samples is not None and ids.max() >= num_samples):
             raise ProtocolError(f"crop request sample ids must be in [0, {num_samples or 'N'}) (the training set "
                                 f"the replicas read); got {int(ids.min())}..{int(ids.max())}. Serve the job's "
                                 "dataset (args.data) or send pixels.")
-        sides = np.concatenate([r[:, 3:5], mixed[:, 9:11]])
         if sides.min() < 1 or not np.isin(r[:, 5], (0, 1, 2, 3) if r.shape[1] == MIX_FIELDS else (0, 1)).all():
             raise ProtocolError("crop request crops must have height, width >= 1 and flip flags 0 or 1 (+2: the "
                                 "partner's flip).")
