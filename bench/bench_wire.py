@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 from ray import cloudpickle
 
 from meal_ray.serve.protocol import CROP_FIELDS, MIX_FIELDS, CropRequest, TeacherReply, TeacherRequest
@@ -43,12 +44,15 @@ def measure(chans: int, size: int, classes: int, batch: int = 64, seed: int = 0)
     boxes = {"request_crops": CropRequest(records[:, :CROP_FIELDS].copy(), size),
              "request_crops_mix": CropRequest(records, size)}
     reply = TeacherReply(probs.astype(np.float16), logits.astype(np.float16), 0.0123)
+    # teachers.reply_top_k: 5 (the cache's default k at 1000 classes is 10; here both)
+    top_k = {f"reply_top{k}": TeacherReply.from_tensors(torch.from_numpy(probs), torch.from_numpy(logits), 0.0123, k)
+             for k in (5, 10) if k < classes}
     # float32 baseline: normalized float crops in, float32 probs + logits out
     request32 = ((crops.astype(np.float32) / 255 - 0.45) / 0.225).astype(np.float32)
     reply32 = {"probs": probs, "logits": logits, "latency_s": 0.0123, "num_classes": classes}
     out = {k: wire_bytes(v) / batch for k, v in
            (("request", request), ("reply", reply), ("request_f32", request32), ("reply_f32", reply32),
-            *boxes.items())}
+            *boxes.items(), *top_k.items())}
     out["total"] = out["request"] + out["reply"]
     out["total_f32"] = out["request_f32"] + out["reply_f32"]
     return out
@@ -130,6 +134,9 @@ def main(argv=None) -> int:
         print(f"{'':<14} crop-box request (teachers.request=crops): {m['request_crops']:.1f} B "
               f"({m['request_crops_mix']:.1f} B with CutMix records), {m['request'] / m['request_crops_mix']:.0f}x "
               f"smaller than the pixels")
+        if "reply_top10" in m:
+            print(f"{'':<14} top-k reply (teachers.reply_top_k): k=5 {m['reply_top5']:.1f} B, k=10 "
+                  f"{m['reply_top10']:.1f} B ({m['reply'] / m['reply_top10']:.0f}x smaller than the full reply)")
     if args.latency:
         r = latency(args.batch)
         print(f"\nlatency per batch of {args.batch} Fashion-MNIST crops, two tiny teachers (test_resnet + "

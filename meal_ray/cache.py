@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from meal_ray.data.crops import MixParams, RandomCropSampler, cutmix_box
+from meal_ray.ensemble import expand_top_k, top_k_soft_labels
 from meal_ray.errors import CacheError, CacheMismatchError
 from meal_ray.files import write_text_atomic
 
@@ -166,15 +167,8 @@ def draw_crop_record(image: torch.Tensor, sample_id: int, pass_index: int, seed:
 def encode(sample_ids, crops, mix_ids, mix_crops, mix_boxes, probs: torch.Tensor, logits: torch.Tensor,
            k: int) -> pa.Table:
     """One shard's rows: the top-k of the ensemble's probabilities (ids, fp16 probs and logits) per crop."""
-    num_classes = probs.shape[1]
-    k = min(k, num_classes)
-    top = probs.float().topk(k, dim=1)
-    ids = top.indices
-    top_logits = logits.float().gather(1, ids)
-    if k < num_classes:
-        rest = (logits.float().sum(1) - top_logits.sum(1)) / (num_classes - k)
-    else:
-        rest = torch.zeros(len(ids))
+    ids, top_probs, top_logits, rest = top_k_soft_labels(probs, logits, k)
+    k = ids.shape[1]
     n = len(sample_ids)
 
     def fixed(values, width, typ):
@@ -191,7 +185,7 @@ def encode(sample_ids, crops, mix_ids, mix_crops, mix_boxes, probs: torch.Tensor
         fixed(mix_crops, 5, np.int32),
         fixed(mix_boxes, 4, np.int32),
         fixed(ids.numpy(), k, np.int32),
-        fixed(top.values.numpy(), k, np.float16),
+        fixed(top_probs.numpy(), k, np.float16),
         fixed(top_logits.numpy(), k, np.float16),
         pa.array(rest.numpy().astype(np.float16)),
     ], schema=schema(k))
@@ -246,25 +240,12 @@ class CachedPass:
         top_p = torch.from_numpy(self.topk_probs[rows])
         top_z = torch.from_numpy(self.topk_logits[rows])
         rest = torch.from_numpy(self.rest_logit[rows])
-        b, k = ids.shape
+        k = ids.shape[1]
         if top_k is not None and top_k < k:  # stored sorted by probability: the first top_k columns
             total = top_z.sum(1) + rest * (num_classes - k)
             ids, top_p, top_z, k = ids[:, :top_k], top_p[:, :top_k], top_z[:, :top_k], top_k
             rest = (total - top_z.sum(1)) / (num_classes - k)
-        if k < num_classes:
-            mass = (1.0 - top_p.sum(1, keepdim=True)).clamp(min=0.0)
-            if recovery == "renormalize":
-                probs = torch.zeros(b, num_classes)
-                top_p = top_p / top_p.sum(1, keepdim=True).clamp(min=1e-12)
-            else:  # marginal smoothing (FKD): the left-over mass spread evenly over the other classes
-                probs = (mass / (num_classes - k)).expand(b, num_classes).clone()
-            logits = rest.view(b, 1).expand(b, num_classes).clone()
-        else:
-            probs = torch.zeros(b, num_classes)
-            logits = torch.zeros(b, num_classes)
-        probs.scatter_(1, ids, top_p)
-        logits.scatter_(1, ids, top_z)
-        return probs, logits
+        return expand_top_k(ids, top_p, top_z, rest, num_classes, recovery)
 
 
 # ----------------------------------------------------------------------------- the directory

@@ -108,11 +108,14 @@ class TeachersConfig:
     prefetch: int = 4  # batches kept in flight to the teachers (served source)
     autocast: Optional[str] = None  # None | "bf16" | "fp16" for teacher inference
     cache: Optional[str] = None  # source=cache: a soft-label cache directory written by `meal-ray relabel`
-    cache_recovery: str = "marginal"  # top-k < classes: marginal (FKD: rest mass spread evenly) | renormalize
+    cache_recovery: str = "marginal"  # top-k < classes (cache or reply_top_k): marginal (FKD: rest mass spread
+    #                                   evenly) | renormalize
     cache_top_k: Optional[int] = None  # use only the k largest stored probabilities (k's effect, no relabel)
     request: str = "pixels"  # served: send rendered crops (pixels) or crop boxes the replicas render (crops)
     client: str = "ingress"  # served: one call to the ensemble ingress | direct: call each teacher, average here
     timeout_s: float = 600.0  # served: stop the job (resumable) when no soft labels come back for this long
+    reply_top_k: Optional[int] = None  # served: replies carry only the k largest probabilities (cache_recovery
+    #                                    expands them, as for a top-k cache); None: every class, fp16
 
     def validate(self) -> None:
         from meal_ray.sources.registry import SOURCES
@@ -133,6 +136,9 @@ class TeachersConfig:
             raise ConfigError("teachers.source=cache needs teachers.cache: the directory `meal-ray relabel` wrote.")
         if self.cache_recovery not in ("marginal", "renormalize"):
             raise ConfigError(f"teachers.cache_recovery={self.cache_recovery!r}: use marginal or renormalize.")
+        if self.reply_top_k is not None and (self.source != "served" or self.reply_top_k < 1):
+            raise ConfigError(f"teachers.reply_top_k={self.reply_top_k} must be >= 1 and is for teachers.source=served "
+                              f"(got {self.source!r}); leave it empty for full replies.")
         if self.cache_top_k is not None and self.cache_top_k < 1:
             raise ConfigError(f"teachers.cache_top_k={self.cache_top_k} must be >= 1 (or empty: all stored classes).")
         if self.request not in REQUESTS:

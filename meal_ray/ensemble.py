@@ -254,6 +254,41 @@ def average_teacher_outputs(logits: Sequence[torch.Tensor]) -> tuple[torch.Tenso
     return probs, torch.stack([z.float() for z in logits]).mean(0)
 
 
+def top_k_soft_labels(probs: torch.Tensor, logits: torch.Tensor, k: int) -> tuple:
+    """The ``k`` largest of p_e per sample, sorted: (ids int64 [B, k], probs [B, k], logits [B, k], rest [B]), where
+    rest is the mean logit of the other classes (0 when k covers them all); what a cache row or a top-k reply holds."""
+    num_classes = probs.shape[1]
+    k = min(k, num_classes)
+    top = probs.float().topk(k, dim=1)
+    top_logits = logits.float().gather(1, top.indices)
+    rest = ((logits.float().sum(1) - top_logits.sum(1)) / (num_classes - k) if k < num_classes
+            else torch.zeros(len(probs)))
+    return top.indices, top.values, top_logits, rest
+
+
+def expand_top_k(ids: torch.Tensor, top_p: torch.Tensor, top_z: torch.Tensor, rest: torch.Tensor,
+                 num_classes: int, recovery: str = "marginal") -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, logits) float32 [B, C] from a top-k record; exact when k == C. The mass left over goes evenly to the
+    other classes (``marginal``, FKD's smoothing) or the k probabilities are renormalized (``renormalize``); every
+    other class gets the rest logit, so the logits still average to z_e's mean."""
+    b, k = ids.shape
+    top_p, top_z = top_p.float(), top_z.float()
+    if k < num_classes:
+        mass = (1.0 - top_p.sum(1, keepdim=True)).clamp(min=0.0)
+        if recovery == "renormalize":
+            probs = torch.zeros(b, num_classes)
+            top_p = top_p / top_p.sum(1, keepdim=True).clamp(min=1e-12)
+        else:
+            probs = (mass / (num_classes - k)).expand(b, num_classes).clone()
+        logits = rest.float().view(b, 1).expand(b, num_classes).clone()
+    else:
+        probs = torch.zeros(b, num_classes)
+        logits = torch.zeros(b, num_classes)
+    probs.scatter_(1, ids, top_p)
+    logits.scatter_(1, ids, top_z)
+    return probs, logits
+
+
 def check_compatible(teacher_classes: int, teacher_chans: set, num_classes: int, in_chans: int) -> None:
     if teacher_classes != num_classes:
         raise ClassCountMismatchError(

@@ -114,6 +114,10 @@ def cases(f: Path) -> list:
         ("bad value", ["distill", "--config", QUICK, "--set", "optim.lr=-0.1"], "must be a positive number"),
         ("not a number", ["distill", "--config", QUICK, "--set", "optim.epochs=ten"], "must be a number"),
         ("--set without =", ["distill", "--config", QUICK, "--set", "optim.epochs"], "section.key=value"),
+        ("top-k replies off the served path", ["distill", "--config", QUICK, *local, "--set",
+                                               "teachers.reply_top_k=3"], "is for teachers.source=served"),
+        ("top-k replies above the classes", ["distill", "--config", QUICK, "--set", "teachers.reply_top_k=11"],
+         "more than the 10 classes"),
         ("wrong mode", ["pretrain", "--config", QUICK], "use `meal-ray distill`"),
         ("batch vs workers", ["distill", "--config", QUICK, "--set", "run.num_workers=3"], "divisible by"),
         # models and weights

@@ -20,7 +20,13 @@ import yaml
 from meal_ray.config import TeacherSpec
 from meal_ray.data import Batch
 from meal_ray.ensemble import TeacherEnsemble
-from meal_ray.errors import ClassCountMismatchError, ConfigError, ModelNotFoundError, TeachersNotRunningError
+from meal_ray.errors import (
+    ClassCountMismatchError,
+    ConfigError,
+    ModelNotFoundError,
+    ProtocolError,
+    TeachersNotRunningError,
+)
 from meal_ray.serve.protocol import MAX_SAMPLES, MAX_SIDE, PROTOCOL_VERSION, TeacherRequest
 
 APP = "meal-ray-test-teachers"
@@ -131,6 +137,28 @@ def test_protocol_validates_requests_and_replies_in_one_place():
         TeacherReply.parse(old_server, 2)
     with pytest.raises(ProtocolError, match="replied with a dict, not a TeacherReply"):
         TeacherReply.parse({"probs": reply.probs}, 2)
+
+
+def test_top_k_replies_hold_what_a_top_k_cache_row_holds():
+    """teachers.reply_top_k: a reply of the k largest probabilities expands to exactly the soft labels a cache
+    relabelled with that k gives (one encoder, one expansion); k = C is the full fp16 reply."""
+    from meal_ray.cache import CachedPass, encode
+    from meal_ray.serve.protocol import TeacherReply, TeacherRequest
+
+    g = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(6, 10, generator=g)
+    probs = logits.softmax(1)
+    full = TeacherReply.from_tensors(probs, logits, 0.1)
+    all_classes = TeacherReply.from_tensors(probs, logits, 0.1, top_k=10)
+    assert all_classes.ids is None and np.array_equal(all_classes.probs, full.probs)
+    for recovery in ("marginal", "renormalize"):
+        reply = TeacherReply.parse(TeacherReply.from_tensors(probs, logits, 0.1, top_k=3), 6)
+        assert reply.ids.shape == (6, 3) and reply.num_classes == 10 and reply.probs.dtype == np.float16
+        cached = CachedPass.from_table(encode(range(6), np.zeros((6, 5)), None, None, None, probs, logits, 3))
+        for a, b in zip(reply.tensors(recovery), cached.soft_labels(np.arange(6), 10, recovery)):
+            assert torch.equal(a, b)
+    with pytest.raises(ProtocolError, match="top_k=0 must be a whole number >= 1"):
+        TeacherRequest.parse(TeacherRequest(np.zeros((2, 1, 8, 8), np.uint8), top_k=0))
 
 
 def test_repo_serve_configs_follow_the_serve_schema_and_name_every_deployment():
@@ -399,6 +427,26 @@ def test_direct_client_gives_the_ingress_soft_labels(app):
     for a, b in zip(ingress.attach(_batches([16, 5])), direct.attach(_batches([16, 5]))):
         assert torch.equal(a.teacher_probs, b.teacher_probs) and torch.equal(a.teacher_logits, b.teacher_logits)
         assert b.teacher_latency_s > 0
+
+
+@pytest.mark.slow
+def test_top_k_replies_from_the_app_expand_the_full_replies_top_k(app):
+    """A served job with teachers.reply_top_k gets, from the ingress and from the direct client alike (bit for bit),
+    the full reply's top-k expanded (what a top-k cache gives: the same probabilities; the other classes' mean logit
+    taken before the fp16 rounding, so equal within fp16); a k above the class count is refused by the app."""
+    from meal_ray.serve.protocol import TeacherReply, TeacherRequest
+    from meal_ray.sources.served import ServedSoftLabels
+
+    full = ServedSoftLabels(app, prefetch=1)
+    clients = [ServedSoftLabels(app, prefetch=1, client=c, reply_top_k=3) for c in ("ingress", "direct")]
+    for a, b, c in zip(full.attach(_batches([16, 5])), *(s.attach(_batches([16, 5])) for s in clients)):
+        assert torch.equal(b.teacher_probs, c.teacher_probs) and torch.equal(b.teacher_logits, c.teacher_logits)
+        expected = TeacherReply.from_tensors(a.teacher_probs, a.teacher_logits, 0.0, top_k=3).tensors()
+        assert torch.equal(b.teacher_probs, expected[0])
+        torch.testing.assert_close(b.teacher_logits, expected[1], atol=2e-3, rtol=1e-3)
+        assert not torch.equal(b.teacher_probs, a.teacher_probs)  # 7 of 10 classes share the left-over mass
+    with pytest.raises(ProtocolError, match="top_k=11 is more than the teachers' 10 classes"):
+        serve_handle(app).remote(TeacherRequest(np.zeros((2, 1, 28, 28), np.uint8), top_k=11)).result(timeout_s=60)
 
 
 def serve_handle(app_name):

@@ -21,7 +21,7 @@ from ray import serve
 
 from meal_ray.config import TeacherSpec, check_batching
 from meal_ray.ensemble import average_teacher_outputs, describe_teacher, fingerprint, load_teacher
-from meal_ray.errors import ClassCountMismatchError, ConfigError
+from meal_ray.errors import ClassCountMismatchError, ConfigError, ProtocolError
 from meal_ray.serve.protocol import PROTOCOL_VERSION, CropRequest, TeacherReply, parse_request
 
 INGRESS_NAME = "ensemble"  # deployment name of the ingress inside the application
@@ -120,7 +120,6 @@ class TeacherModel:
         380 px teacher sees a 380 px render of the student's box, not an upsampled student crop)."""
         from meal_ray.data.batch import render_batch
         from meal_ray.data.crops import scale_boxes
-        from meal_ray.errors import ProtocolError
 
         if self.dataset is None:
             raise ProtocolError(f"teacher {self.name!r} got a crop-box request but reads no dataset: deploy the "
@@ -213,11 +212,14 @@ class EnsembleIngress:
         info = await self._teacher_info()
         samples = info["data"]["samples"] if info["data"] else None
         request = parse_request(request, info["in_chans"], samples)
+        if request.top_k is not None and request.top_k > info["num_classes"]:
+            raise ProtocolError(f"teacher request top_k={request.top_k} is more than the teachers' "
+                                f"{info['num_classes']} classes.")
         start = time.perf_counter()
         logits = await asyncio.gather(*(self._call(h, request) for h in self.teachers))
         latency = time.perf_counter() - start
         probs, mean_logits = average_teacher_outputs([torch.tensor(z) for z in logits])  # replies are read-only
-        return TeacherReply.from_tensors(probs, mean_logits, latency)
+        return TeacherReply.from_tensors(probs, mean_logits, latency, request.top_k)
 
     async def info(self) -> dict:
         """Protocol version, TeacherSet fingerprint, num_classes, in_chans and each teacher's name, architecture,

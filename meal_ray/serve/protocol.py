@@ -5,7 +5,9 @@ replica applies its own preprocessing). A :class:`CropRequest` (``teachers.reque
 carries only where the crops come from, <= 64 bytes per sample: sample id, crop box, flip and
 CutMix record; each replica reads the samples from the training set itself and renders them at
 its own resolution and interpolation. A :class:`TeacherReply` carries the ensemble's fp16
-averaged probabilities and logits ``[B, C]`` and the teachers' inference time. Both carry
+averaged probabilities and logits ``[B, C]`` and the teachers' inference time, or, when the
+request asks for ``top_k``, only the k largest probabilities per sample with their class ids and
+logits and the other classes' mean logit (the soft-label cache's record). Both carry
 ``PROTOCOL_VERSION``; a client and a server of different versions refuse each other with a
 :class:`~meal_ray.errors.ProtocolError` that says which side to upgrade. Plain numpy, no Ray.
 """
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from meal_ray.config import DEFAULT_APP_NAME
+from meal_ray.ensemble import expand_top_k, top_k_soft_labels
 from meal_ray.errors import ProtocolError
 
 __all__ = ["CROP_FIELDS", "DEFAULT_APP_NAME", "HOW_TO_START", "MAX_SAMPLES", "MAX_SIDE", "MIX_FIELDS",
@@ -73,6 +76,11 @@ def validate_crops(images: Any, in_chans: Optional[int] = None) -> np.ndarray:
     return images
 
 
+def _check_top_k(top_k: Any) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ProtocolError(f"teacher request top_k={top_k!r} must be a whole number >= 1, or None for every class.")
+
+
 def _check_size(samples: int, side: int, shape: tuple) -> None:
     if samples > MAX_SAMPLES or side > MAX_SIDE:
         raise ProtocolError(f"teacher request too large: shape {shape}; a request holds at most {MAX_SAMPLES} crops "
@@ -86,13 +94,14 @@ class TeacherRequest:
 
     images: np.ndarray  # uint8 [B, C, H, W]
     version: int = PROTOCOL_VERSION
+    top_k: Optional[int] = None  # reply with only the k largest probabilities per sample (None: all classes)
 
     @classmethod
-    def from_images(cls, images) -> "TeacherRequest":
+    def from_images(cls, images, top_k: Optional[int] = None) -> "TeacherRequest":
         """From a uint8 tensor or array (zero-copy for a contiguous CPU tensor)."""
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().contiguous().numpy()
-        return cls(images)
+        return cls(images, top_k=top_k)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -108,6 +117,7 @@ class TeacherRequest:
                                 f"got {type(obj).__name__}.")
         check_version(getattr(obj, "version", None), "the client")
         validate_crops(obj.images, in_chans)
+        _check_top_k(obj.top_k)
         return obj
 
 
@@ -125,12 +135,13 @@ class CropRequest:
     records: np.ndarray  # int32 [B, CROP_FIELDS | MIX_FIELDS]
     size: int
     version: int = PROTOCOL_VERSION
+    top_k: Optional[int] = None  # as TeacherRequest.top_k
 
     def __len__(self) -> int:
         return len(self.records)
 
     @classmethod
-    def from_batch(cls, batch) -> "CropRequest":
+    def from_batch(cls, batch, top_k: Optional[int] = None) -> "CropRequest":
         """From a :class:`~meal_ray.data.Batch` that records its sample ids and crops (and CutMix partners)."""
         if batch.indices is None or batch.crops is None:
             raise ProtocolError("teachers.request=crops needs batches that record sample ids and crops (the "
@@ -142,7 +153,7 @@ class CropRequest:
             cols += [flags, batch.mix_ids.view(-1, 1), batch.mix_crops[:, :4], batch.mix_boxes]
         else:
             cols.append(flags)
-        return cls(torch.cat(cols, dim=1).numpy().astype(np.int32), int(batch.images.shape[-1]))
+        return cls(torch.cat(cols, dim=1).numpy().astype(np.int32), int(batch.images.shape[-1]), top_k=top_k)
 
     def fields(self) -> dict:
         """int64 tensors: ``ids`` [B], ``crops`` [B, 5] and, under CutMix, ``mix_ids``, ``mix_crops``, ``mix_boxes``."""
@@ -158,6 +169,7 @@ class CropRequest:
     def parse(obj: Any, num_samples: Optional[int] = None) -> "CropRequest":
         """Validate a crop request (and, where the dataset is known, that its sample ids are in it)."""
         check_version(getattr(obj, "version", None), "the client")
+        _check_top_k(getattr(obj, "top_k", None))
         r, size = obj.records, obj.size
         if not isinstance(r, np.ndarray) or r.dtype != np.int32 or r.ndim != 2 \
                 or r.shape[1] not in (CROP_FIELDS, MIX_FIELDS) or len(r) == 0:
@@ -190,20 +202,30 @@ def parse_request(obj: Any, in_chans: Optional[int] = None, num_samples: Optiona
 
 @dataclass(frozen=True)
 class TeacherReply:
-    """The ensemble's answer to one request: p_e and z_e in fp16, and the teachers' inference time."""
+    """The ensemble's answer to one request: p_e and z_e in fp16, and the teachers' inference time; for a top-k
+    request, p_e's k largest per sample (``ids``), their logits and ``rest``, the other classes' mean logit."""
 
-    probs: np.ndarray  # float16 [B, C]: mean of the teachers' softmax
-    logits: np.ndarray  # float16 [B, C]: mean of the teachers' logits
+    probs: np.ndarray  # float16 [B, C] (top-k: [B, k]): mean of the teachers' softmax
+    logits: np.ndarray  # float16 [B, C] (top-k: [B, k]): mean of the teachers' logits
     latency_s: float  # teacher inference wall time measured in the ingress
     version: int = PROTOCOL_VERSION
+    ids: Optional[np.ndarray] = None  # top-k: int32 [B, k] class ids, largest probability first
+    rest: Optional[np.ndarray] = None  # top-k: float16 [B], mean logit of the other classes
+    classes: Optional[int] = None  # top-k: C
 
     @property
     def num_classes(self) -> int:
-        return int(self.probs.shape[1])
+        return int(self.classes if self.ids is not None else self.probs.shape[1])
 
     @classmethod
-    def from_tensors(cls, probs: torch.Tensor, logits: torch.Tensor, latency_s: float) -> "TeacherReply":
-        return cls(probs.numpy().astype(np.float16), logits.numpy().astype(np.float16), float(latency_s))
+    def from_tensors(cls, probs: torch.Tensor, logits: torch.Tensor, latency_s: float,
+                     top_k: Optional[int] = None) -> "TeacherReply":
+        """The reply to send; with ``top_k`` below the class count, only the top-k record."""
+        if top_k is None or top_k >= probs.shape[1]:
+            return cls(probs.numpy().astype(np.float16), logits.numpy().astype(np.float16), float(latency_s))
+        ids, top_p, top_z, rest = top_k_soft_labels(probs, logits, top_k)
+        return cls(top_p.numpy().astype(np.float16), top_z.numpy().astype(np.float16), float(latency_s),
+                   ids=ids.numpy().astype(np.int32), rest=rest.numpy().astype(np.float16), classes=probs.shape[1])
 
     @staticmethod
     def parse(obj: Any, rows: int) -> "TeacherReply":
@@ -212,11 +234,19 @@ class TeacherReply:
             raise ProtocolError(f"the teacher application replied with a {type(obj).__name__}, not a TeacherReply "
                                 f"(an older meal-ray server?). {_UPGRADE}")
         check_version(getattr(obj, "version", None), "the teacher application")
-        if obj.probs.shape != obj.logits.shape or obj.probs.ndim != 2 or obj.probs.shape[0] != rows:
+        if obj.probs.shape != obj.logits.shape or obj.probs.ndim != 2 or obj.probs.shape[0] != rows or (
+                obj.ids is not None and (obj.ids.shape != obj.probs.shape or obj.rest is None
+                                         or obj.rest.shape != (rows,))):
             raise ProtocolError(f"the teacher application returned probs {obj.probs.shape} and logits "
                                 f"{obj.logits.shape} for a request of {rows} crops.")
         return obj
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (probs, logits) tensors for the training step."""
-        return (torch.from_numpy(self.probs.astype(np.float32)), torch.from_numpy(self.logits.astype(np.float32)))
+    def tensors(self, recovery: str = "marginal") -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (probs, logits) [B, C] for the training step; a top-k reply expanded as the soft-label cache's
+        top-k rows are (``recovery``: marginal or renormalize)."""
+        probs = torch.from_numpy(self.probs.astype(np.float32))
+        logits = torch.from_numpy(self.logits.astype(np.float32))
+        if self.ids is None:
+            return probs, logits
+        return expand_top_k(torch.from_numpy(self.ids.astype(np.int64)), probs, logits,
+                            torch.from_numpy(self.rest.astype(np.float32)), self.num_classes, recovery)

@@ -31,7 +31,7 @@ class ServedSoftLabels:
 
     def __init__(self, app_name: str = DEFAULT_APP_NAME, prefetch: int = 4, address: Optional[str] = None,
                  timeout_s: Optional[float] = 600.0, request: str = "pixels", client: str = "ingress",
-                 retry_s: float = 60.0):
+                 retry_s: float = 60.0, reply_top_k: Optional[int] = None, recovery: str = "marginal"):
         from ray import serve
         from ray.serve.exceptions import RayServeException
 
@@ -53,7 +53,7 @@ class ServedSoftLabels:
                                           f"{HOW_TO_START}") from None
         self._info: Optional[dict] = None
         check_version(self.info().get("protocol_version"), f"the teacher application {app_name!r}")
-        self.client, self.retry_s = client, retry_s
+        self.client, self.retry_s, self.reply_top_k, self.recovery = client, retry_s, reply_top_k, recovery
         self.teachers = ([serve.get_deployment_handle(name, app_name=app_name) for name in self.info()["teacher_names"]]
                          if client == "direct" else [])
         self.window = PrefetchWindow(self._submit, self._collect, prefetch)
@@ -61,6 +61,10 @@ class ServedSoftLabels:
     # ------------------------------------------------------------------ the source protocol
     @classmethod
     def check_config(cls, cfg: JobConfig) -> None:
+        k = cfg.teachers.reply_top_k
+        if k is not None and k > cfg.student.num_classes:
+            raise ConfigError(f"teachers.reply_top_k={k} is more than the {cfg.student.num_classes} classes "
+                              "(student.num_classes); use a smaller k, or leave it empty for full replies.")
         TeacherSet.from_config(cfg.teachers).check_files()
 
     @classmethod
@@ -77,8 +81,9 @@ class ServedSoftLabels:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, device=None) -> "ServedSoftLabels":
-        source = cls(cfg.teachers.app_name, prefetch=cfg.teachers.prefetch, request=cfg.teachers.request,
-                     client=cfg.teachers.client, timeout_s=cfg.teachers.timeout_s)
+        t = cfg.teachers
+        source = cls(t.app_name, prefetch=t.prefetch, request=t.request, client=t.client, timeout_s=t.timeout_s,
+                     reply_top_k=t.reply_top_k, recovery=t.cache_recovery)
         source.check_student(cfg.student.num_classes, cfg.data.in_chans)
         return source
 
@@ -91,7 +96,9 @@ class ServedSoftLabels:
     # ------------------------------------------------------------------ requests
     def _submit(self, batch):
         # zero-copy: the array is serialized when the request goes out; the window keeps the batch until collected
-        request = CropRequest.from_batch(batch) if self.request == "crops" else TeacherRequest.from_images(batch.images)
+        k = self.reply_top_k
+        request = (CropRequest.from_batch(batch, k) if self.request == "crops"
+                   else TeacherRequest.from_images(batch.images, k))
         if self.teachers:  # direct: one hop to every teacher, averaged here
             return [h.remote(request) for h in self.teachers], request, time.perf_counter()
         return self.handle.remote(request), len(request)
@@ -107,12 +114,13 @@ class ServedSoftLabels:
                 f"no soft labels from the Serve application {self.app_name!r} for {self.timeout_s:g} s "
                 "(teachers.timeout_s): its replicas are gone or overloaded. The job stops; its last epoch's checkpoint "
                 f"is kept. Check `meal-ray teachers status`; {HOW_TO_START}") from None
-        probs, logits = reply.tensors()
+        probs, logits = reply.tensors(self.recovery)
         return probs, logits, float(reply.latency_s)
 
     def _collect_direct(self, responses: list, request, start: float) -> tuple:
-        """Average the teachers' logits as the ingress does, through the same fp16 reply, so both clients give the
-        same soft labels; a teacher whose replica died is asked again until Serve has replaced it (``retry_s``)."""
+        """Average the teachers' logits as the ingress does, through the same fp16 (or top-k) reply, so both clients
+        give the same soft labels; a teacher whose replica died is asked again until Serve has replaced it
+        (``retry_s``)."""
         import torch
         from ray.exceptions import RayActorError
 
@@ -131,7 +139,8 @@ class ServedSoftLabels:
                     response = handle.remote(request)
         latency = time.perf_counter() - start
         probs, mean_logits = average_teacher_outputs(logits)
-        probs, mean_logits = TeacherReply.from_tensors(probs, mean_logits, latency).tensors()
+        reply = TeacherReply.from_tensors(probs, mean_logits, latency, self.reply_top_k)  # the ingress's reply
+        probs, mean_logits = reply.tensors(self.recovery)
         return probs, mean_logits, latency
 
     # ------------------------------------------------------------------ checks
