@@ -86,3 +86,39 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     assert sum("reusing finished stage" in line for line in again) == 2 + 4
     assert sum("(1 already done)" in line for line in again) == 1  # the cache is complete: nothing relabelled
     assert not any("for 1 epochs" in line for line in again)
+
+
+def test_a_finished_stage_is_not_reused_when_its_weights_files_changed(tmp_path):
+    """A stage records the sha256 of the weights it started from; the same config over a teacher (or init) trained
+    again, at the same path with other weights, runs the stage again instead of reusing stale results."""
+    import torch
+    from conftest import FMNIST_DATA_CONFIG
+
+    from meal_ray.config import load_config
+    from meal_ray.demo.stages import _reusable
+    from meal_ray.models import create_model, export_model
+    from meal_ray.train.driver import input_digests
+
+    def teacher(seed):
+        torch.manual_seed(seed)
+        export_model(create_model("test_resnet", num_classes=10, in_chans=1), tmp_path / "teacher", FMNIST_DATA_CONFIG)
+
+    teacher(0)
+    cfg = load_config(data=dict(name="meal", mode="distill", data=dict(dataset="fashion-mnist"),
+                                student=dict(model="test_efficientnet", num_classes=10),
+                                teachers=dict(source="served", models=[{"model": "test_resnet",
+                                                                        "weights": str(tmp_path / "teacher")}]),
+                                run=dict(output=str(tmp_path / "stage"))))
+    out = cfg.output_dir
+    export_model(create_model("test_efficientnet", num_classes=10, in_chans=1), out / "student", FMNIST_DATA_CONFIG)
+    (out / "metrics.json").write_text(json.dumps({"top1": 50.0}))
+    record = {"name": cfg.name, "config": cfg.to_dict(), "inputs": input_digests(cfg)}
+    (out / "run.json").write_text(json.dumps(record))
+    assert list(record["inputs"]) == ["teachers.models.0.weights"] and _reusable(cfg)
+    teacher(1)  # trained again: same path, other weights
+    assert not _reusable(cfg)
+    (out / "run.json").write_text(json.dumps(dict(record, inputs=input_digests(cfg))))
+    assert _reusable(cfg)
+    record.pop("inputs")  # a stage finished before run.json recorded its inputs: reused as before
+    (out / "run.json").write_text(json.dumps(record))
+    assert _reusable(cfg)

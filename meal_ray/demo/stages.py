@@ -75,17 +75,22 @@ def _stage_config(name: str, mode: str, out: Path, model: str, epochs: int, pres
 
 
 def _reusable(cfg: JobConfig) -> bool:
-    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI. The saved config
-    is read back through today's config classes, so a stage finished before a setting existed (it takes its
-    default) is still reused."""
+    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI and that started
+    from the same weights files' contents (a teacher or student init trained again elsewhere has the same path but
+    other weights). The saved config is read back through today's config classes, so a stage finished before a
+    setting existed (it takes its default) is still reused."""
     from meal_ray.models import is_export_dir
+    from meal_ray.train.driver import input_digests
 
     out = cfg.output_dir
     if not ((out / "metrics.json").is_file() and is_export_dir(out / "student") and (out / "run.json").is_file()):
         return False
     try:
-        saved = load_config(data=json.loads((out / "run.json").read_text())["config"]).to_dict()
+        record = json.loads((out / "run.json").read_text())
+        saved = load_config(data=record["config"]).to_dict()
     except (ConfigError, KeyError, ValueError):  # a setting since removed or renamed: run the stage again
+        return False
+    if "inputs" in record and record["inputs"] != input_digests(cfg):
         return False
     return saved == cfg.to_dict() or _same_but_tracking(saved, cfg.to_dict())
 

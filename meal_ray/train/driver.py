@@ -84,6 +84,22 @@ def check_job(cfg: JobConfig, source=None) -> None:
     (source or source_class(cfg.teachers.source)).check_config(cfg)
 
 
+def input_digests(cfg: JobConfig) -> dict:
+    """sha256 of every weights file the job starts from (student init, teachers), by config key: a config names
+    files by path, so two runs of one config can start from different weights; run.json keeps what this one read."""
+    from meal_ray.ensemble import file_sha256, weights_file
+
+    specs = [("student.weights", cfg.student)]
+    if cfg.teachers.source in ("local", "served"):
+        specs += [(f"teachers.models.{i}.weights", t) for i, t in enumerate(cfg.teachers.models)]
+    out = {}
+    for key, spec in specs:
+        path = weights_file(spec)
+        if path is not None and path.is_file():
+            out[key] = file_sha256(path)
+    return out
+
+
 def tracking_tags(cfg: JobConfig) -> dict:
     """What a run is, as MLflow tags a person filters on: mode, student, dataset, the teacher set."""
     tags = {"meal_ray.mode": cfg.mode, "meal_ray.student": cfg.student.model, "meal_ray.dataset": dataset_name(cfg),
@@ -140,7 +156,8 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags=dict(tracking_tags(cfg), **(tags or {})),
                            parent_run_id=parent_run_id, datasets=tracking_datasets(cfg))
     record = {"name": cfg.name, "mode": cfg.mode, "student": cfg.student.model, "config": cfg.to_dict(),
-              "mlflow_run_id": run_id, "tracking_uri": uri, "started": record.get("started", time.time())}
+              "inputs": input_digests(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
+              "started": record.get("started", time.time())}
     _write_json(out / RUN_FILE, record)
     config_path = out / "config.yaml"
     import yaml
