@@ -19,7 +19,8 @@ the teachers taking the student's cores. Prints, as measured here (nothing is ha
 2. served / local with real teachers sharing this machine's cores: goal >= 0.9;
 3. teacher wait fraction against the prefetch window (1, 2, 4, 8 batches in flight);
 4. emulated replicas 1 -> 2 when the teachers are the bottleneck at both counts: goal >= 1.8x;
-5. `meal-ray plan` applied: the planned replica count of emulated teachers, and the wait it gives (goal < 3%);
+5. `meal-ray plan` applied: the planned replica count of emulated teachers, and the wait it gives (goal < 3%), also
+   on 4x longer epochs (each epoch starts with one teacher round trip of waiting: the window refills);
 6. request bytes per sample, pixels vs crop boxes (bench_wire.py);
 7. Ray Train workers 1 -> 2 (hard labels, the whole job path).
 """
@@ -368,6 +369,9 @@ def main(argv=None) -> int:
               f"{100 * plan.utilization:.0f}%); measured wait {100 * planned['wait']:.1f}% "
               f"(steady {100 * planned['steady_wait']:.1f}%; goal < 3%), "
               f"{planned['img_s']:.0f} img/s = {planned['img_s'] / demand:.2f} of hard labels")
+        longer = served(job(4 * subset, "served", models))  # 4x the steps: the epoch-start refill weighs 4x less
+        print(f"   same plan, {4 * subset}-image epochs: measured wait {100 * longer['wait']:.1f}% (steady "
+              f"{100 * longer['steady_wait']:.1f}%)")
 
         # 2. real teachers on the same cores: served vs in-process
         deploy(models, 1)
