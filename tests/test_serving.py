@@ -143,7 +143,7 @@ def test_top_k_replies_hold_what_a_top_k_cache_row_holds():
     """teachers.reply_top_k: a reply of the k largest probabilities expands to exactly the soft labels a cache
     relabelled with that k gives (one encoder, one expansion); k = C is the full fp16 reply."""
     from meal_ray.cache import CachedPass, encode
-    from meal_ray.serve.protocol import TeacherReply, TeacherRequest
+    from meal_ray.serve.protocol import TeacherReply, TeacherRequest, parse_request
 
     g = torch.Generator().manual_seed(3)
     logits = 3 * torch.randn(6, 10, generator=g)
@@ -158,7 +158,9 @@ def test_top_k_replies_hold_what_a_top_k_cache_row_holds():
         for a, b in zip(reply.tensors(recovery), cached.soft_labels(np.arange(6), 10, recovery)):
             assert torch.equal(a, b)
     with pytest.raises(ProtocolError, match="top_k=0 must be a whole number >= 1"):
-        TeacherRequest.parse(TeacherRequest(np.zeros((2, 1, 8, 8), np.uint8), top_k=0))
+        parse_request(TeacherRequest(np.zeros((2, 1, 8, 8), np.uint8), top_k=0))
+    with pytest.raises(ProtocolError, match="top_k=11 is more than the teachers' 10 classes"):
+        parse_request(TeacherRequest(np.zeros((2, 1, 8, 8), np.uint8), top_k=11), num_classes=10)
 
 
 def test_repo_serve_configs_follow_the_serve_schema_and_name_every_deployment():

@@ -89,7 +89,8 @@ class TeacherModel:
     async def __call__(self, request) -> np.ndarray:
         """TeacherRequest (pixels) or CropRequest (boxes, rendered here at this teacher's resolution) -> float32
         logits [b, num_classes]. Validated here, before it joins a batch."""
-        request = parse_request(request, self.teacher.in_chans, len(self.dataset) if self.dataset else None)
+        request = parse_request(request, self.teacher.in_chans, len(self.dataset) if self.dataset else None,
+                                self.teacher.num_classes)
         if isinstance(request, CropRequest):
             images = await asyncio.to_thread(self._render, request)
         else:
@@ -211,10 +212,7 @@ class EnsembleIngress:
     async def __call__(self, request) -> TeacherReply:
         info = await self._teacher_info()
         samples = info["data"]["samples"] if info["data"] else None
-        request = parse_request(request, info["in_chans"], samples)
-        if request.top_k is not None and request.top_k > info["num_classes"]:
-            raise ProtocolError(f"teacher request top_k={request.top_k} is more than the teachers' "
-                                f"{info['num_classes']} classes.")
+        request = parse_request(request, info["in_chans"], samples, info["num_classes"])
         start = time.perf_counter()
         logits = await asyncio.gather(*(self._call(h, request) for h in self.teachers))
         latency = time.perf_counter() - start

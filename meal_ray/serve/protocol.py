@@ -76,9 +76,12 @@ def validate_crops(images: Any, in_chans: Optional[int] = None) -> np.ndarray:
     return images
 
 
-def _check_top_k(top_k: Any) -> None:
+def _check_top_k(top_k: Any, num_classes: Optional[int]) -> None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ProtocolError(f"teacher request top_k={top_k!r} must be a whole number >= 1, or None for every class.")
+    if top_k is not None and num_classes is not None and top_k > num_classes:
+        raise ProtocolError(f"teacher request top_k={top_k} is more than the teachers' {num_classes} classes; ask "
+                            "for fewer (teachers.reply_top_k).")
 
 
 def _check_size(samples: int, side: int, shape: tuple) -> None:
@@ -117,7 +120,6 @@ class TeacherRequest:
                                 f"got {type(obj).__name__}.")
         check_version(getattr(obj, "version", None), "the client")
         validate_crops(obj.images, in_chans)
-        _check_top_k(obj.top_k)
         return obj
 
 
@@ -169,7 +171,6 @@ class CropRequest:
     def parse(obj: Any, num_samples: Optional[int] = None) -> "CropRequest":
         """Validate a crop request (and, where the dataset is known, that its sample ids are in it)."""
         check_version(getattr(obj, "version", None), "the client")
-        _check_top_k(getattr(obj, "top_k", None))
         r, size = obj.records, obj.size
         if not isinstance(r, np.ndarray) or r.dtype != np.int32 or r.ndim != 2 \
                 or r.shape[1] not in (CROP_FIELDS, MIX_FIELDS) or len(r) == 0:
@@ -193,11 +194,16 @@ class CropRequest:
         return obj
 
 
-def parse_request(obj: Any, in_chans: Optional[int] = None, num_samples: Optional[int] = None):
-    """A :class:`TeacherRequest` or a :class:`CropRequest`, validated; ProtocolError for anything else."""
+def parse_request(obj: Any, in_chans: Optional[int] = None, num_samples: Optional[int] = None,
+                  num_classes: Optional[int] = None):
+    """A :class:`TeacherRequest` or a :class:`CropRequest`, validated (``top_k`` against the teachers'
+    ``num_classes`` where known); ProtocolError for anything else."""
     if isinstance(obj, CropRequest):
-        return CropRequest.parse(obj, num_samples)
-    return TeacherRequest.parse(obj, in_chans)
+        request = CropRequest.parse(obj, num_samples)
+    else:
+        request = TeacherRequest.parse(obj, in_chans)
+    _check_top_k(request.top_k, num_classes)
+    return request
 
 
 @dataclass(frozen=True)
