@@ -8,7 +8,14 @@ degrades to Ray's default behaviour on another Ray version:
 - :func:`quiet_train_reports`: Ray Train V2 logs every ``report()`` with its whole metrics dict
   (``ray.train.v2._internal``);
 - :func:`_token_auth_for`: send this machine's auth token to an explicit address
-  (``ray._private.authentication``).
+  (``ray._private.authentication``);
+- :func:`serve_details`: the deployed Serve applications as the controller knows them (each deployment's applied
+  config, each replica's node), what the dashboard's Serve REST API shows (``ray.serve.context``'s controller
+  client);
+- :func:`autoscaler_node_types`: the node types an autoscaler may add (``ray._private.state``), as Ray Data reads
+  them.
+
+It also holds the placement check every command runs before it starts actors (:func:`check_placement`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import logging
 import os
 from typing import Optional
 
-from meal_ray.errors import MealRayError, TeachersNotRunningError
+from meal_ray.errors import MealRayError, PlacementError, TeachersNotRunningError
+from meal_ray.placement import Demand, NodeOffer, fits_somewhere, unplaceable
 from meal_ray.serve.protocol import HOW_TO_START
 
 VERBOSE_ENV = "MEAL_RAY_VERBOSE"  # set by --verbose: Ray's own output (its workers' logs, startup lines) shown
@@ -156,3 +164,90 @@ def deploy_serve_config(config, keep_others: bool = True, log=print) -> None:
     merged = config.model_dump(exclude_unset=True)
     merged["applications"] = [a.model_dump(exclude_unset=True) for a in apps]
     client.deploy_apps(ServeDeploySchema.model_validate(merged))
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def cluster_nodes() -> list:
+    """The cluster's live nodes as :class:`~meal_ray.placement.NodeOffer` (total logical resources, labels)."""
+    import ray
+
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        resources = {k: float(v) for k, v in (n.get("Resources") or {}).items() if not k.startswith("node:")}
+        out.append(NodeOffer(f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})", resources,
+                             dict(n.get("Labels") or {})))
+    return out
+
+
+def autoscaler_node_types() -> Optional[list]:
+    """The node types an autoscaler may add to this cluster (resources only), or None when it has no autoscaler (the
+    autoscaler publishes its config in the GCS; a fixed cluster has none)."""
+    try:
+        from ray._private import state
+
+        config = state.state.get_cluster_config()
+    except Exception:  # another Ray version: treat the cluster as fixed (checked by test_placement)
+        return None
+    if config is None:
+        return None
+    return [NodeOffer(group.name or f"node type {i}", {k: float(v) for k, v in group.resources.items()})
+            for i, group in enumerate(config.node_group_configs) if group.max_count != 0]
+
+
+def serve_details() -> dict:
+    """``ServeInstanceDetails`` as a dict: per application its ``deployments`` with ``deployment_config`` (the applied
+    options: ``ray_actor_options``, ``num_replicas``, ``autoscaling_config``), ``target_num_replicas`` and ``replicas``
+    (each with ``node_id``, ``actor_id``, ``pid``, ``state``). Empty when Serve does not run here."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return (client.get_serve_details() or {}) if client is not None else {}
+
+
+def app_demands(app_name: str) -> list:
+    """The replicas a deployed Serve application holds now, as placement demands (empty when it is not deployed)."""
+    from meal_ray.placement import actor_resources
+
+    app = serve_details().get("applications", {}).get(app_name) or {}
+    out = []
+    for name, d in (app.get("deployments") or {}).items():
+        options = (d.get("deployment_config") or {}).get("ray_actor_options") or {}
+        out.append(Demand(f"replica of teacher deployment {name!r}" if name != "ensemble"
+                          else "replica of the ensemble ingress", int(d.get("target_num_replicas") or 0),
+                          actor_resources(options), dict(options.get("label_selector") or {}),
+                          f"application {app_name!r}, deployment {name!r}: ray_actor_options"))
+    return out
+
+
+def check_placement(demands: list, what: str, fix: str, timeout_s: Optional[float] = None, log=print) -> None:
+    """Stop with a PlacementError naming what is missing when the cluster's nodes cannot hold ``demands`` together;
+    with an autoscaler that could add nodes for them, say so and go on (Ray then waits, at most ``timeout_s``)."""
+    problems = unplaceable(demands, cluster_nodes())
+    if not problems:
+        return
+    types = autoscaler_node_types()
+    if types and all(fits_somewhere(d, types) for d in demands):
+        limit = f"; the job waits at most {timeout_s:g} s (run.placement_timeout_s)" if timeout_s else ""
+        log(f"[meal-ray] warning: the cluster cannot place {what} yet: {'; '.join(problems)}. It has an autoscaler "
+            f"whose node types ({', '.join(t.name for t in types)}) could add such nodes{limit}.")
+        return
+    raise PlacementError(f"the cluster cannot place {what}:\n  - " + "\n  - ".join(problems) + f"\n{fix}")
+
+
+def placement_timed_out(exc: BaseException) -> bool:
+    """Whether a Ray Train failure is its worker group not being placed in time (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S:
+    no node left for the workers)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e).__name__ == "WorkerGroupStartupTimeoutError":
+            return True
+        todo += [getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__]
+    return False

@@ -7,6 +7,7 @@ Defaults are the paper's ImageNet settings (DESIGN.md section 1); small-dataset 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from meal_ray.errors import ConfigError, suggest
+from meal_ray.placement import ACCELERATOR_PREFIX, ACCELERATOR_UNIT, selector_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,6 +94,11 @@ class TeacherSpec:
     weights: Optional[str] = None  # meal-ray export dir, local weights file, or None
     pretrained: bool = False  # timm/HF-hub pretrained weights (needs internet)
     name: Optional[str] = None  # Serve deployment name; defaults to teacher<i>
+
+
+def teacher_spec(fields: dict) -> TeacherSpec:
+    """A TeacherSpec from a dict that may carry more (a resolved Serve spec's ``weights_given``)."""
+    return TeacherSpec(**{f.name: fields[f.name] for f in dataclasses.fields(TeacherSpec) if f.name in fields})
 
 
 def teacher_list(teachers) -> list:
@@ -258,8 +265,16 @@ class LossConfig:
 @dataclass
 class RunConfig:
     num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1
+    use_gpu: bool = False  # one GPU per train worker (Ray Train's ScalingConfig.use_gpu)
+    cpus_per_worker: float = 1  # CPUs per train worker (also its torch threads); resources_per_worker.CPU overrides
+    # Where the train workers go, in Ray Train's ScalingConfig words (a shared cluster keeps them off the teachers'
+    # nodes): resources each worker reserves beside CPU/GPU (custom resources, memory in bytes; CPU and GPU here
+    # override cpus_per_worker and use_gpu's one GPU), the accelerator model its node must have (A100, H100, L4, ...),
+    # and the node labels it needs ({meal-ray.io/pool: students}; Ray's syntax: value, !value, in(a, b)).
+    resources_per_worker: dict = field(default_factory=dict)
+    accelerator_type: Optional[str] = None
+    label_selector: dict = field(default_factory=dict)
+    placement_timeout_s: float = 600.0  # how long the workers may wait for nodes (start, restart after a node loss)
     seed: int = 0
     output: Optional[str] = None  # default runs/<name>
     tracking_uri: Optional[str] = None  # default sqlite:///mlflow.db in the working directory
@@ -277,6 +292,42 @@ class RunConfig:
         if self.max_failures < -1:
             raise ConfigError("run.max_failures must be >= 0, or -1 for unlimited retries.")
         check_autocast("run.amp", self.amp)
+        _positive("run.cpus_per_worker", self.cpus_per_worker)
+        _positive("run.placement_timeout_s", self.placement_timeout_s)
+        check_resources("run.resources_per_worker", self.resources_per_worker)
+        cpus = self.resources_per_worker.get("CPU")
+        if cpus is not None and self.cpus_per_worker not in (1, cpus):
+            raise ConfigError(f"run.cpus_per_worker={self.cpus_per_worker:g} and run.resources_per_worker.CPU={cpus:g} "
+                              "disagree: give the CPUs per worker once.")
+        if cpus is not None and cpus <= 0:
+            raise ConfigError(f"run.resources_per_worker.CPU={cpus:g} must be > 0 (each worker runs the student on "
+                              "its CPUs' threads).")
+        gpus = self.resources_per_worker.get("GPU")
+        if gpus is not None and bool(gpus) != self.use_gpu:
+            raise ConfigError(f"run.resources_per_worker.GPU={gpus:g} with run.use_gpu={str(self.use_gpu).lower()}: "
+                              + ("set run.use_gpu: true for GPU workers." if gpus else
+                                 "drop GPU from resources_per_worker (or set run.use_gpu: false)."))
+        if self.accelerator_type is not None:
+            if not isinstance(self.accelerator_type, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*",
+                                                                               self.accelerator_type):
+                raise ConfigError(f"run.accelerator_type={self.accelerator_type!r} must be Ray's accelerator name, "
+                                  "e.g. A100, H100, L4 (ray.util.accelerators).")
+            if not self.use_gpu:
+                raise ConfigError(f"run.accelerator_type={self.accelerator_type} picks the GPU model of the workers' "
+                                  "nodes: set run.use_gpu: true too.")
+        problem = selector_problem(self.label_selector)
+        if problem:
+            raise ConfigError(f"run.label_selector={self.label_selector!r}: {problem}.")
+
+    def worker_resources(self) -> dict:
+        """What each train worker reserves on its node, as Ray Train asks for it (ScalingConfig)."""
+        out = {"CPU": float(self.cpus_per_worker)}
+        if self.use_gpu:
+            out["GPU"] = 1.0
+        out.update({k: float(v) for k, v in self.resources_per_worker.items()})
+        if self.accelerator_type:
+            out[ACCELERATOR_PREFIX + self.accelerator_type] = ACCELERATOR_UNIT
+        return {k: v for k, v in out.items() if v}
 
 
 @dataclass
@@ -316,6 +367,18 @@ class JobConfig:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+
+def check_resources(key: str, resources) -> None:
+    """Ray resource amounts by name ({CPU: 8, GPU: 1, memory: 8e9, my_resource: 1}): names as Ray spells them."""
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key} has the resource name {name!r}: give Ray's resource names (CPU, GPU, memory, "
+                              "or a custom resource the nodes offer).")
+        if name.upper() in ("CPU", "GPU", "TPU") and name != name.upper():
+            raise ConfigError(f"{key}.{name}: Ray's resource names are case-sensitive, write {name.upper()}.")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"{key}.{name}={amount!r} must be a number >= 0 (memory in bytes).")
 
 
 def _positive(key: str, value) -> None:
@@ -374,6 +437,21 @@ def _coerce_value(hint, value, path: str, owner, key):
         hint = next(a for a in args if a is not type(None))
         if dataclasses.is_dataclass(hint):
             return _coerce(hint, value, path)
+    if hint is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r} must be a mapping, e.g. {{key: value}} "
+                              "(on the command line: --set '" + path + "={key: value}').")
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, str) and owner is RunConfig and key == "resources_per_worker":
+                try:
+                    v = float(v)  # YAML 1.1 reads 8e9 (no dot) as a string
+                except ValueError:
+                    pass
+            out[str(k)] = v
+        return out
     if hint is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value]

@@ -228,7 +228,8 @@ class Engine:
             self.discriminator.train()
         steps_per_epoch = len(self.train_loader)
         sums = {"loss": 0.0, "soft_ce": 0.0, "disc_loss": 0.0, "hard_ce": 0.0, "hits": 0, "samples": 0,
-                "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0, "first_loss": 0.0}
+                "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0, "first_loss": 0.0,
+                "retries": 0}
         start = last = time.perf_counter()
         for step, batch in enumerate(self.source.attach(self.batches())):
             for group in self.optimizer.param_groups:
@@ -244,6 +245,7 @@ class Engine:
             sums["samples"] += n
             sums["steps"] += 1
             sums["wait_s"] += batch.wait_s
+            sums["retries"] += batch.teacher_retries
             if batch.teacher_latency_s is not None:
                 sums["latency_s"] += batch.teacher_latency_s
                 sums["latency_n"] += 1
@@ -272,6 +274,7 @@ class Engine:
             if self.discriminator is not None:
                 metrics["disc_loss"] = total["disc_loss"] / samples
             metrics["teacher_wait_frac"] = total["wait_s"] / max(total["time_s"], 1e-9)
+            metrics["teacher_retries"] = int(total["retries"])  # requests asked again after a replica was lost
             if total["latency_n"]:
                 metrics["teacher_latency_ms"] = 1000.0 * total["latency_s"] / total["latency_n"]
         if not self.distill or self.cfg.loss.hard_label_weight > 0:

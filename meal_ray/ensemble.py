@@ -173,6 +173,45 @@ def describe_differences(ours: Sequence[dict], theirs: Sequence[dict], ours_name
     return out
 
 
+def served_differences(specs: Sequence, served: Sequence[dict], autocast: tuple = (None, None)) -> list:
+    """How a job's teachers (TeacherSpecs) differ from what a Serve application reports it serves (its replicas'
+    ``info()``), without reading any weights here: the architecture must be the same, and the weights the same by name
+    (as the Serve config wrote them, or the same absolute path, or ``sha256:<hex>`` of the file the replica loaded)
+    or both timm-pretrained / both random."""
+    out = []
+    if autocast[0] != autocast[1]:
+        out.append(f"autocast: job {autocast[0]}, served {autocast[1]}")
+    if len(specs) != len(served):
+        out.append(f"job has {len(specs)} teachers ({', '.join(s.model for s in specs)}), served has {len(served)} "
+                   f"({', '.join(t['model'] for t in served)})")
+        return out
+    for i, (spec, info) in enumerate(zip(specs, served)):
+        if spec.model != info["model"]:
+            out.append(f"teacher {i} model: job {spec.model}, served {info['model']}")
+            continue
+        digest = str((info.get("description") or {}).get("weights", ""))
+        if not _same_weights(spec, info, digest):
+            out.append(f"teacher {i} weights: job {_weights_name(spec.weights, spec.pretrained)}, served "
+                       f"{_weights_name(info.get('weights_given'), info.get('pretrained'))}"
+                       + (f" ({digest[:19]})" if digest.startswith("sha256:") else ""))
+    return out
+
+
+def _same_weights(spec, info: dict, digest: str) -> bool:
+    if not spec.weights:
+        return not info.get("weights") and bool(spec.pretrained) == bool(info.get("pretrained"))
+    given = str(spec.weights)
+    if given.startswith("sha256:"):
+        return len(given) >= 19 and digest.startswith(given)
+    if given == info.get("weights_given"):
+        return True
+    return bool(info.get("weights")) and os.path.abspath(os.path.expanduser(given)) == info["weights"]
+
+
+def _weights_name(weights, pretrained) -> str:
+    return repr(str(weights)) if weights else ("timm-pretrained" if pretrained else "random-init")
+
+
 @dataclass(frozen=True)
 class TeacherSet:
     """The teachers of a job (or a Serve application / a soft-label cache): specs in order, plus autocast."""

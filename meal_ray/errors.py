@@ -54,6 +54,10 @@ class CheckpointError(MealRayError, RuntimeError):
     """No checkpoint of a run can be read back."""
 
 
+class PlacementError(MealRayError, RuntimeError):
+    """The cluster's nodes cannot hold what a job or a Serve application asks for (labels, resources, node count)."""
+
+
 class OutputDirError(MealRayError, FileExistsError):
     """The output directory holds a different run."""
 

@@ -1,9 +1,12 @@
-"""Shared fixtures: one local Ray cluster per test session, tiny exported teachers, Fashion-MNIST configs."""
+"""Shared fixtures: one multi-node Ray cluster per test session, tiny exported teachers, Fashion-MNIST configs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ torch.set_num_threads(2)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+BIN = os.path.dirname(sys.executable)
 FMNIST_DATA = dict(dataset="fashion-mnist", image_size=28, crop_scale=[0.5, 1.0], crop_pct=1.0,
                    mean=[0.2860], std=[0.3530])
 FMNIST_DATA_CONFIG = dict(input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), interpolation="bilinear",
@@ -47,19 +51,106 @@ def trained_teachers(tmp_path_factory):
     return out
 
 
+class SessionCluster:
+    """The session's Ray cluster: several Ray nodes on this machine (Ray's own ``ray.cluster_utils.Cluster``), shaped
+    like the shared cluster meal-ray is for. A head (GCS, Serve controller, dashboard, job drivers; unlabelled CPUs
+    for tests that do not place anything), two teacher nodes and a student node, each labelled with its pool
+    (``meal-ray.io/pool``). Every node process starts in ``home`` (relative paths in Serve configs resolve there) and
+    unpacks runtime environments (a job's working dir) in a folder of its own: nodes sharing one would unpack over the
+    folder a running job's driver works in."""
+
+    POOLS = {"teachers": 2, "students": 1}
+    CPUS = {"head": 4, "teachers": 4, "students": 4}  # logical CPUs: more than the cores, so apps and jobs fit
+
+    def __init__(self, home):
+        from ray.cluster_utils import Cluster
+
+        self.home = home
+        self.added = 0
+        with self._in_home():
+            self.cluster = Cluster(initialize_head=True, head_node_args=dict(
+                num_cpus=self.CPUS["head"], include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0,
+                runtime_env_dir_name="runtime_resources_head"))
+        self.nodes = {pool: [] for pool in self.POOLS}
+        for pool, count in self.POOLS.items():
+            for _ in range(count):
+                self.add_node(pool)
+
+    @contextlib.contextmanager
+    def _in_home(self):
+        cwd = os.getcwd()
+        os.chdir(self.home)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
+
+    def add_node(self, pool: str):
+        """A new node of ``pool`` (its labels and CPUs), e.g. the replacement of a lost one."""
+        from meal_ray.placement import POOL_LABEL
+
+        self.added += 1
+        with self._in_home():  # each node unpacks jobs' working dirs in a folder of its own, as separate machines do
+            node = self.cluster.add_node(num_cpus=self.CPUS[pool], labels={POOL_LABEL: pool},
+                                         runtime_env_dir_name=f"runtime_resources_{pool}{self.added}")
+        self.nodes[pool].append(node)
+        return node
+
+    def remove_node(self, node) -> None:
+        """Lose ``node`` as a crashed machine is lost: every process on it killed at once."""
+        for pool in self.nodes.values():
+            if node in pool:
+                pool.remove(node)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://{self.cluster.webui_url}"
+
+    def pool_of(self) -> dict:
+        """node id -> pool of every live node (head: "head")."""
+        import ray
+
+        from meal_ray.placement import POOL_LABEL
+
+        return {n["NodeID"]: (n.get("Labels") or {}).get(POOL_LABEL, "head") for n in ray.nodes() if n["Alive"]}
+
+    def actor_pools(self, class_prefix: str) -> list:
+        """The pool of each live actor whose class name starts with ``class_prefix`` (``RayTrainWorker``,
+        ``ServeReplica:<app>:<deployment>``), from Ray's own state (the State API: actor -> node)."""
+        from ray.util.state import list_actors
+
+        pools = self.pool_of()
+        return [pools.get(a.node_id, "gone") for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
+                                                                   detail=True)
+                if a.class_name.startswith(class_prefix)]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray cluster with more logical CPUs than cores, so Serve replicas and Train workers fit side by
-    side."""
+def cluster(tmp_path_factory):
+    """The session's multi-node Ray cluster (see SessionCluster), with this process connected as a driver."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    os.environ["PATH"] = f"{BIN}:{os.environ.get('PATH', '')}"  # jobs' entrypoints find `meal-ray` on the nodes
+    os.environ.pop("RAY_ADDRESS", None)
+    # token authentication, as `ray start` turns it on (Ray 2.60): every node, driver and CLI of the session sends
+    # ~/.ray/auth_token (`ray get-auth-token --generate` makes it on a fresh machine)
+    subprocess.run([f"{BIN}/ray", "get-auth-token", "--generate"], check=True, capture_output=True)
+    os.environ.pop("RAY_AUTH_MODE", None)
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    assert maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # sets RAY_AUTH_MODE=token here too
+    test_cluster = SessionCluster(tmp_path_factory.mktemp("cluster-home"))
+    ray.init(address=test_cluster.address, log_to_driver=True,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
     from meal_ray.cluster import start_serve_without_http
 
     start_serve_without_http()  # as meal-ray does: the tests' serve.run() calls then open no HTTP port either
-    yield ray
+    yield test_cluster
     try:
         from ray import serve
 
@@ -67,6 +158,15 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+    test_cluster.cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(cluster):
+    """Ray, connected to the session's cluster (for tests that do not care where things run)."""
+    import ray
+
+    return ray
 
 
 @pytest.fixture(scope="session")

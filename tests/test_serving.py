@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from meal_ray.config import TeacherSpec
+from meal_ray.config import TeachersConfig, TeacherSpec
 from meal_ray.data import Batch
 from meal_ray.ensemble import TeacherEnsemble
 from meal_ray.errors import (
@@ -241,9 +241,16 @@ def test_served_averages_equal_the_in_process_ensemble(app, ensemble, tiny_teach
     served_set = TeacherSet(tuple(TeacherSpec(**t) for t in tiny_teachers))
     assert info["teacher_set"]["fingerprint"] == served_set.fingerprint()
     assert info["teacher_set"]["teachers"] == served_set.describe()
-    source.check_teachers(served_set)
+    # the job's teachers are checked by what the app reports, without reading their weights here
+    source.check_teachers(TeachersConfig(models=tiny_teachers))
+    digests = [dict(t, weights=d["weights"][:19]) for t, d in zip(tiny_teachers, served_set.describe())]
+    source.check_teachers(TeachersConfig(models=digests))  # named by the sha256 the replicas computed
     with pytest.raises(TeacherSetMismatchError, match="autocast: job bf16, served None"):
-        source.check_teachers(TeacherSet(served_set.specs, autocast="bf16"))
+        source.check_teachers(TeachersConfig(models=tiny_teachers, autocast="bf16"))
+    moved = [dict(tiny_teachers[0], weights="/elsewhere/student"), tiny_teachers[1]]
+    with pytest.raises(TeacherSetMismatchError, match=r"teacher 0 weights: job '/elsewhere/student', served "
+                                                      r"'/\S+' \(sha256:[0-9a-f]{12}\)"):
+        source.check_teachers(TeachersConfig(models=moved))
     with pytest.raises(ClassCountMismatchError, match="10 classes but the student has 100"):
         source.check_student(100, 1)
     with pytest.raises(ClassCountMismatchError, match="input channels"):

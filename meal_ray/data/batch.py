@@ -32,6 +32,7 @@ class Batch:
     teacher_logits: Optional[torch.Tensor] = None  # z_e [B, C]
     wait_s: float = 0.0  # time the training loop blocked waiting for these soft labels
     teacher_latency_s: Optional[float] = None  # teacher inference time reported by the source
+    teacher_retries: int = 0  # requests for these soft labels asked again because their replica was lost
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

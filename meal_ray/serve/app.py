@@ -22,7 +22,8 @@ IMPORT_PATH = "meal_ray.serve.app:build_app"
 
 
 def resolve_teachers(app: TeacherAppConfig, base_dir: Optional[str] = None, check_files: bool = True) -> list:
-    """Teacher specs as dicts with deployment names (``teacher<i>`` by default) and absolute weights paths."""
+    """Teacher specs as dicts with deployment names (``teacher<i>`` by default), absolute weights paths and, as
+    ``weights_given``, the weights as the config wrote them (what a job names to mean these teachers)."""
     base = Path(base_dir or app.base_dir or os.getcwd())
     specs, names = [], set()
     for i, t in enumerate(app.teachers):
@@ -47,7 +48,8 @@ def resolve_teachers(app: TeacherAppConfig, base_dir: Optional[str] = None, chec
                     f"teacher {name!r}: weights {weights!r} not found (looked at {path}; relative paths are "
                     f"resolved against {base}).{hint} Or give an absolute path / the right working directory.")
             weights = str(path)
-        specs.append({"name": name, "model": t.model, "weights": weights, "pretrained": bool(t.pretrained)})
+        specs.append({"name": name, "model": t.model, "weights": weights, "pretrained": bool(t.pretrained),
+                      "weights_given": t.weights})
     return specs
 
 
@@ -96,9 +98,9 @@ def load_serve_config(config_path: str | Path, base_dir: Optional[str] = None):
         if app.import_path == IMPORT_PATH:
             app_args = dict(app.args or {})
             parsed = load_app_config(app_args)
-            app_args["teachers"] = resolve_teachers(parsed, base_dir=base_dir)  # fail fast
-            if parsed.data is not None:
-                app_args["data"] = resolve_data(parsed, base_dir)
-            app_args.pop("base_dir", None)
+            resolve_teachers(parsed, base_dir=base_dir)  # fail fast: names and weights files
+            # relative paths keep resolving against this directory wherever the app is built, and the teachers keep
+            # the names the config gives them (a job names its teachers' weights the same way)
+            app_args["base_dir"] = str(Path(base_dir or parsed.base_dir or os.getcwd()).resolve())
             app.args = app_args
     return config

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from meal_ray.config import TeacherSpec, check_batching
+from meal_ray.config import check_batching, teacher_spec
 from meal_ray.ensemble import average_teacher_outputs, describe_teacher, fingerprint, load_teacher
 from meal_ray.errors import ClassCountMismatchError, ConfigError, ProtocolError
+from meal_ray.serve import retry
 from meal_ray.serve.protocol import PROTOCOL_VERSION, CropRequest, TeacherReply, parse_request
 
 INGRESS_NAME = "ensemble"  # deployment name of the ingress inside the application
@@ -52,7 +53,8 @@ class TeacherModel:
     def __init__(self, spec: dict, autocast: Optional[str] = None, max_batch_size: int = 64,
                  batch_wait_timeout_s: float = 0.01, data: Optional[dict] = None, emulate: Optional[dict] = None):
         logging.getLogger("ray.serve").addFilter(_DropMaxOngoingWarning())
-        self.spec = TeacherSpec(**spec)
+        self.spec = teacher_spec(spec)
+        self.weights_given = spec.get("weights_given", self.spec.weights)  # as the Serve config names them
         self.name = self.spec.name or self.spec.model
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher = load_teacher(self.spec, autocast).to(self.device)
@@ -143,7 +145,8 @@ class TeacherModel:
     def info(self) -> dict:
         t = self.teacher
         return {"name": self.name, "model": self.spec.model, "weights": self.spec.weights,
-                "pretrained": self.spec.pretrained, "num_classes": t.num_classes, "in_chans": t.in_chans,
+                "weights_given": self.weights_given, "pretrained": self.spec.pretrained,
+                "num_classes": t.num_classes, "in_chans": t.in_chans,
                 "input_size": [t.in_chans, *t.size], "interpolation": t.interpolation,
                 "mean": [round(float(v) / 255, 6) for v in t.mean.flatten()],
                 "std": [round(float(v) / 255, 6) for v in t.std.flatten()],
@@ -195,19 +198,8 @@ class EnsembleIngress:
         return self._info
 
     async def _call(self, method, *args):
-        """Call a teacher; if its replica died, wait for Serve to replace it (up to ``retry_s``)."""
-        from ray.exceptions import RayActorError
-
-        deadline = time.monotonic() + self.retry_s
-        delay = 0.2
-        while True:
-            try:
-                return await method.remote(*args)
-            except RayActorError:
-                if time.monotonic() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """Call a teacher; if its replica died, ask again once Serve has replaced it (up to ``retry_s``)."""
+        return await retry.acall(lambda: method.remote(*args), self.retry_s)
 
     async def __call__(self, request) -> TeacherReply:
         info = await self._teacher_info()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -10,8 +10,9 @@ from typing import Optional
 
 from ray import serve
 
-from meal_ray.cluster import connect, deploy_serve_config
+from meal_ray.cluster import check_placement, cluster_nodes, connect, deploy_serve_config, ensure_ray, serve_details
 from meal_ray.errors import ConfigError, TeachersNotRunningError
+from meal_ray.placement import POOL_LABEL, TEACHER_POOL, serve_demands
 from meal_ray.serve.app import load_serve_config
 from meal_ray.serve.protocol import DEFAULT_APP_NAME, HOW_TO_START
 
@@ -79,15 +80,19 @@ def teachers_up(config_path: str | Path, address: Optional[str] = None, block: O
         if address:
             connect(address)
         else:
-            needed = sum(_app_cpus(app) for app in config.applications)
+            needed = sum(d.count * d.resources.get("CPU", 0.0) for d in config_demands(config))
             cpus = num_cpus or (os.cpu_count() or 1) + needed  # the machine stays free for training workers
-            ray.init(num_cpus=cpus, logging_level=logging.WARNING)
+            ensure_ray(None, num_cpus=int(math.ceil(cpus)))  # a new local instance, never a stale cluster's record
             embedded = True
             gcs = ray.get_runtime_context().gcs_address
             log(f"Started embedded Ray ({cpus:g} logical CPUs) at {gcs}; it lives as long as this command.")
             log(f"  train against it with: --address {gcs}   (or RAY_ADDRESS={gcs})")
     block = embedded if block is None else block
     try:
+        check_placement(config_demands(config), f"the Serve config {config_path}'s replicas",
+                        "Add nodes that offer it (e.g. `ray start --address <head> --num-cpus N "
+                        f"--labels {POOL_LABEL}={TEACHER_POOL}` for the teachers), or change the deployments' "
+                        "num_replicas / autoscaling_config / ray_actor_options in the Serve config.", log=log)
         status = _deploy(config, names, config_path, timeout_s, log)
     except BaseException:
         if embedded:  # nothing else uses this cluster
@@ -128,20 +133,26 @@ def _deploy(config, names: list, config_path, timeout_s: float, log) -> dict:
     return status
 
 
-def _app_cpus(app) -> float:
-    """Logical CPUs a config's application asks for (replicas x num_cpus; autoscaling: min replicas)."""
-    total = 0.0
-    for d in app.deployments or []:
-        opts = getattr(d, "ray_actor_options", None)
-        cpus = opts.get("num_cpus") if isinstance(opts, dict) else getattr(opts, "num_cpus", None)
-        cpus = 1.0 if cpus is None else float(cpus)  # Serve's default: one CPU per replica
-        replicas = getattr(d, "num_replicas", None)
-        if not isinstance(replicas, int):
-            auto = getattr(d, "autoscaling_config", None)
-            low = auto.get("min_replicas") if isinstance(auto, dict) else getattr(auto, "min_replicas", None)
-            replicas = low or 1
-        total += cpus * max(int(replicas), 1)
-    return total
+def config_demands(config) -> list:
+    """The replicas a Serve config's applications ask for (a meal-ray app's deployments it does not list run with the
+    code's defaults: one CPU per teacher replica, none for the ingress)."""
+    from meal_ray.config import load_app_config
+    from meal_ray.serve.app import IMPORT_PATH
+    from meal_ray.serve.deployments import INGRESS_NAME
+
+    out = []
+    for app in config.applications:
+        raw = app.model_dump(exclude_unset=True)
+        listed = {d.get("name") for d in raw.get("deployments") or []}
+        defaults = []
+        if app.import_path == IMPORT_PATH:
+            parsed = load_app_config(dict(app.args or {}))
+            defaults = [{"name": t.name or f"teacher{i}", "ray_actor_options": {"num_cpus": 1}}
+                        for i, t in enumerate(parsed.teachers)]
+            defaults.append({"name": INGRESS_NAME, "ray_actor_options": {"num_cpus": 0}})
+        deployments = list(raw.get("deployments") or []) + [d for d in defaults if d["name"] not in listed]
+        out += serve_demands({"deployments": deployments})
+    return out
 
 
 def teachers_status(address: Optional[str] = None) -> dict:
@@ -152,13 +163,32 @@ def teachers_status(address: Optional[str] = None) -> dict:
     except Exception:
         return {}
     out = {}
+    where = replica_nodes()
     for name, app in apps.items():
         out[name] = {
             "status": state_name(app.status), "message": app.message or "",
             "deployments": {d: {"status": state_name(s.status), "message": s.message or "",
-                                "replicas": {state_name(k): v for k, v in (s.replica_states or {}).items()}}
+                                "replicas": {state_name(k): v for k, v in (s.replica_states or {}).items()},
+                                "nodes": where.get((name, d), {})}
                             for d, s in app.deployments.items()},
         }
+    return out
+
+
+def replica_nodes() -> dict:
+    """``{(app, deployment): {node: running replicas}}``, each node named by its address and pool labels."""
+    names = {}
+    for n in cluster_nodes():
+        node_id = n.labels.get("ray.io/node-id", "")
+        names[node_id] = n.name.split(" ")[0] + (f" [{n.pool}]" if n.pool != "no labels" else "")
+    out: dict = {}
+    for app, details in (serve_details().get("applications") or {}).items():
+        for d, dep in (details.get("deployments") or {}).items():
+            counts = out.setdefault((app, d), {})
+            for r in dep.get("replicas") or []:
+                if state_name(r.get("state")) == "RUNNING":
+                    node = names.get(r.get("node_id"), str(r.get("node_id", "?"))[:8])
+                    counts[node] = counts.get(node, 0) + 1
     return out
 
 
@@ -170,7 +200,9 @@ def format_status(status: dict) -> str:
         lines.append(f"{name}: {app['status']}" + (f" ({app['message']})" if app["message"] else ""))
         for d, s in app["deployments"].items():
             replicas = ", ".join(f"{n} {k}" for k, n in s["replicas"].items()) or "no replicas"
-            lines.append(f"  {d}: {s['status']} [{replicas}]" + (f" {s['message']}" if s["message"] else ""))
+            nodes = ", ".join(f"{n} on {node}" for node, n in sorted(s.get("nodes", {}).items()))
+            lines.append(f"  {d}: {s['status']} [{replicas}]" + (f" ({nodes})" if nodes else "")
+                         + (f" {s['message']}" if s["message"] else ""))
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import yaml
 
-from meal_ray.config import JobConfig, TeacherSpec, load_app_config, read_yaml
+from meal_ray.config import JobConfig, load_app_config, read_yaml, teacher_spec
 from meal_ray.errors import ConfigError
 from meal_ray.files import write_text_atomic
 from meal_ray.serve.app import IMPORT_PATH, resolve_teachers
@@ -63,7 +63,7 @@ def meal_ray_app(serve_config: dict, path: str) -> dict:
     return apps[0]
 
 
-def measure_teacher(spec: TeacherSpec, crop_size: int, in_chans: int, batch: int, autocast: Optional[str],
+def measure_teacher(spec, crop_size: int, in_chans: int, batch: int, autocast: Optional[str],
                     seconds: float = 3.0, device: str = "cpu") -> float:
     """One replica's crops/s: full forward passes (preprocessing included) of ``batch`` uint8 crops."""
     import torch
@@ -180,7 +180,7 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
             rates[s["name"]], sources[s["name"]] = app.emulate.crops_per_s, "emulated"
         else:
             log(f"[plan] measuring one {s['model']} replica ({device}, batch {app.max_batch_size}) ...")
-            rates[s["name"]] = measure_teacher(TeacherSpec(**s), cfg.data.image_size, cfg.data.in_chans,
+            rates[s["name"]] = measure_teacher(teacher_spec(s), cfg.data.image_size, cfg.data.in_chans,
                                                app.max_batch_size, app.autocast, seconds, device)
             sources[s["name"]] = "measured"
     plans = plan_replicas(demand, rates, headroom, {s["name"]: s["model"] for s in specs}, sources)

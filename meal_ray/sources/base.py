@@ -68,7 +68,7 @@ class PrefetchWindow:
     """Keep up to ``window`` soft-label requests in flight so teacher inference overlaps the student step.
 
     ``submit(batch)`` starts a request and returns a handle; ``collect(handle)`` blocks for
-    its result ``(probs, logits, latency_s)``. Order is preserved. ``wait_s`` is the time the
+    its result ``(probs, logits, latency_s, retries)``. Order is preserved. ``wait_s`` is the time the
     consumer actually blocked on ``collect``.
     """
 
@@ -91,6 +91,7 @@ class PrefetchWindow:
                 return
             batch, handle = pending.popleft()
             start = time.perf_counter()
-            probs, logits, latency = self.collect(handle)
+            probs, logits, latency, retries = self.collect(handle)
             waited = time.perf_counter() - start
-            yield replace(batch, teacher_probs=probs, teacher_logits=logits, wait_s=waited, teacher_latency_s=latency)
+            yield replace(batch, teacher_probs=probs, teacher_logits=logits, wait_s=waited, teacher_latency_s=latency,
+                          teacher_retries=retries)

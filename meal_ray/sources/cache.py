@@ -23,15 +23,19 @@ from meal_ray.ensemble import TeacherSet
 from meal_ray.errors import CacheError
 
 
-def job_cache_spec(cfg: JobConfig, train=None, k: Optional[int] = None, passes: int = 0) -> CacheSpec:
-    """What a cache must hold for ``cfg`` (teacher set, data, classes, image size, crops, CutMix)."""
+def job_cache_spec(cfg: JobConfig, train=None, k: Optional[int] = None, passes: int = 0,
+                   teacher_set: Optional[dict] = None) -> CacheSpec:
+    """What a cache must hold for ``cfg`` (teacher set, data, classes, image size, crops, CutMix). ``teacher_set``:
+    what a Serve application reports it serves (relabelling from served teachers), else described from the files."""
     if train is None:
         train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
-    teachers = TeacherSet.from_config(cfg.teachers)
+    if teacher_set is None:
+        teachers = TeacherSet.from_config(cfg.teachers)
+        teacher_set = {"fingerprint": teachers.fingerprint(), "autocast": teachers.autocast,
+                       "teachers": teachers.describe()}
     d = cfg.data
     return CacheSpec(
-        teacher_set={"fingerprint": teachers.fingerprint(), "autocast": teachers.autocast,
-                     "teachers": teachers.describe()},
+        teacher_set={k: teacher_set[k] for k in ("fingerprint", "autocast", "teachers")},
         dataset={"fingerprint": dataset_fingerprint(train), "name": d.dataset, "train_subset": d.train_subset},
         num_classes=cfg.student.num_classes, image_size=d.image_size,
         crop={"scale": list(d.crop_scale), "ratio": [round(float(r), 6) for r in d.crop_ratio],

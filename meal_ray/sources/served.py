@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
 
-from meal_ray.config import JobConfig
-from meal_ray.ensemble import TeacherSet, average_teacher_outputs, check_compatible, describe_differences, fingerprint
+from meal_ray.config import JobConfig, teacher_list
+from meal_ray.ensemble import average_teacher_outputs, check_compatible, served_differences
 from meal_ray.errors import ConfigError, TeacherSetMismatchError, TeachersNotRunningError, TeachersUnavailableError
+from meal_ray.models import check_model_name
+from meal_ray.serve import retry
 from meal_ray.serve.protocol import (
     DEFAULT_APP_NAME,
     HOW_TO_START,
@@ -17,6 +20,17 @@ from meal_ray.serve.protocol import (
     check_version,
 )
 from meal_ray.sources.base import PrefetchWindow
+
+
+@dataclass
+class Pending:
+    """One request in flight: what was asked (to ask again if its replica dies), the Serve responses (one from the
+    ingress, or one per teacher with the direct client) and when it was sent."""
+
+    request: Any
+    responses: list
+    sent: float
+    retries: int = 0  # times a lost response was asked again
 
 
 class ServedSoftLabels:
@@ -61,23 +75,27 @@ class ServedSoftLabels:
     # ------------------------------------------------------------------ the source protocol
     @classmethod
     def check_config(cls, cfg: JobConfig) -> None:
+        """Names only: the teachers' weights live where the replicas run (teacher nodes, the hub), not here."""
         k = cfg.teachers.reply_top_k
         if k is not None and k > cfg.student.num_classes:
             raise ConfigError(f"teachers.reply_top_k={k} is more than the {cfg.student.num_classes} classes "
                               "(student.num_classes); use a smaller k, or leave it empty for full replies.")
-        TeacherSet.from_config(cfg.teachers).check_files()
+        for spec in teacher_list(cfg.teachers.models):
+            check_model_name(spec.model)
 
     @classmethod
-    def preflight(cls, cfg: JobConfig) -> None:
+    def preflight(cls, cfg: JobConfig) -> dict:
         """The application runs, speaks our protocol, serves this job's teachers and fits its student (and, for
-        crop-box requests, reads the job's training set)."""
+        crop-box requests, reads the job's training set). Returns what it serves (``teacher_set``: the fingerprint
+        and each teacher's architecture, weights digest and preprocessing, as the replicas loaded them)."""
         source = cls(cfg.teachers.app_name)
-        source.check_teachers(TeacherSet.from_config(cfg.teachers))
+        source.check_teachers(cfg.teachers)
         source.check_student(cfg.student.num_classes, cfg.data.in_chans)
         if cfg.teachers.request == "crops":
             from meal_ray.data.datasets import dataset_fingerprint, load_datasets
 
             source.check_data(dataset_fingerprint(load_datasets(cfg.data, cfg.student.num_classes)[0]))
+        return {"teacher_set": source.info()["teacher_set"]}
 
     @classmethod
     def from_config(cls, cfg: JobConfig, device=None) -> "ServedSoftLabels":
@@ -94,54 +112,52 @@ class ServedSoftLabels:
         self._info = None
 
     # ------------------------------------------------------------------ requests
-    def _submit(self, batch):
+    def _submit(self, batch) -> Pending:
         # zero-copy: the array is serialized when the request goes out; the window keeps the batch until collected
         k = self.reply_top_k
         request = (CropRequest.from_batch(batch, k) if self.request == "crops"
                    else TeacherRequest.from_images(batch.images, k))
-        if self.teachers:  # direct: one hop to every teacher, averaged here
-            return [h.remote(request) for h in self.teachers], request, time.perf_counter()
-        return self.handle.remote(request), len(request)
+        targets = self.teachers or [self.handle]  # direct: one hop to every teacher, averaged here
+        return Pending(request, [h.remote(request) for h in targets], time.perf_counter())
 
-    def _collect(self, pending) -> tuple:
+    def _collect(self, pending: Pending) -> tuple:
+        """The soft labels of a request. A reply lost with its replica (killed, its node gone, drained) is asked
+        again until Serve has replaced it (``retry_s``): the teachers are deterministic, so nothing changes."""
         try:
             if self.teachers:
-                return self._collect_direct(*pending)
-            response, rows = pending
-            reply = TeacherReply.parse(response.result(timeout_s=self.timeout_s), rows)
+                return self._collect_direct(pending)
+            reply = TeacherReply.parse(self._result(self.handle, pending, 0), len(pending.request))
         except TimeoutError:
             raise TeachersUnavailableError(
                 f"no soft labels from the Serve application {self.app_name!r} for {self.timeout_s:g} s "
                 "(teachers.timeout_s): its replicas are gone or overloaded. The job stops; its last epoch's checkpoint "
                 f"is kept. Check `meal-ray teachers status`; {HOW_TO_START}") from None
         probs, logits = reply.tensors(self.recovery)
-        return probs, logits, float(reply.latency_s)
+        return probs, logits, float(reply.latency_s), pending.retries
 
-    def _collect_direct(self, responses: list, request, start: float) -> tuple:
+    def _result(self, handle, pending: Pending, i: int):
+        """Response ``i`` of ``pending``; a lost one is sent again to ``handle``."""
+        def attempt():
+            try:
+                return pending.responses[i].result(timeout_s=self.timeout_s)
+            except retry.replica_gone_errors():
+                pending.responses[i] = handle.remote(pending.request)  # the next attempt waits for this one
+                pending.retries += 1
+                raise
+
+        return retry.call(attempt, self.retry_s)
+
+    def _collect_direct(self, pending: Pending) -> tuple:
         """Average the teachers' logits as the ingress does, through the same fp16 (or top-k) reply, so both clients
-        give the same soft labels; a teacher whose replica died is asked again until Serve has replaced it
-        (``retry_s``)."""
+        give the same soft labels."""
         import torch
-        from ray.exceptions import RayActorError
 
-        logits = []
-        for handle, response in zip(self.teachers, responses):
-            deadline, delay = time.monotonic() + self.retry_s, 0.2
-            while True:
-                try:
-                    logits.append(torch.tensor(response.result(timeout_s=self.timeout_s)))  # replies are read-only
-                    break
-                except RayActorError:
-                    if time.monotonic() + delay > deadline:
-                        raise
-                    time.sleep(delay)
-                    delay = min(2 * delay, 2.0)
-                    response = handle.remote(request)
-        latency = time.perf_counter() - start
+        logits = [torch.tensor(self._result(h, pending, i)) for i, h in enumerate(self.teachers)]  # replies are
+        latency = time.perf_counter() - pending.sent                                                # read-only
         probs, mean_logits = average_teacher_outputs(logits)
         reply = TeacherReply.from_tensors(probs, mean_logits, latency, self.reply_top_k)  # the ingress's reply
         probs, mean_logits = reply.tensors(self.recovery)
-        return probs, mean_logits, latency
+        return probs, mean_logits, latency, pending.retries
 
     # ------------------------------------------------------------------ checks
     def info(self) -> dict:
@@ -168,18 +184,16 @@ class ServedSoftLabels:
                               f"training set ({data['dataset']} at {data['root']}, fingerprint {data['fingerprint']}; "
                               f"the job's: {fingerprint}). Point the app's args.data at the job's data or send pixels.")
 
-    def check_teachers(self, expected: TeacherSet) -> None:
-        """Raise TeacherSetMismatchError, naming the differences, unless the application serves ``expected``."""
+    def check_teachers(self, teachers) -> None:
+        """Raise TeacherSetMismatchError, naming the differences, unless the application serves the teachers of
+        ``teachers`` (a TeachersConfig): compared by what the app reports (architecture, the weights as its config
+        names them and the digest its replicas computed, autocast), never by reading weights here."""
         served = self.info()["teacher_set"]
-        ours = expected.describe()  # hashes the weights once
-        ours_fingerprint = fingerprint(ours, expected.autocast)
-        if ours_fingerprint == served["fingerprint"]:
-            return
-        diff = describe_differences(ours, served["teachers"], "job", "served",
-                                    (expected.autocast, served.get("autocast")))
-        raise TeacherSetMismatchError(
-            f"the Serve application {self.app_name!r} serves other teachers than the job's teachers.models "
-            f"(fingerprint {served['fingerprint']} vs {ours_fingerprint}): {'; '.join(diff)}. Point "
-            "teachers.models at the served teachers' weights, or deploy this job's teachers "
-            "(teachers.app_name names another application).")
-
+        specs = teacher_list(teachers.models)
+        diff = served_differences(specs, self.info()["teachers"], (teachers.autocast, served.get("autocast")))
+        if diff:
+            raise TeacherSetMismatchError(
+                f"the Serve application {self.app_name!r} serves other teachers than the job's teachers.models "
+                f"(served fingerprint {served['fingerprint']}): {'; '.join(diff)}. Name the served teachers' weights "
+                "in teachers.models as the Serve config names them (or by sha256:<digest>), or deploy this job's "
+                "teachers (teachers.app_name names another application).")

@@ -16,15 +16,19 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from meal_ray.cluster import ensure_ray, user_error
+from meal_ray.cluster import app_demands, check_placement, cluster_nodes, ensure_ray, placement_timed_out, user_error
 from meal_ray.config import JobConfig, load_config
-from meal_ray.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputDirError
+from meal_ray.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputDirError, PlacementError
 from meal_ray.files import write_text_atomic
 from meal_ray.models import check_model_name, check_weights_fit
+from meal_ray.placement import POOL_LABEL, STUDENT_POOL, cpu_threads, unplaceable, worker_demand
 from meal_ray.sources.registry import source_class
 from meal_ray.train.worker import load_state, train_loop_per_worker
 
 RUN_FILE = "run.json"
+# run settings a resumed run may change: where it logs, and where it runs (nothing that changes its numbers)
+RESUMABLE_ELSEWHERE = ("tracking_uri", "log_every", "register_model", "label_selector", "accelerator_type",
+                       "placement_timeout_s", "max_failures")
 
 
 def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
@@ -38,11 +42,10 @@ def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
         if overwrite:
             return {}
         if resume:
-            old, new = dict(record["config"]), cfg.to_dict()
+            old, new = _with_defaults(record["config"]), cfg.to_dict()
             for d in (old, new):
                 d["optim"] = {k: v for k, v in d["optim"].items() if k != "epochs"}
-                d["run"] = {k: v for k, v in d["run"].items()
-                            if k not in ("tracking_uri", "log_every", "register_model")}
+                d["run"] = {k: v for k, v in d["run"].items() if k not in RESUMABLE_ELSEWHERE}
             diff = sorted(k for k in new if old.get(k) != new.get(k))
             if diff:
                 raise OutputDirError(
@@ -57,6 +60,15 @@ def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
     if resume:
         raise OutputDirError(f"--resume: {out} holds no run to resume; drop --resume to start one.")
     return {}
+
+
+def _with_defaults(recorded: dict) -> dict:
+    """A recorded config as this version writes it (keys added since then at their defaults), so that a run recorded
+    by an earlier meal-ray is resumed, not refused as another config."""
+    try:
+        return load_config(data=recorded).to_dict()
+    except ConfigError:
+        return dict(recorded)
 
 
 def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
@@ -84,29 +96,54 @@ def check_job(cfg: JobConfig, source=None) -> None:
     (source or source_class(cfg.teachers.source)).check_config(cfg)
 
 
-def input_digests(cfg: JobConfig) -> dict:
+def input_digests(cfg: JobConfig, served: Optional[dict] = None) -> dict:
     """sha256 of every weights file the job starts from (student init, teachers), by config key: a config names
-    files by path, so two runs of one config can start from different weights; run.json keeps what this one read."""
+    files by path, so two runs of one config can start from different weights; run.json keeps what this one read.
+    Served teachers are described by the application (``served``: what the served source's preflight returned, the
+    digests its replicas computed); only without that are the files hashed here, where they exist."""
     from meal_ray.ensemble import file_sha256, weights_file
 
     specs = [("student.weights", cfg.student)]
     if cfg.teachers.source in ("local", "served"):
         specs += [(f"teachers.models.{i}.weights", t) for i, t in enumerate(cfg.teachers.models)]
+    described = {f"teachers.models.{i}.weights": t.get("weights", "")
+                 for i, t in enumerate(((served or {}).get("teacher_set") or {}).get("teachers") or [])}
     out = {}
     for key, spec in specs:
+        if str(described.get(key, "")).startswith("sha256:"):
+            out[key] = described[key].split(":", 1)[1]
+            continue
         path = weights_file(spec)
-        if path is not None and path.is_file():
+        if path is not None and path.is_file() and not (served and key in described):
             out[key] = file_sha256(path)
     return out
 
 
-def tracking_tags(cfg: JobConfig) -> dict:
-    """What a run is, as MLflow tags a person filters on: mode, student, dataset, the teacher set."""
+def check_job_placement(cfg: JobConfig, log=print) -> None:
+    """The job's train workers (and, for served teachers, the application's replicas) fit on the cluster's nodes:
+    otherwise a PlacementError names the missing label, resource or node count before anything starts."""
+    demands = [worker_demand(cfg.run)]
+    if cfg.teachers.source == "served":
+        demands += app_demands(cfg.teachers.app_name)
+    check_placement(
+        demands, f"job {cfg.name!r} ({cfg.run.num_workers} train worker(s)"
+        + (f" beside the teachers of {cfg.teachers.app_name!r})" if cfg.teachers.source == "served" else ")"),
+        "Add nodes that offer it (e.g. `ray start --address <head> --num-cpus N "
+        f"--labels {POOL_LABEL}={STUDENT_POOL}` for train workers), or ask for less: run.num_workers, "
+        "run.cpus_per_worker, run.resources_per_worker, run.accelerator_type, run.label_selector (and the Serve "
+        "config's ray_actor_options for the teachers).", cfg.run.placement_timeout_s, log)
+
+
+def tracking_tags(cfg: JobConfig, served: Optional[dict] = None) -> dict:
+    """What a run is, as MLflow tags a person filters on: mode, student, dataset, the teacher set (for served teachers
+    also the fingerprint of what the application serves)."""
     tags = {"meal_ray.mode": cfg.mode, "meal_ray.student": cfg.student.model, "meal_ray.dataset": dataset_name(cfg),
             "meal_ray.teacher_source": cfg.teachers.source}
     if cfg.teachers.source != "none":
         tags["meal_ray.teachers"] = ", ".join(t.model for t in cfg.teachers.models)
         tags["meal_ray.teacher_weights"] = ", ".join(str(t.weights or "hub") for t in cfg.teachers.models)
+    if (served or {}).get("teacher_set"):
+        tags["meal_ray.teacher_set_fingerprint"] = served["teacher_set"]["fingerprint"]
     return tags
 
 
@@ -146,18 +183,22 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     source = source_class(cfg.teachers.source)
     check_job(cfg, source)  # before Ray starts: names, files, config
     check_output(cfg, resume, overwrite)
-    needed = cfg.run.num_workers * cfg.run.cpus_per_worker + 1
+    needed = cfg.run.num_workers * cfg.run.worker_resources().get("CPU", 1) + 1
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
-    source.preflight(cfg)  # e.g. the served teachers run, speak our protocol and are the job's teachers
+    check_job_placement(cfg, log)  # the workers (and the served teachers) fit on the nodes: never a silent wait
+    served = source.preflight(cfg) or {}  # e.g. the served teachers run, speak our protocol, are the job's teachers
     record = prepare_output(cfg, resume, overwrite)  # only now is anything on disk touched
     out = cfg.output_dir
     uri = cfg.run.tracking_uri or default_tracking_uri()
     tracker = Tracker(uri, record.get("mlflow_run_id"), log=log, spool_dir=out)
-    run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags=dict(tracking_tags(cfg), **(tags or {})),
+    run_tags = dict(tracking_tags(cfg, served), **(tags or {}))
+    run_id = tracker.start(cfg.run.experiment, cfg.name, cfg.to_dict(), tags=run_tags,
                            parent_run_id=parent_run_id, datasets=tracking_datasets(cfg))
     record = {"name": cfg.name, "mode": cfg.mode, "student": cfg.student.model, "config": cfg.to_dict(),
-              "inputs": input_digests(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
+              "inputs": input_digests(cfg, served), "mlflow_run_id": run_id, "tracking_uri": uri,
               "started": record.get("started", time.time())}
+    if served.get("teacher_set"):
+        record["served_teacher_set"] = served["teacher_set"]
     _write_json(out / RUN_FILE, record)
     config_path = out / "config.yaml"
     import yaml
@@ -165,16 +206,21 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tracker.log_artifact(config_path)
 
+    resources = {k: v for k, v in cfg.run.worker_resources().items() if not k.startswith("accelerator_type:")}
+    # Ray Train waits this long for its workers' nodes (at the start, and after a node loss), then fails the run
+    # instead of waiting forever (controller_failure_limit=0: no second wait)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.run.placement_timeout_s:g}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id, "output_dir": str(out),
-                           "threads": max(1, int(cfg.run.cpus_per_worker))},
+                           "threads": cpu_threads(resources)},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+                                     resources_per_worker=resources, accelerator_type=cfg.run.accelerator_type,
+                                     label_selector=dict(cfg.run.label_selector) or None),
         run_config=RunConfig(
             name="train", storage_path=str(out / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=0),
         ),
     )
     log(f"[meal-ray] {cfg.mode} {cfg.student.model}: {cfg.run.num_workers} worker(s), {cfg.optim.epochs} epochs, "
@@ -186,6 +232,8 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     except BaseException as e:
         tracker.end("FAILED")
         error = user_error(e)  # a worker's own message (named problem and fix), not Ray's traceback
+        if error is None and placement_timed_out(e):
+            error = _placement_failure(cfg)
         if error is None:
             raise
         kept = sorted(p.name for p in (out / "ray" / "train").glob("checkpoint_*") if p.is_dir())
@@ -194,6 +242,16 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
                           "same command with --resume]",)
         raise error from None
     return finish(cfg, result.checkpoint, tracker, log)
+
+
+def _placement_failure(cfg: JobConfig) -> PlacementError:
+    """Ray Train gave up waiting for nodes for the workers (run.placement_timeout_s): say what the cluster lacks."""
+    problems = unplaceable([worker_demand(cfg.run)], cluster_nodes())
+    why = ("; ".join(problems) if problems else
+           "the nodes that could hold them stayed busy (other jobs' workers or actors hold their resources)")
+    return PlacementError(f"the {cfg.run.num_workers} train worker(s) could not be placed within "
+                          f"run.placement_timeout_s={cfg.run.placement_timeout_s:g} s: {why}. Add nodes for them "
+                          f"(e.g. `ray start --address <head> --labels {POOL_LABEL}={STUDENT_POOL}`) or free them")
 
 
 def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:

@@ -115,11 +115,15 @@ def relabel(cfg: JobConfig, output: str | Path, passes: int, k: Optional[int] = 
     if not 1 <= k <= num_classes:
         raise ConfigError(f"--top-k={k} must be between 1 and the class count {num_classes}.")
     source = source_class(cfg.teachers.source)
-    source.check_config(cfg)  # teacher names and weights files, before Ray starts
+    source.check_config(cfg)  # teacher names (and, in-process, weights files), before Ray starts
     train, _, _ = load_datasets(cfg.data, num_classes)
     ids = sample_ids(train).numpy()
     shards = math.ceil(len(ids) / shard_size)
-    spec = job_cache_spec(cfg, train, k, passes)
+    served = None
+    if cfg.teachers.source == "served":  # the cache records what the application serves (its replicas' digests)
+        ensure_ray(address, num_cpus=_cpus(cfg, actors))
+        served = source.preflight(cfg)["teacher_set"]
+    spec = job_cache_spec(cfg, train, k, passes, teacher_set=served)
     spec.shards_per_pass = {str(p): shards for p in range(passes)}
     cache = SoftLabelCache.create(output, spec)
     todo = [{"pass": p, "shard": i, "ids": ids[i * shard_size:(i + 1) * shard_size].tolist()}
@@ -137,14 +141,20 @@ def relabel(cfg: JobConfig, output: str | Path, passes: int, k: Optional[int] = 
             "passes": passes, "fingerprint": spec.teacher_set["fingerprint"]}
 
 
+def _cpus(cfg: JobConfig, actors: Optional[int]) -> int:
+    """Logical CPUs for an embedded Ray: the labelling actors' and the driver's."""
+    return max(os.cpu_count() or 1, int((actors or cfg.run.num_workers) * cfg.run.cpus_per_worker + 1.999))
+
+
 def _run_shards(cfg: JobConfig, cache: SoftLabelCache, todo: list, k: int, total: int, actors: Optional[int],
                 address: Optional[str], log) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    ensure_ray(address, num_cpus=_cpus(cfg, actors))
+    if cfg.teachers.source == "local":
+        source_class(cfg.teachers.source).preflight(cfg)
     actors = actors or cfg.run.num_workers
-    ensure_ray(address, num_cpus=max(os.cpu_count() or 1, int(actors * cfg.run.cpus_per_worker + 1.999)))
-    source_class(cfg.teachers.source).preflight(cfg)  # served: the application serves this job's teachers
     DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     labelled = ds.map_batches(
