@@ -97,6 +97,9 @@ def files(tmp_path_factory):
     serve["applications"][0]["args"]["teacher"] = serve["applications"][0]["args"].pop("teachers")
     (root / "serve-typo.yaml").write_text(yaml.safe_dump(serve))
     (root / "serve-not-schema.yaml").write_text("applications: {name: x}\n")
+    serve = yaml.safe_load(Path(SERVE).read_text())
+    serve["applications"][0]["deployments"][0]["ray_actor_options"]["label_selector"] = {"meal-ray.io/pool": "-x"}
+    (root / "serve-bad-selector.yaml").write_text(yaml.safe_dump(serve))
     return root
 
 
@@ -120,6 +123,14 @@ def cases(f: Path) -> list:
          "more than the 10 classes"),
         ("wrong mode", ["pretrain", "--config", QUICK], "use `meal-ray distill`"),
         ("batch vs workers", ["distill", "--config", QUICK, "--set", "run.num_workers=3"], "divisible by"),
+        # placement (Ray Train's ScalingConfig names)
+        ("worker label selector syntax", ["distill", "--config", QUICK, "--set",
+                                          "run.label_selector={meal-ray.io/pool: -students}"],
+         "run.label_selector"),
+        ("worker resource name case", ["distill", "--config", QUICK, "--set", "run.resources_per_worker={gpu: 1}"],
+         "write GPU"),
+        ("accelerator type without GPUs", ["distill", "--config", QUICK, "--set", "run.accelerator_type=A100"],
+         "set run.use_gpu: true"),
         # models and weights
         ("student name typo", ["distill", "--config", QUICK, "--set", "student.model=mobilenetv3_smal_050"],
          "unknown timm model"),
@@ -180,6 +191,8 @@ def cases(f: Path) -> list:
         ("serve config missing", ["teachers", "up", "--config", "/nope.yaml"], "does not exist"),
         ("serve app arg typo", ["teachers", "up", "--config", str(f / "serve-typo.yaml")], "teachers"),
         ("serve config off schema", ["teachers", "up", "--config", str(f / "serve-not-schema.yaml")], "applications"),
+        ("serve label selector syntax", ["teachers", "up", "--config", str(f / "serve-bad-selector.yaml")],
+         "label"),
         ("plan headroom", ["plan", "--config", QUICK, "--serve-config", SERVE,
                            "--headroom", "0.5"], "headroom"),
         # the soft-label cache
@@ -206,7 +219,7 @@ def test_every_bad_input_is_refused_by_name_and_changes_nothing(files, monkeypat
         if not clear:
             failures.append(f"{what}: exit {res.exit_code}, {type(res.exception).__name__}: {text[-400:]!r}")
     assert not failures, "\n".join(failures)
-    assert len(sweep) >= 30
+    assert len(sweep) == 52  # every kind above ran (the README counts them)
     assert checksums(files / "finished") == before  # nothing already written changed
     assert not (files / "nothing-here").exists() and not (files / "cache").exists()
 

@@ -120,3 +120,48 @@ def test_the_autoscaler_lookup_is_where_meal_ray_reads_it():
     from ray.serve.context import _get_global_client
 
     assert callable(_get_global_client)
+
+
+def kuberay_nodes(group: dict, at_most: bool = True) -> list:
+    """A KubeRay group's pods as Ray nodes: its Ray resources (the group's `resources`, else its container's limits)
+    and its labels, `maxReplicas` of them (or `replicas`)."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    resources = {k: float(v) for k, v in (group.get("resources") or {}).items()}
+    resources.setdefault("CPU", float(limits["cpu"]))
+    if "nvidia.com/gpu" in limits:
+        resources.setdefault("GPU", float(limits["nvidia.com/gpu"]))
+    count = group.get("maxReplicas", group.get("replicas", 1)) if at_most else group.get("replicas", 1)
+    return [NodeOffer(f"{group.get('groupName', 'head')}-{i}", resources, dict(group.get("labels") or {}))
+            for i in range(count)]
+
+
+def test_kuberay_groups_hold_what_the_serve_config_and_the_job_ask_for():
+    """deployments/kuberay: the RayCluster's teacher group holds every teacher replica the 224 px Serve config may
+    autoscale to and none of the student workers; its student group holds the job's 8 workers and no teacher; the
+    RayJob selects that cluster and submits that job."""
+    cluster_cr = yaml.safe_load(open("deployments/kuberay/raycluster.yaml"))
+    job_cr = yaml.safe_load(open("deployments/kuberay/rayjob.yaml"))
+    assert cluster_cr["kind"] == "RayCluster" and job_cr["kind"] == "RayJob"
+    assert job_cr["spec"]["clusterSelector"]["ray.io/cluster"] == cluster_cr["metadata"]["name"]
+    groups = {g["groupName"]: g for g in cluster_cr["spec"]["workerGroupSpecs"]}
+    head = dict(cluster_cr["spec"]["headGroupSpec"], groupName="head")
+    entry = job_cr["spec"]["entrypoint"].split()
+    assert entry[:2] == ["meal-ray", "distill"]
+    config = entry[entry.index("--config") + 1].replace("/home/ray/meal-ray/", "")
+    overrides = [entry[i + 1] for i, word in enumerate(entry) if word == "--set"]
+    job = load_config(config, overrides)
+    app = yaml.safe_load(open("deployments/imagenet-224.yaml"))["applications"][0]
+    assert job.teachers.app_name == app["name"]
+
+    teachers, students = kuberay_nodes(groups["teachers"]), kuberay_nodes(groups["students"])
+    head_node = kuberay_nodes(head, at_most=False)
+    assert unplaceable(serve_demands(app, at_most=True), teachers + head_node) == []  # autoscaled to the max
+    assert unplaceable([worker_demand(job.run)], students) == []
+    everything = serve_demands(app, at_most=True) + [worker_demand(job.run)]
+    assert unplaceable(everything, teachers + students + head_node) == []
+    # the pools do not mix: no teacher replica fits on a student pod, no train worker on a teacher pod or the head
+    assert all("no node has the labels meal-ray.io/pool=teachers" in p
+               for p in unplaceable(serve_demands(app), students + head_node))
+    assert "no node has the labels meal-ray.io/pool=students" in unplaceable([worker_demand(job.run)],
+                                                                           teachers + head_node)[0]
+    assert head_node[0].resources["CPU"] == 0  # the head runs no training and no teacher
