@@ -101,14 +101,17 @@ def data_fashion_mnist(root, download, check):
 @click.option("--teachers-source", type=click.Choice(["served", "local"]), default="served", show_default=True,
               help="distill.yaml's teachers.source (served: Ray Serve app of serve.yaml; local: in-process).")
 @click.option("--force", is_flag=True, help="Overwrite configs already in --output.")
+@click.option("--pools", is_flag=True,
+              help="For a shared cluster: serve.yaml's replicas on nodes labelled meal-ray.io/pool=teachers, the "
+                   "jobs' workers on meal-ray.io/pool=students.")
 @friendly_errors
-def init_cmd(data, teachers, student, student_init, output, name, image_size, sample, teachers_source, force):
+def init_cmd(data, teachers, student, student_init, output, name, image_size, sample, teachers_source, force, pools):
     """Write a job config (pretrain.yaml, distill.yaml) and a Serve config for your own folder and teachers, with the
     folder's class count, image size, channels and mean/std filled in."""
     from meal_ray.starter import init_job
 
     init_job(data, list(teachers), output, student=student, student_init=student_init, name=name,
-             image_size=image_size, sample=sample, source=teachers_source, force=force, log=click.echo)
+             image_size=image_size, sample=sample, source=teachers_source, force=force, log=click.echo, pools=pools)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -231,16 +234,19 @@ def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, a
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="How long to time each teacher.")
 @click.option("--autoscale", is_flag=True, help="Write autoscaling bounds (planned to 2x) instead of num_replicas.")
 @click.option("--output", default=None, help="Planned Serve config (default: <serve-config>-planned.yaml).")
+@click.option("--pools", is_flag=True,
+              help="A shared cluster's pools: every teacher replica on nodes labelled meal-ray.io/pool=teachers, and "
+                   "the job (written to <config>-planned.yaml) on meal-ray.io/pool=students.")
 @friendly_errors
 def plan(config_path, serve_config, overrides, teacher_throughput, student_throughput, headroom, seconds, autoscale,
-         output):
+         output, pools):
     """How many replicas each teacher needs for this job: a table, and a Serve config with them."""
     from meal_ray.config import load_config
     from meal_ray.serve.plan import plan_job
 
     cfg = load_config(config_path, list(overrides))
     plan_job(cfg, serve_config, teacher_throughput, student_throughput, headroom, seconds, output, autoscale,
-             log=click.echo)
+             log=click.echo, pools=pools, job_config_path=config_path)
 
 
 @main.group()

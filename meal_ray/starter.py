@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from meal_ray.errors import ConfigError, DatasetError, MealRayError
+from meal_ray.placement import POOL_LABEL, STUDENT_POOL, TEACHER_POOL
 
 DEFAULT_SAMPLE = 500  # training images read for channels, size and mean/std
 SMALL_IMAGES = 64  # median shorter side below this: mild crops (the items fill the frame)
@@ -281,7 +282,7 @@ def _flow(value) -> str:
 
 
 def _job_text(kind: str, name: str, stats: FolderStats, student: str, student_init: str, teachers: list,
-              out: Path, source: str, app_name: str, cpus: int) -> str:
+              out: Path, source: str, app_name: str, cpus: int, pools: bool = False) -> str:
     d = data_section(stats)
     small = stats.median_side < SMALL_IMAGES
     lines = [
@@ -337,12 +338,17 @@ def _job_text(kind: str, name: str, stats: FolderStats, student: str, student_in
                   "  cutmix: true              # mixed images: where soft labels beat hard ones (README, demo)",
                   "loss:", "  discriminator: reference"]
     lines += ["run:", "  num_workers: 1             # Ray Train workers (GPU: one per GPU, use_gpu: true)",
-              "  use_gpu: false", f"  cpus_per_worker: {cpus}",
-              f"  output: {_flow(str(out / 'runs' / kind))}"]
+              "  use_gpu: false", f"  cpus_per_worker: {cpus}"]
+    if pools:
+        lines.append(f"  label_selector: {_flow({POOL_LABEL: STUDENT_POOL})}   # the student pool's nodes")
+    else:
+        lines.append(f"  # label_selector: {_flow({POOL_LABEL: STUDENT_POOL})}   # on a shared cluster: the student "
+                     "pool (meal-ray init --pools)")
+    lines.append(f"  output: {_flow(str(out / 'runs' / kind))}")
     return "\n".join(lines) + "\n"
 
 
-def _serve_dict(stats: FolderStats, teachers: list, app_name: str) -> dict:
+def _serve_dict(stats: FolderStats, teachers: list, app_name: str, pools: bool = False) -> dict:
     args = {"teachers": [dict({"name": t.name, "model": t.model},
                               **({"weights": t.weights} if t.weights else {"pretrained": True})) for t in teachers],
             "max_batch_size": 128, "batch_wait_timeout_s": 0.01, "autocast": None,
@@ -351,9 +357,13 @@ def _serve_dict(stats: FolderStats, teachers: list, app_name: str) -> dict:
                     "ray_actor_options": {"num_cpus": 1}} for t in teachers]
     deployments.append({"name": "ensemble", "num_replicas": 1, "max_ongoing_requests": 32,
                         "ray_actor_options": {"num_cpus": 0}})
-    return {"proxy_location": "Disabled",
-            "applications": [{"name": app_name, "import_path": "meal_ray.serve.app:build_app", "route_prefix": None,
-                              "args": args, "deployments": deployments}]}
+    app = {"name": app_name, "import_path": "meal_ray.serve.app:build_app", "route_prefix": None, "args": args,
+           "deployments": deployments}
+    if pools:
+        from meal_ray.serve.app import place_on_pool
+
+        place_on_pool(app, {POOL_LABEL: TEACHER_POOL})
+    return {"proxy_location": "Disabled", "applications": [app]}
 
 
 def validate_serve(raw: dict, path: str) -> None:
@@ -372,7 +382,8 @@ def validate_serve(raw: dict, path: str) -> None:
 
 def init_job(data: str, teachers: list, output: str, student: str = "mobilenetv3_small_050",
              student_init: str = "pretrain", name: Optional[str] = None, image_size: Optional[int] = None,
-             sample: int = DEFAULT_SAMPLE, source: str = "served", force: bool = False, log=print) -> dict:
+             sample: int = DEFAULT_SAMPLE, source: str = "served", force: bool = False, log=print,
+             pools: bool = False) -> dict:
     """Measure the folder, check the teachers, write the configs (and teacher exports). Returns the written paths."""
     from meal_ray.config import load_config
     from meal_ray.files import write_text_atomic
@@ -401,14 +412,14 @@ def init_job(data: str, teachers: list, output: str, student: str = "mobilenetv3
             t.weights = str(out / "teachers" / t.name)
     app_name = f"{name}-teachers"
     cpus = max(1, min(os.cpu_count() or 1, 8))
-    texts = {f: _job_text(f.split(".")[0], name, stats, student, student_init, entries, out, source, app_name, cpus)
-             for f in files if f != "serve.yaml"}
+    texts = {f: _job_text(f.split(".")[0], name, stats, student, student_init, entries, out, source, app_name, cpus,
+                          pools) for f in files if f != "serve.yaml"}
     for f, text in texts.items():  # what the user will run must load as written
         try:
             load_config(data=yaml.safe_load(text))
         except (MealRayError, yaml.YAMLError) as e:
             raise ConfigError(f"meal-ray init wrote a {f} its own loader refuses ({e}); please report it.") from None
-    serve = _serve_dict(stats, entries, app_name)
+    serve = _serve_dict(stats, entries, app_name, pools)
     out.mkdir(parents=True, exist_ok=True)
     dc = data_config(stats)
     for t in entries:
@@ -422,7 +433,9 @@ def init_job(data: str, teachers: list, output: str, student: str = "mobilenetv3
               f"#   meal-ray teachers up --config {files['serve.yaml']}     # embedded local Ray, blocks\n"
               f"#   serve deploy {files['serve.yaml']}                      # on a running cluster\n"
               "# One CPU replica per teacher; on GPUs: ray_actor_options: {num_gpus: 1}, autocast: bf16, "
-              "more replicas (`meal-ray plan`).\n")
+              "more replicas (`meal-ray plan`).\n"
+              + (f"# Every replica runs on the teacher pool: nodes labelled {POOL_LABEL}={TEACHER_POOL}.\n" if pools
+                 else ""))
     texts["serve.yaml"] = header + yaml.safe_dump(serve, sort_keys=False)
     for f, path in files.items():
         write_text_atomic(path, texts[f])

@@ -24,6 +24,7 @@ import yaml
 from conftest import FMNIST_DATA
 
 from meal_ray.config import load_config
+from meal_ray.placement import POOL_LABEL
 
 # The disturbed runs (real Ray Train/Serve, 1-2 min each on 2 cores, ~10 min in all) are `make test-faults`, kept out of
 # `make test` to hold the suite's time; the checkpoint-format tests here run in both.
@@ -275,19 +276,53 @@ def served_undisturbed(tmp_path_factory, ray_cluster, tiny_teachers):
     serve.delete(APP)
 
 
-@fault_run
-def test_killed_teacher_replica_mid_epoch_ends_with_the_undisturbed_weights(tmp_path, served_undisturbed,
-                                                                            tiny_teachers):
-    """Item 1: a teacher replica SIGKILLed mid-epoch 2 of a served run; Serve replaces it, the ingress asks again,
-    no step is skipped or repeated."""
+SLOW_APP = "meal-ray-faults-busy-teachers"
+
+
+def busy_job(tmp_path: Path, name: str, teachers: list, **over):
+    """served_job on the busy teachers, with epochs long enough (4096 images, ~6 s) that a kill 1 s into epoch 2
+    lands while it trains."""
+    cfg = served_job(tmp_path, name, teachers, app_name=SLOW_APP, **over)
+    cfg.data.train_subset = 4096
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def busy_undisturbed(tmp_path_factory, ray_cluster, tiny_teachers):
+    """Teachers that are always computing when a request is in flight (emulated: each forward pass takes 100 ms and
+    more, deterministic logits), so a replica killed mid-run dies with requests executing (Serve itself re-sends
+    requests a dead replica had not started); the reference run's final state."""
+    from ray import serve
+
+    from meal_ray.serve.app import build_app
     from meal_ray.train import run_job
 
-    cfg = served_job(tmp_path, "replica-killed", tiny_teachers)
-    with mid_epoch_2(cfg.output_dir, kill(f"ray::ServeReplica:{APP}:teacher0".encode())) as killed:
+    serve.run(build_app({"teachers": tiny_teachers, "max_batch_size": 256, "batch_wait_timeout_s": 0.005,
+                         "emulate": {"crops_per_s": 8000, "overhead_ms": 100}}), name=SLOW_APP, route_prefix=None)
+    root = tmp_path_factory.mktemp("busy")
+    run_job(busy_job(root, "undisturbed", tiny_teachers), log=lambda s: None)
+    yield final_state(root / "undisturbed")
+    serve.delete(SLOW_APP)
+
+
+@fault_run
+@pytest.mark.parametrize("client,replica", [("ingress", "teacher0"), ("direct", "teacher0"), ("ingress", "ensemble")])
+def test_replica_killed_with_requests_executing_is_asked_again_and_the_run_ends_with_the_undisturbed_weights(
+        tmp_path, busy_undisturbed, tiny_teachers, client, replica):
+    """A replica SIGKILLed mid-epoch 2 of a served run while it computes: a teacher's (the ingress asks it again;
+    with `teachers.client: direct` the train worker's client does) or the ingress itself (the train worker's client
+    asks the new one). Serve replaces it; no step is skipped or repeated."""
+    from meal_ray.train import run_job
+
+    cfg = busy_job(tmp_path, f"{replica}-killed-{client}", tiny_teachers, client=client)
+    with mid_epoch_2(cfg.output_dir, kill(f"ray::ServeReplica:{SLOW_APP}:{replica}".encode())) as killed:
         result = run_job(cfg, log=lambda s: None)
-    assert killed, "no teacher replica was found to kill"
+    assert killed, f"no {replica} replica was found to kill"
     assert all(h["start_epoch"] == 0 for h in result["history"])  # the run itself never restarted
-    assert_same_weights(final_state(cfg.output_dir), served_undisturbed)
+    retried = sum(h["teacher_retries"] for h in result["history"])
+    # who asked again: the train worker's client, or (a teacher lost behind the ingress) the ingress alone
+    assert retried > 0 if (client, replica) != ("ingress", "teacher0") else retried == 0, result["history"]
+    assert_same_weights(final_state(cfg.output_dir), busy_undisturbed)
 
 
 @fault_run
@@ -348,3 +383,228 @@ def test_two_jobs_sharing_one_teacher_pool_each_end_as_their_solo_run(tmp_path, 
         assert driver.returncode == 0, err[-3000:]
     for out, _ in drivers:
         assert_same_weights(final_state(out), served_undisturbed)
+
+
+# --------------------------------------------------------------------------- the cluster's pools
+# The session's cluster (conftest.SessionCluster): a head, two teacher nodes, a student node. Each test leaves it
+# with that shape (a lost node is replaced by a new one of its pool).
+POOL_APP = "meal-ray-pool-teachers"
+TEACHERS, STUDENTS = {POOL_LABEL: "teachers"}, {POOL_LABEL: "students"}
+
+
+def pool_serve_config(teachers: list, replicas: int = 1, autoscaling: Optional[dict] = None) -> dict:
+    """The tiny teachers placed as deployments/fashion-mnist-pools.yaml places its own: every replica (and the
+    ingress) on a teacher node, a replica leaving drains its batches first."""
+    deployments = []
+    for name in ("teacher0", "teacher1"):
+        d = {"name": name, "max_ongoing_requests": 16, "graceful_shutdown_timeout_s": 20,
+             "ray_actor_options": {"num_cpus": 1, "label_selector": TEACHERS}}
+        d.update({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas})
+        deployments.append(d)
+    deployments.append({"name": "ensemble", "num_replicas": 1, "max_ongoing_requests": 64,
+                        "ray_actor_options": {"num_cpus": 0, "label_selector": TEACHERS}})
+    return {"proxy_location": "Disabled", "applications": [{
+        "name": POOL_APP, "import_path": "meal_ray.serve.app:build_app", "route_prefix": None,
+        "args": {"teachers": [dict(t, name=n) for t, n in zip(teachers, ("teacher0", "teacher1"))],
+                 "max_batch_size": 256, "batch_wait_timeout_s": 0.005},
+        "deployments": deployments}]}
+
+
+def serve_deploy(cluster, config: dict, path: Path) -> None:
+    """`serve deploy` (Ray's CLI), as an operator changes the teacher pool while jobs run."""
+    path.write_text(yaml.safe_dump(config))
+    r = subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path)], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, RAY_DASHBOARD_ADDRESS=cluster.dashboard))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def replica_pools(cluster, deployment: Optional[str] = None) -> list:
+    """The pool of the node of every RUNNING replica of the pool app (or of one of its deployments)."""
+    from meal_ray.cluster import serve_details
+
+    pools = cluster.pool_of()
+    app = serve_details().get("applications", {}).get(POOL_APP) or {}
+    return [pools.get(r.get("node_id"), "gone") for name, d in (app.get("deployments") or {}).items()
+            if deployment in (None, name) for r in d.get("replicas") or [] if str(r.get("state")).endswith("RUNNING")]
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def pool_job(tmp_path: Path, name: str, teachers: list, **over):
+    cfg = served_job(tmp_path, name, teachers)
+    cfg.teachers.app_name, cfg.run.label_selector = POOL_APP, dict(STUDENTS)
+    for k, v in over.items():
+        setattr(cfg.optim if k in ("epochs",) else cfg.data if k == "train_subset" else cfg.run, k, v)
+    return cfg.validate()
+
+
+@pytest.fixture
+def pool_teachers(cluster, tiny_teachers, tmp_path):
+    """The pool app deployed with `serve deploy` (one replica per teacher), deleted after the test."""
+    from ray import serve
+
+    serve_deploy(cluster, pool_serve_config(tiny_teachers), tmp_path / "serve.yaml")
+    wait_for(lambda: sorted(replica_pools(cluster)) == ["teachers"] * 3, "the pool app's 3 replicas")
+    yield tmp_path / "serve.yaml"
+    serve.delete(POOL_APP)
+
+
+def node_holding_most_replicas(cluster):
+    from meal_ray.cluster import serve_details
+
+    counts = {}
+    for d in serve_details()["applications"][POOL_APP]["deployments"].values():
+        for r in d["replicas"]:
+            counts[r["node_id"]] = counts.get(r["node_id"], 0) + 1
+    return max(cluster.nodes["teachers"], key=lambda n: counts.get(n.node_id, 0))
+
+
+@fault_run
+def test_teacher_node_lost_mid_run_its_replicas_return_on_the_other_teacher_node(tmp_path, served_undisturbed,
+                                                                                 tiny_teachers, cluster, pool_teachers):
+    """The teacher node holding most of the app's replicas is lost mid-epoch 2 (every process on it killed): Serve
+    starts its replicas again on the other teacher node, the lost requests are asked again, and the job (its workers
+    on the student node) ends with the undisturbed weights, never restarting."""
+    from meal_ray.cluster import serve_details
+    from meal_ray.train import run_job
+
+    cfg = pool_job(tmp_path, "teacher-node-lost", tiny_teachers)
+    node = node_holding_most_replicas(cluster)
+    on_node = {r["replica_id"] for d in serve_details()["applications"][POOL_APP]["deployments"].values()
+               for r in d["replicas"] if r["node_id"] == node.node_id}
+    try:
+        with mid_epoch_2(cfg.output_dir, lambda: cluster.remove_node(node) or True) as lost:
+            result = run_job(cfg, log=lambda s: None)
+    finally:
+        cluster.add_node("teachers")  # the pool's shape for the tests after this one
+    assert lost, "the job ended before the node could be removed"
+    assert all(h["start_epoch"] == 0 for h in result["history"])
+    assert_same_weights(final_state(cfg.output_dir), served_undisturbed)
+    # Ray marks the node dead, Serve's replacements of its replicas run on the teacher pool
+    wait_for(lambda: node.node_id not in cluster.pool_of(), "the lost node to be marked dead")
+    now = {r["replica_id"] for d in serve_details()["applications"][POOL_APP]["deployments"].values()
+           for r in d["replicas"]}
+    assert on_node and not on_node & now and sorted(replica_pools(cluster)) == ["teachers"] * 3
+
+
+def distill_in_background(cfg, tmp_path: Path, cluster, *extra: str) -> subprocess.Popen:
+    """`meal-ray distill` of ``cfg`` as its own driver on the session's cluster (this process stays free to add and
+    remove nodes: Ray starts a node only from a main thread); stdout and stderr in <output>.log."""
+    path = tmp_path / f"{cfg.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    log = open(tmp_path / f"{cfg.name}.log", "a")
+    return subprocess.Popen([str(Path(sys.executable).parent / "meal-ray"), "distill", "--config", str(path),
+                             "--address", cluster.address, *extra], stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(driver: subprocess.Popen, tmp_path: Path, name: str, timeout_s: float = 900) -> str:
+    """Wait for a background driver; its output."""
+    driver.wait(timeout=timeout_s)
+    return (tmp_path / f"{name}.log").read_text()
+
+
+def when_mid_epoch_2(out: Path, driver: subprocess.Popen, delay_s: float = 1.0, timeout_s: float = 600) -> float:
+    """Block until ``delay_s`` into epoch 2 of the run in ``out`` (Ray Train registered epoch 1's checkpoint), as
+    mid_epoch_2 does from a thread; returns the time."""
+    snapshot = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while not (checkpoints(out) and snapshot.is_file()):
+        assert driver.poll() is None, "the job ended before epoch 2"
+        assert time.monotonic() < deadline, "no epoch-1 checkpoint"
+        time.sleep(0.01)
+    time.sleep(delay_s)
+    return time.monotonic()
+
+
+@fault_run
+def test_student_node_lost_mid_run_restarts_the_workers_on_a_new_student_node(tmp_path, undisturbed, tiny_teachers,
+                                                                              cluster):
+    """The student node lost mid-epoch 2 (its workers with it) and a new one joining: Ray Train restarts the group
+    there from epoch 1's checkpoint and the run ends with the undisturbed weights."""
+    cfg = job(tmp_path, "student-node-lost", tiny_teachers, label_selector=STUDENTS)
+    driver = distill_in_background(cfg, tmp_path, cluster)
+    when_mid_epoch_2(cfg.output_dir, driver)
+    cluster.remove_node(cluster.nodes["students"][0])
+    cluster.add_node("students")
+    output = finished(driver, tmp_path, cfg.name)
+    assert driver.returncode == 0, output[-3000:]
+    history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
+    assert [h for h in history if h["start_epoch"] > 0], "the run was not restarted from a checkpoint"
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert_same_weights(final_state(cfg.output_dir), undisturbed[0])
+
+
+@fault_run
+def test_no_node_left_for_the_students_stops_the_job_within_the_placement_timeout_resumably(
+        tmp_path, undisturbed, tiny_teachers, cluster):
+    """The only student node lost mid-epoch 2 and none coming: the job stops run.placement_timeout_s after Ray
+    Train's restart began waiting, with a PlacementError naming the missing pool and its checkpoints kept; a new
+    student node, then --resume, ends with the undisturbed weights."""
+    cfg = job(tmp_path, "students-gone", tiny_teachers, label_selector=STUDENTS, placement_timeout_s=15)
+    driver = distill_in_background(cfg, tmp_path, cluster)
+    when_mid_epoch_2(cfg.output_dir, driver)
+    try:
+        cluster.remove_node(cluster.nodes["students"][0])
+        lost = time.monotonic()
+        output = finished(driver, tmp_path, cfg.name)
+        stopped_after_s = time.monotonic() - lost
+    finally:
+        cluster.add_node("students")
+    assert driver.returncode == 1, output[-3000:]
+    assert "PlacementError: the 2 train worker(s) could not be placed within run.placement_timeout_s=15 s" in output
+    assert f"no node has the labels {POOL_LABEL}=students" in output and "--resume" in output, output[-3000:]
+    assert "Traceback" not in output and stopped_after_s < 180  # bounded: the restart's wait for a node, then this
+    assert checkpoints(cfg.output_dir) and not (cfg.output_dir / "metrics.json").exists()
+    resumed = distill_in_background(cfg, tmp_path, cluster, "--resume")
+    output = finished(resumed, tmp_path, cfg.name)
+    assert resumed.returncode == 0, output[-3000:]
+    assert_same_weights(final_state(cfg.output_dir), undisturbed[0])
+
+
+@fault_run
+def test_teacher_pool_rescaled_and_autoscaled_while_jobs_run_changes_no_result(tmp_path, tiny_teachers, cluster,
+                                                                              pool_teachers):
+    """While a served job trains on the student node: `serve deploy` of the same app with 2 replicas per teacher,
+    then 1 again (the leaving replicas drain their batches), then with an autoscaling config as a second job
+    arrives, so Serve adds replicas on the teacher nodes. Neither job stops or loses a request, and both end with
+    the weights of the same job run alone."""
+    from meal_ray.train import run_job
+
+    long = dict(epochs=6, train_subset=4096)
+    reference = pool_job(tmp_path, "alone", tiny_teachers, **long)
+    run_job(reference, log=lambda s: None)
+
+    def start(name):
+        cfg = pool_job(tmp_path, name, tiny_teachers, **long)
+        return cfg, distill_in_background(cfg, tmp_path, cluster)
+
+    first, first_driver = start("rescaled")
+    wait_for(lambda: (first.output_dir / "progress.json").is_file(), "the first job to train")
+    config = pool_serve_config(tiny_teachers, replicas=2)
+    serve_deploy(cluster, config, pool_teachers)
+    wait_for(lambda: len(replica_pools(cluster, "teacher0")) == 2 and len(replica_pools(cluster, "teacher1")) == 2,
+             "2 replicas per teacher")
+    serve_deploy(cluster, pool_serve_config(tiny_teachers, replicas=1), pool_teachers)
+    wait_for(lambda: len(replica_pools(cluster, "teacher0")) == 1 and len(replica_pools(cluster, "teacher1")) == 1,
+             "1 replica per teacher again")
+    autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+                   "downscale_delay_s": 600, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    serve_deploy(cluster, pool_serve_config(tiny_teachers, autoscaling=autoscaling), pool_teachers)
+    second, second_driver = start("arrived")
+    grown = []
+    wait_for(lambda: grown.append(replica_pools(cluster)) or len(grown[-1]) > 3, "autoscaling to add replicas")
+    for cfg, driver in ((first, first_driver), (second, second_driver)):
+        output = finished(driver, tmp_path, cfg.name)
+        assert driver.returncode == 0, output[-3000:]
+    assert set(grown[-1]) == {"teachers"}, grown[-1]  # the added replicas run on the teacher nodes
+    reference_state = final_state(reference.output_dir)
+    for cfg in (first, second):
+        history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
+        assert all(h["start_epoch"] == 0 for h in history)  # never stopped
+        assert sum(h["teacher_retries"] for h in history) == 0  # no request lost: leaving replicas drained theirs
+        assert_same_weights(final_state(cfg.output_dir), reference_state)

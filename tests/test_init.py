@@ -88,6 +88,21 @@ def test_init_measures_the_folder_and_writes_configs_that_load(image_folder, tmp
          "--student-init", "timm", "--image-size", "48")
     timm_init = load_config(out / "distill.yaml")
     assert timm_init.student.pretrained and timm_init.student.weights is None and timm_init.data.image_size == 48
+    assert timm_init.run.label_selector == {}  # one machine: no pools unless asked for
+
+    # --pools: both sides placed for a shared cluster, each on its own pool
+    from meal_ray.placement import POOL_LABEL, NodeOffer, serve_demands, unplaceable, worker_demand
+
+    _cli("init", "--data", image_folder, "--teacher", f"resnet10t={export}", "--output", out, "--force", "--pools")
+    job = load_config(out / "distill.yaml")
+    assert job.run.label_selector == {POOL_LABEL: "students"}
+    app = yaml.safe_load((out / "serve.yaml").read_text())["applications"][0]
+    assert {d["name"]: d["ray_actor_options"]["label_selector"] for d in app["deployments"]} == {
+        "resnet10t": {POOL_LABEL: "teachers"}, "ensemble": {POOL_LABEL: "teachers"}}
+    teacher_node = NodeOffer("t", {"CPU": 8}, {POOL_LABEL: "teachers"})
+    student_node = NodeOffer("s", {"CPU": 8}, {POOL_LABEL: "students"})
+    assert unplaceable(serve_demands(app) + [worker_demand(job.run)], [teacher_node, student_node]) == []
+    assert unplaceable([worker_demand(job.run)], [teacher_node]) and unplaceable(serve_demands(app), [student_node])
 
 
 def test_init_refuses_bad_input_by_name(image_folder, tmp_path):

@@ -9,6 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from meal_ray.cli import main
+from meal_ray.config import load_config
 from meal_ray.errors import ConfigError
 from meal_ray.serve.plan import plan_replicas
 
@@ -74,6 +75,19 @@ def test_plan_measures_writes_a_valid_serve_config_and_refuses_impossible_inputs
     assert auto["small"]["autoscaling_config"]["min_replicas"] == 4  # 800 crops/s * 1.25 / 300 -> 4
     assert auto["small"]["autoscaling_config"]["max_replicas"] == 8 and "num_replicas" not in auto["small"]
     assert auto["tiny10t"]["autoscaling_config"]["min_replicas"] == 1
+    # --pools: the planned Serve config puts every replica (and the ingress) on the teacher pool, and the job is
+    # written planned onto the student pool
+    res = runner.invoke(main, ["plan", "--config", str(job), "--serve-config", str(serve_path), "--pools",
+                               "--teacher-throughput", "small=300", "--teacher-throughput", "tiny10t=2000",
+                               "--student-throughput", "400", "--output", str(tmp_path / "pools.yaml")])
+    assert res.exit_code == 0, res.output
+    pooled = yaml.safe_load((tmp_path / "pools.yaml").read_text())
+    ServeDeploySchema.model_validate(pooled)
+    assert {d["name"]: d["ray_actor_options"]["label_selector"] for d in pooled["applications"][0]["deployments"]} \
+        == {n: {"meal-ray.io/pool": "teachers"} for n in ("small", "tiny10t", "ensemble")}
+    planned_job = load_config(job.with_name(job.stem + "-planned.yaml"))
+    assert planned_job.run.label_selector == {"meal-ray.io/pool": "students"}
+    assert f"wrote {job.with_name(job.stem + '-planned.yaml')}" in res.output
     # emulated teachers: their configured throughput is the supply
     emulated = _serve_config(tmp_path, tiny_teachers, emulate={"crops_per_s": 500})
     res = runner.invoke(main, ["plan", "--config", str(job), "--serve-config", str(emulated),

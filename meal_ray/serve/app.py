@@ -104,3 +104,18 @@ def load_serve_config(config_path: str | Path, base_dir: Optional[str] = None):
             app_args["base_dir"] = str(Path(base_dir or parsed.base_dir or os.getcwd()).resolve())
             app.args = app_args
     return config
+
+
+def place_on_pool(app: dict, selector: dict) -> dict:
+    """A Serve config's meal-ray application (a dict) with every teacher deployment and the ingress asking for nodes
+    with ``selector`` (``ray_actor_options.label_selector``, the deployments' other options kept): its teacher pool."""
+    parsed = load_app_config(app.get("args"))
+    names = [t.name or f"teacher{i}" for i, t in enumerate(parsed.teachers)] + [INGRESS_NAME]
+    deployments = {d["name"]: d for d in app.setdefault("deployments", [])}
+    for name in names:
+        d = deployments.get(name)
+        if d is None:
+            d = {"name": name, "ray_actor_options": {"num_cpus": 0 if name == INGRESS_NAME else 1}}
+            app["deployments"].append(d)
+        d["ray_actor_options"] = dict(d.get("ray_actor_options") or {}, label_selector=dict(selector))
+    return app

@@ -21,7 +21,8 @@ import yaml
 from meal_ray.config import JobConfig, load_app_config, read_yaml, teacher_spec
 from meal_ray.errors import ConfigError
 from meal_ray.files import write_text_atomic
-from meal_ray.serve.app import IMPORT_PATH, resolve_teachers
+from meal_ray.placement import POOL_LABEL, STUDENT_POOL, TEACHER_POOL
+from meal_ray.serve.app import IMPORT_PATH, place_on_pool, resolve_teachers
 
 
 @dataclass
@@ -120,13 +121,16 @@ def plan_replicas(demand: float, rates: dict, headroom: float = 1.25, names: Opt
     return plans
 
 
-def apply_plan(serve_config: dict, path: str, plans: list, autoscale: bool = False) -> dict:
+def apply_plan(serve_config: dict, path: str, plans: list, autoscale: bool = False, pools: bool = False) -> dict:
     """A copy of the Serve config with each teacher deployment's ``num_replicas`` set (or, with ``autoscale``,
-    ``autoscaling_config`` from the plan to twice it), validated against the ``serve deploy`` schema."""
+    ``autoscaling_config`` from the plan to twice it) and, with ``pools``, every replica on the teacher pool's nodes;
+    validated against the ``serve deploy`` schema."""
     from ray.serve.schema import ServeDeploySchema
 
     out = copy.deepcopy(serve_config)
     app = meal_ray_app(out, path)
+    if pools:
+        place_on_pool(app, {POOL_LABEL: TEACHER_POOL})
     deployments = {d["name"]: d for d in app.setdefault("deployments", [])}
     for p in plans:
         d = deployments.get(p.name)
@@ -149,8 +153,10 @@ def apply_plan(serve_config: dict, path: str, plans: list, autoscale: bool = Fal
 
 def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[list] = None,
              student_rate: Optional[float] = None, headroom: float = 1.25, seconds: float = 3.0,
-             output: Optional[str] = None, autoscale: bool = False, log=print) -> dict:
-    """Measure (or take) supply and demand, print the table, write the planned Serve config. Returns the plan."""
+             output: Optional[str] = None, autoscale: bool = False, log=print, pools: bool = False,
+             job_config_path: Optional[str] = None, job_output: Optional[str] = None) -> dict:
+    """Measure (or take) supply and demand, print the table, write the planned Serve config (and, with ``pools``,
+    the job planned onto the student pool: ``<job>-planned.yaml``). Returns the plan."""
     if headroom < 1:
         raise ConfigError(f"--headroom={headroom} must be >= 1 (1.25: replicas at most 80% busy).")
     raw = read_yaml(serve_config_path, "Serve config", "deployments/")
@@ -184,14 +190,29 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
                                                app.max_batch_size, app.autocast, seconds, device)
             sources[s["name"]] = "measured"
     plans = plan_replicas(demand, rates, headroom, {s["name"]: s["model"] for s in specs}, sources)
-    planned = apply_plan(raw, serve_config_path, plans, autoscale)
-    out = Path(output or Path(serve_config_path).with_name(Path(serve_config_path).stem + "-planned.yaml"))
+    planned = apply_plan(raw, serve_config_path, plans, autoscale, pools)
+    out = Path(output or planned_path(serve_config_path))
     header = (f"# Planned by `meal-ray plan` for job {cfg.name!r}: {cfg.run.num_workers} worker(s) x "
               f"{student_rate:.0f} img/s = {demand:.0f} crops/s per teacher, headroom {headroom:g}\n")
     write_text_atomic(out, header + yaml.safe_dump(planned, sort_keys=False))
     log(format_plan(plans, demand, cfg.run.num_workers, student_rate))
     log(f"[plan] wrote {out} (deploy: `serve deploy {out}` or `meal-ray teachers up --config {out}`)")
-    return {"demand": demand, "student_rate": student_rate, "plans": plans, "serve_config": str(out)}
+    result = {"demand": demand, "student_rate": student_rate, "plans": plans, "serve_config": str(out)}
+    if pools:  # the other side: the job's workers on the student pool
+        job = cfg.to_dict()
+        job["run"]["label_selector"] = {POOL_LABEL: STUDENT_POOL}
+        job_out = Path(job_output or planned_path(job_config_path or f"{cfg.name}.yaml"))
+        write_text_atomic(job_out, f"# Planned by `meal-ray plan` with the Serve config {out}: the train workers on "
+                                   f"the student pool ({POOL_LABEL}={STUDENT_POOL}), the teachers on "
+                                   f"{POOL_LABEL}={TEACHER_POOL}\n" + yaml.safe_dump(job, sort_keys=False))
+        log(f"[plan] wrote {job_out} (run it: `meal-ray distill --config {job_out}`)")
+        result["job_config"] = str(job_out)
+    return result
+
+
+def planned_path(path: str) -> Path:
+    """``x.yaml`` -> ``x-planned.yaml`` beside it."""
+    return Path(path).with_name(Path(path).stem + "-planned.yaml")
 
 
 def format_plan(plans: list, demand: float, workers: int, student_rate: float) -> str:

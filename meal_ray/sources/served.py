@@ -60,14 +60,20 @@ class ServedSoftLabels:
             reason = f"status {state}" + (f": {status.message}" if status is not None and status.message else "")
             raise TeachersNotRunningError(f"the Serve teacher application {app_name!r} is not running ({reason}). "
                                           f"{HOW_TO_START}")
-        try:
-            self.handle = serve.get_app_handle(app_name)
-        except RayServeException as e:
-            raise TeachersNotRunningError(f"the Serve teacher application {app_name!r} is not running ({e}). "
-                                          f"{HOW_TO_START}") from None
+        waits = retry.delays(retry_s)
+        while True:  # an application being redeployed (`serve deploy` of a new config) has no handle for a moment
+            try:
+                self.handle = serve.get_app_handle(app_name)
+                break
+            except RayServeException as e:
+                delay = next(waits, None)
+                if delay is None or app_status(app_name) is None:
+                    raise TeachersNotRunningError(f"the Serve teacher application {app_name!r} is not running "
+                                                  f"({e}). {HOW_TO_START}") from None
+                time.sleep(delay)
         self._info: Optional[dict] = None
-        check_version(self.info().get("protocol_version"), f"the teacher application {app_name!r}")
         self.client, self.retry_s, self.reply_top_k, self.recovery = client, retry_s, reply_top_k, recovery
+        check_version(self.info().get("protocol_version"), f"the teacher application {app_name!r}")
         self.teachers = ([serve.get_deployment_handle(name, app_name=app_name) for name in self.info()["teacher_names"]]
                          if client == "direct" else [])
         self.window = PrefetchWindow(self._submit, self._collect, prefetch)
@@ -163,7 +169,7 @@ class ServedSoftLabels:
     def info(self) -> dict:
         """The ingress's info(): protocol version, TeacherSet fingerprint, num_classes, in_chans, each teacher."""
         if self._info is None:
-            self._info = self.handle.info.remote().result(timeout_s=self.timeout_s)
+            self._info = retry.call(lambda: self.handle.info.remote().result(timeout_s=self.timeout_s), self.retry_s)
         return self._info
 
     def check_student(self, num_classes: int, in_chans: int) -> None:
