@@ -1,5 +1,6 @@
 """The served path against hard labels and in-process teachers, measured in one run on one machine.
 
+    .venv/bin/pip install -e '.[bench]'                # psutil, for the CPU each process used
     .venv/bin/python bench/bench_served.py            # ~10 min on 2 cores
     .venv/bin/python bench/bench_served.py --quick    # a smoke run (small subset; ratios are noisy)
     .venv/bin/python bench/bench_served.py --overhead # only 0, 1 and 1b below (~2 min)
