@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -97,6 +98,13 @@ def test_plan_measures_writes_a_valid_serve_config_and_refuses_impossible_inputs
            (["--teacher-throughput", "small=fast"], "must look like NAME=CROPS_PER_S"),
            (["--student-throughput", "-5"], "must be a positive number"),
            (["--headroom", "0.5"], "must be >= 1")]
+    if not torch.cuda.is_available():  # a GPU job is never timed on this machine's CPU: the rates must be given
+        bad.append((["--set", "run.use_gpu=true", "--teacher-throughput", "small=300"],
+                    "cannot be timed here: a CPU timing is no plan for a GPU cluster"))
+        res = runner.invoke(main, ["plan", "--config", str(job), "--serve-config", str(serve_path), "--set",
+                                   "run.use_gpu=true", "--teacher-throughput", "small=300", "--teacher-throughput",
+                                   "tiny10t=2000", "--student-throughput", "400", "--output", str(tmp_path / "g.yaml")])
+        assert res.exit_code == 0 and "| small | test_resnet | 300 | given | 4 |" in res.output, res.output
     for extra, message in bad:
         res = runner.invoke(main, ["plan", "--config", str(job), "--serve-config", str(serve_path), *extra])
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output

@@ -173,6 +173,14 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
     if student_rate is not None and student_rate <= 0:
         raise ConfigError(f"--student-throughput={student_rate} must be a positive number (img/s per worker).")
     device = "cuda" if cfg.run.use_gpu else "cpu"
+    to_time = ([] if student_rate is not None else ["the student"]) + (
+        [] if app.emulate is not None else [s["name"] for s in specs if s["name"] not in given])
+    if device == "cuda" and to_time and not cuda_available():
+        raise ConfigError(
+            f"the job trains on GPUs (run.use_gpu: true) but this machine has none, so {', '.join(to_time)} cannot be "
+            "timed here: a CPU timing is no plan for a GPU cluster. Give the GPU rates (--student-throughput IMG_S "
+            "per worker, --teacher-throughput NAME=CROPS_S for each teacher), or plan for CPU workers with "
+            "--set run.use_gpu=false.")
     if student_rate is None:
         log(f"[plan] measuring the student ({cfg.student.model}, batch {cfg.optim.batch_size // cfg.run.num_workers} "
             f"per worker, {device}) ...")
@@ -208,6 +216,12 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
         log(f"[plan] wrote {job_out} (run it: `meal-ray distill --config {job_out}`)")
         result["job_config"] = str(job_out)
     return result
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def planned_path(path: str) -> Path:
