@@ -31,13 +31,14 @@ def _machine() -> str:
            f"{torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def _teachers(root: Path) -> list:
-    """Two Fashion-MNIST-shaped teachers (resnet18, resnet10t at 32 px; random weights: speed does not care)."""
+def _teachers(root: Path, archs: tuple = ("resnet18", "resnet10t")) -> list:
+    """Fashion-MNIST-shaped teachers (resnet18, resnet10t at 32 px unless ``archs`` says; random weights: speed does
+    not care)."""
     from meal_ray.models import create_model, export_model
 
     dc = dict(input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0)
     out = []
-    for i, arch in enumerate(("resnet18", "resnet10t")):
+    for i, arch in enumerate(archs):
         torch.manual_seed(i)
         model = create_model(arch, num_classes=10, in_chans=1, data_config=dc)
         out.append({"model": arch, "weights": str(export_model(model.eval(), root / arch, dc))})

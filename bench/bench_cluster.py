@@ -40,6 +40,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cache import _machine as machine  # noqa: E402
+from bench_cache import _teachers as random_teachers  # noqa: E402
 
 BIN = Path(sys.executable).parent
 APP = "bench-cluster-teachers"
@@ -115,18 +116,8 @@ def wait_nodes(count: int, timeout_s: float = 120) -> None:
 
 def teachers(root: Path) -> list:
     """Two light real teachers (test_resnet, test_efficientnet at 32 px; random weights: speed does not care)."""
-    import torch
-
-    from meal_ray.models import create_model, export_model
-
-    dc = dict(input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0)
-    out = []
-    for i, arch in enumerate(("test_resnet", "test_efficientnet")):
-        torch.manual_seed(i)
-        model = create_model(arch, num_classes=10, in_chans=1, data_config=dc)
-        out.append({"name": arch.replace("_", "-"), "model": arch,
-                    "weights": str(export_model(model.eval(), root / arch, dc))})
-    return out
+    archs = ("test_resnet", "test_efficientnet")
+    return [dict(t, name=t["model"].replace("_", "-")) for t in random_teachers(root, archs)]
 
 
 def job(root: Path, name: str, subset: int, source: str, models: list, prefetch: int = 4, request: str = "pixels"):

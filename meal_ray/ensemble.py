@@ -153,15 +153,22 @@ def fingerprint(descriptions: Sequence[dict], autocast: Optional[str] = None) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def describe_differences(ours: Sequence[dict], theirs: Sequence[dict], ours_name: str = "job",
-                         theirs_name: str = "served", autocast: tuple = (None, None)) -> list:
-    """Human-readable differences between two teacher-set descriptions."""
+def _set_differences(ours: list, theirs: list, ours_name: str, theirs_name: str, autocast: tuple) -> list:
+    """What differs between two teacher sets as a whole: autocast, and the count (then their models are listed)."""
     out = []
     if autocast[0] != autocast[1]:
         out.append(f"autocast: {ours_name} {autocast[0]}, {theirs_name} {autocast[1]}")
     if len(ours) != len(theirs):
-        out.append(f"{ours_name} has {len(ours)} teachers ({', '.join(d['model'] for d in ours)}), "
-                   f"{theirs_name} has {len(theirs)} ({', '.join(d['model'] for d in theirs)})")
+        out.append(f"{ours_name} has {len(ours)} teachers ({', '.join(ours)}), {theirs_name} has {len(theirs)} "
+                   f"({', '.join(theirs)})")
+    return out
+
+
+def describe_differences(ours: Sequence[dict], theirs: Sequence[dict], ours_name: str = "job",
+                         theirs_name: str = "served", autocast: tuple = (None, None)) -> list:
+    """Human-readable differences between two teacher-set descriptions."""
+    out = _set_differences([d["model"] for d in ours], [d["model"] for d in theirs], ours_name, theirs_name, autocast)
+    if len(ours) != len(theirs):
         return out
     for i, (a, b) in enumerate(zip(ours, theirs)):
         for key in ("model", "weights", "input_size", "mean", "std", "interpolation"):
@@ -178,12 +185,8 @@ def served_differences(specs: Sequence, served: Sequence[dict], autocast: tuple 
     ``info()``), without reading any weights here: the architecture must be the same, and the weights the same by name
     (as the Serve config wrote them, or the same absolute path, or ``sha256:<hex>`` of the file the replica loaded)
     or both timm-pretrained / both random."""
-    out = []
-    if autocast[0] != autocast[1]:
-        out.append(f"autocast: job {autocast[0]}, served {autocast[1]}")
+    out = _set_differences([s.model for s in specs], [t["model"] for t in served], "job", "served", autocast)
     if len(specs) != len(served):
-        out.append(f"job has {len(specs)} teachers ({', '.join(s.model for s in specs)}), served has {len(served)} "
-                   f"({', '.join(t['model'] for t in served)})")
         return out
     for i, (spec, info) in enumerate(zip(specs, served)):
         if spec.model != info["model"]:
