@@ -82,15 +82,22 @@ class LocalCluster:
             command += [f"--labels={labels}"]
         env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                    PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-        log = open(self.temp.with_name(self.temp.name + f"-node{len(self.procs)}.log"), "w")
-        self.procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        log_path = self.temp.with_name(self.temp.name + f"-node{len(self.procs)}.log")
+        for attempt in range(3):  # a node on a busy core sometimes misses Ray's registration deadline: start it again
+            log = open(log_path, "w")
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            while proc.poll() is None and "Ray runtime started" not in log_path.read_text():
+                time.sleep(0.5)
+            if proc.poll() is None:
+                break
+            print(f"(a node did not start, attempt {attempt + 1}: see {log.name})", flush=True)
+        self.procs.append(proc)
         if head:  # the GCS answers: nodes can join
             port = int(self.address.rsplit(":", 1)[1])
             deadline = time.monotonic() + 120
             while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
                 if self.procs[-1].poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the head did not start: see {log.name}")
+                    raise RuntimeError(f"the head did not start: see {log_path}")
                 time.sleep(0.5)
 
     def stop(self) -> None:
