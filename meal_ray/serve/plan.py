@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from meal_ray.config import JobConfig, load_app_config, read_yaml, teacher_spec
@@ -67,8 +68,6 @@ def meal_ray_app(serve_config: dict, path: str) -> dict:
 def measure_teacher(spec, crop_size: int, in_chans: int, batch: int, autocast: Optional[str],
                     seconds: float = 3.0, device: str = "cpu") -> float:
     """One replica's crops/s: full forward passes (preprocessing included) of ``batch`` uint8 crops."""
-    import torch
-
     from meal_ray.ensemble import load_teacher
 
     teacher = load_teacher(spec, autocast).to(device)
@@ -175,7 +174,7 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
     device = "cuda" if cfg.run.use_gpu else "cpu"
     to_time = ([] if student_rate is not None else ["the student"]) + (
         [] if app.emulate is not None else [s["name"] for s in specs if s["name"] not in given])
-    if device == "cuda" and to_time and not cuda_available():
+    if device == "cuda" and to_time and not torch.cuda.is_available():
         raise ConfigError(
             f"the job trains on GPUs (run.use_gpu: true) but this machine has none, so {', '.join(to_time)} cannot be "
             "timed here: a CPU timing is no plan for a GPU cluster. Give the GPU rates (--student-throughput IMG_S "
@@ -216,12 +215,6 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
         log(f"[plan] wrote {job_out} (run it: `meal-ray distill --config {job_out}`)")
         result["job_config"] = str(job_out)
     return result
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def planned_path(path: str) -> Path:
