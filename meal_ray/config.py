@@ -275,6 +275,8 @@ class RunConfig:
     accelerator_type: Optional[str] = None
     label_selector: dict = field(default_factory=dict)
     placement_timeout_s: float = 600.0  # how long the workers may wait for nodes (start, restart after a node loss)
+    stop_after_steps: Optional[int] = None  # a rehearsal: end training after this many steps (counted from epoch 0);
+    #                                         the schedule stays optim's own, the run is evaluated and exported as usual
     seed: int = 0
     output: Optional[str] = None  # default runs/<name>
     tracking_uri: Optional[str] = None  # default sqlite:///mlflow.db in the working directory
@@ -294,6 +296,9 @@ class RunConfig:
         check_autocast("run.amp", self.amp)
         _positive("run.cpus_per_worker", self.cpus_per_worker)
         _positive("run.placement_timeout_s", self.placement_timeout_s)
+        if self.stop_after_steps is not None and self.stop_after_steps <= 0:
+            raise ConfigError(f"run.stop_after_steps={self.stop_after_steps!r} must be a positive whole number of "
+                              "steps (or null: train every epoch of the schedule).")
         check_resources("run.resources_per_worker", self.resources_per_worker)
         cpus = self.resources_per_worker.get("CPU")
         if cpus is not None and self.cpus_per_worker not in (1, cpus):
@@ -477,24 +482,38 @@ def _coerce_value(hint, value, path: str, owner, key):
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ``["optim.epochs=3", "data.image_size=32"]`` into a nested dict (values parsed as YAML)."""
+    """Turn ``["optim.epochs=3", "teachers.models.0.pretrained=false"]`` into a nested dict (values parsed as YAML; a
+    number in the key is a list index)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.epochs=3.")
         key, raw = item.split("=", 1)
         node = out
-        parts = key.strip().split(".")
+        parts = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(raw)
     return out
 
 
-def deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict, path: str = "") -> dict:
+    """``base`` with ``update`` merged in: mappings key by key, a list item by item where ``update`` gives indices."""
     merged = dict(base)
     for k, v in update.items():
-        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        old, where = merged.get(k), f"{path}{k}"
+        if isinstance(v, dict) and isinstance(old, dict):
+            merged[k] = deep_merge(old, v, where + ".")
+        elif isinstance(v, dict) and isinstance(old, list) and v and all(isinstance(i, int) for i in v):
+            items = list(old)
+            for i, item in v.items():
+                if i >= len(items):
+                    raise ConfigError(f"{where}.{i}: {where} has {len(items)} item(s), numbered from 0.")
+                items[i] = (deep_merge(items[i], item, f"{where}.{i}.")
+                            if isinstance(item, dict) and isinstance(items[i], dict) else item)
+            merged[k] = items
+        else:
+            merged[k] = v
     return merged
 
 

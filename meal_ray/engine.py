@@ -109,6 +109,7 @@ class Engine:
         self.amp = cfg.run.amp if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.epoch = 0  # next epoch to run
+        self.stopped_early = False  # run.stop_after_steps reached: a rehearsal ends here
         self.progress = None  # a meal_ray.progress.ProgressWriter on the rank that reports progress, if any
         self._rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # per-rank augmentation stream
@@ -227,6 +228,7 @@ class Engine:
         if self.discriminator is not None:
             self.discriminator.train()
         steps_per_epoch = len(self.train_loader)
+        stop_after = self.cfg.run.stop_after_steps
         sums = {"loss": 0.0, "soft_ce": 0.0, "disc_loss": 0.0, "hard_ce": 0.0, "hits": 0, "samples": 0,
                 "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0, "first_loss": 0.0,
                 "retries": 0}
@@ -257,6 +259,9 @@ class Engine:
                          f"loss {out['loss']:.4f} "
                          f"({n * self.world_size / max(now - last, 1e-9) * self.cfg.run.log_every:.0f} img/s)")
                 last = now
+            if stop_after is not None and epoch * steps_per_epoch + step + 1 >= stop_after:
+                self.stopped_early = True  # a rehearsal: every rank has the same steps per epoch, so all stop here
+                break
         sums["time_s"] = time.perf_counter() - start
         total = _all_reduce_sum(sums, self.device)
         samples = max(total["samples"], 1)
@@ -288,7 +293,7 @@ class Engine:
     def fit(self, on_epoch_end: Callable[[int, dict, EvalResult], None] = lambda *a: None) -> Optional[EvalResult]:
         """Train from ``self.epoch`` to ``optim.epochs``, evaluating after each epoch."""
         result = None
-        while self.epoch < self.cfg.optim.epochs:
+        while self.epoch < self.cfg.optim.epochs and not self.stopped_early:
             metrics = self.train_epoch()
             result = self.evaluate()
             metrics.update(val_top1=result.top1, val_top5=result.top5)

@@ -87,8 +87,12 @@ def load_teacher(spec, autocast: Optional[str] = None, num_classes: Optional[int
         cfg = read_export_config(spec.weights)
         num_classes = cfg["num_classes"] if num_classes is None else num_classes
         in_chans = cfg.get("model_args", {}).get("in_chans", 3) if in_chans is None else in_chans
-    model = create_model(spec.model, num_classes=num_classes or 1000, in_chans=in_chans or 3,
-                         pretrained=spec.pretrained, weights=spec.weights)
+    # random weights (a rehearsal: pretrained false, no weights) from one fixed seed, so every replica of a teacher and
+    # the in-process ensemble build the same network and the run stays deterministic
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model(spec.model, num_classes=num_classes or 1000, in_chans=in_chans or 3,
+                             pretrained=spec.pretrained, weights=spec.weights)
     return Teacher(model, data_config=teacher_data_config(spec), autocast=autocast)
 
 

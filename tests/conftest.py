@@ -211,6 +211,22 @@ def write_fashion_mnist_folder(root, folders, per_class_train, per_class_val):
     return root
 
 
+def recorded_batch(dataset, n: int, size: int = 28, scale: tuple = (0.3, 1.0), seed: int = 0, mixed: bool = False):
+    """A training batch of ``size`` px random crops of real samples that records their ids, crop boxes and, if
+    ``mixed``, CutMix (what crop-box requests send)."""
+    from meal_ray.data import Batch
+    from meal_ray.data.batch import cutmix, render_batch
+    from meal_ray.data.crops import RandomCropSampler
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(len(dataset), generator=g)[:n]
+    torch.manual_seed(seed)
+    sampler = RandomCropSampler(tuple(scale))
+    crops = torch.stack([sampler.sample(dataset[int(i)][0]).as_tensor() for i in ids])
+    batch = Batch(render_batch(dataset, ids, crops, size), dataset.targets[ids], ids, crops)
+    return cutmix(batch, generator=g) if mixed else batch
+
+
 def json_line(output: str) -> dict:
     """The last JSON object printed by a `--json` command. Run in this process with CliRunner, its output also holds
     the lines Ray's log monitor forwards from the cluster's actors (this process is a Ray driver)."""

@@ -257,6 +257,12 @@ def test_bad_config_values_and_unknown_keys_are_named():
     cfg = load_config(data=BASE, overrides=["optim.epochs=3", "data.crop_scale=[0.5,1]", "optim.weight_decay=5e-5"])
     assert cfg.optim.epochs == 3 and cfg.data.crop_scale == (0.5, 1)
     assert cfg.optim.weight_decay == 5e-5  # YAML 1.1 reads 5e-5 as a string; numbers in that form are accepted
+    # a number in the key is a list index: one field of one teacher changes, the rest of the list stays
+    cfg = load_config("jobs/imagenet-resnet50-224.yaml", overrides=["teachers.models.1.pretrained=false"])
+    assert [(t.model, t.pretrained) for t in cfg.teachers.models] == [("senet154.gluon_in1k", True),
+                                                                      ("resnet152s.gluon_in1k", False)]
+    with pytest.raises(ConfigError, match=r"teachers.models.2: teachers.models has 2 item\(s\), numbered from 0"):
+        load_config("jobs/imagenet-resnet50-224.yaml", overrides=["teachers.models.2.pretrained=false"])
     # the paper's defaults
     cfg = load_config(data=BASE)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.d_lr) == (0.01, 0.9, 0.0, 1e-4)
@@ -432,3 +438,44 @@ def test_mlflow_params_carry_no_credentials(tmp_path, monkeypatch):
     assert params["run.tracking_uri"] == "https://***@mlflow.example.com/"
     assert params["teachers.models.0.model"] == cfg["teachers"]["models"][0]["model"]  # the rest as given
     assert not any("s3cret" in v for v in params.values())
+
+
+def test_stop_after_steps_rehearses_a_config_without_changing_its_schedule():
+    """run.stop_after_steps ends training after that many steps: the weights equal those of the same steps taken by
+    hand at the schedule's own learning rate (the epochs and milestones stay the config's), and the run is evaluated
+    once, as a finished one is."""
+    from meal_ray.engine import Engine, student_lr
+
+    cfg = _cfg("pretrain", "test_efficientnet", epochs=180, lr=0.05, subset=512)
+    cfg.run.stop_after_steps = 3
+    rehearsal = Engine.for_job(cfg, log=lambda s: None)
+    evaluated = []
+    rehearsal.fit(lambda epoch, m, r: evaluated.append((epoch, m["lr"])))
+    assert evaluated == [(1, student_lr(cfg.optim, 0))] and rehearsal.stopped_early
+
+    by_hand = Engine.for_job(_cfg("pretrain", "test_efficientnet", epochs=180, lr=0.05, subset=512), log=lambda s: None)
+    by_hand.train_loader.sampler.set_epoch(0)
+    by_hand.student.train()
+    for step, batch in enumerate(by_hand.batches()):
+        by_hand.train_step(batch)
+        if step == 2:
+            break
+    got, want = rehearsal.student_raw.state_dict(), by_hand.student_raw.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ConfigError, match="run.stop_after_steps=.* must be a .*whole number"):
+            load_config(data=dict(BASE, run={"stop_after_steps": bad}))
+
+
+def test_random_weight_teachers_are_the_same_network_wherever_they_are_built():
+    """A rehearsal's teachers (pretrained: false, no weights) come from one fixed seed: two builds (two replicas, or a
+    replica and the in-process ensemble) answer identically, whatever the caller's random state."""
+    from meal_ray.ensemble import load_teacher
+
+    crops = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(1)
+    first = load_teacher(TeacherSpec(model="test_resnet"))(crops)[1]
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = load_teacher(TeacherSpec(model="test_resnet"))(crops)[1]
+    assert torch.equal(first, second) and torch.equal(torch.get_rng_state(), state)  # the caller's stream untouched

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import recorded_batch
 
 from meal_ray.config import TeachersConfig, TeacherSpec
 from meal_ray.data import Batch
@@ -352,20 +353,6 @@ def test_malformed_requests_get_clear_errors_and_the_replicas_keep_serving(app):
     assert teacher.replica_actor_name.remote().result() == replica  # the replica was not restarted
 
 
-def _recorded_batch(dataset, n, seed, mixed):
-    """A training batch (28 px random crops of real samples) that records ids, crops and, if ``mixed``, CutMix."""
-    from meal_ray.data.batch import cutmix, render_batch
-    from meal_ray.data.crops import RandomCropSampler
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randperm(len(dataset), generator=g)[:n]
-    torch.manual_seed(seed)
-    sampler = RandomCropSampler((0.3, 1.0))
-    crops = torch.stack([sampler.sample(dataset[int(i)][0]).as_tensor() for i in ids])
-    batch = Batch(render_batch(dataset, ids, crops, 28), dataset.targets[ids], ids, crops)
-    return cutmix(batch, generator=g) if mixed else batch
-
-
 @pytest.mark.slow
 def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
     """teachers.request=crops: a replica renders the student's boxes from the dataset itself. Where the teacher's
@@ -383,7 +370,7 @@ def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
     small, tiny10t = _teacher_handle("small"), _teacher_handle("tiny10t")
     local36 = load_teacher(TeacherSpec(**tiny_teachers[1]))
     for seed, mixed in ((0, False), (1, True)):
-        batch = _recorded_batch(dataset, 12, seed, mixed)
+        batch = recorded_batch(dataset, 12, seed=seed, mixed=mixed)
         request = CropRequest.from_batch(batch)
         assert request.records.nbytes / len(batch) <= 64 and request.records.shape[1] == (15 if mixed else 6)
         # the 28 px teacher: same logits from boxes as from the student's pixels
@@ -405,7 +392,7 @@ def test_crop_box_requests_give_the_pixel_paths_soft_labels(app, tiny_teachers):
     source.check_data(dataset_fingerprint(dataset))
     with pytest.raises(ConfigError, match="reads another training set"):
         source.check_data("0" * 16)
-    batch = _recorded_batch(dataset, 8, 2, mixed=True)
+    batch = recorded_batch(dataset, 8, seed=2, mixed=True)
     out = next(source.attach([batch]))
     assert out.teacher_probs.shape == (8, 10) and out.teacher_latency_s > 0
     source.close()
