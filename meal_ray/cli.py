@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -62,8 +63,6 @@ def data():
 @friendly_errors
 def data_fashion_mnist(root, download, check):
     """Find (or download) Fashion-MNIST and verify it against the official checksums."""
-    from pathlib import Path
-
     from meal_ray.data import download_fashion_mnist, verify_fashion_mnist
     from meal_ray.errors import DatasetError
 
@@ -126,17 +125,26 @@ def init_cmd(data, teachers, student, student_init, output, name, image_size, sa
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--val-subset", default=None, type=int,
               help="Evaluate on a stratified subset of this many images (as a run's data.val_subset).")
+@click.option("--reliability", default=None, metavar="PNG",
+              help="Also draw the reliability diagram (accuracy vs confidence, 15 bins) to this PNG file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
-def evaluate(model_dir, dataset, root, batch_size, val_subset, as_json):
-    """Evaluate an exported student on the validation/test set with the preprocessing in its config.json."""
+def evaluate(model_dir, dataset, root, batch_size, val_subset, reliability, as_json):
+    """Evaluate an exported student on the validation/test set with the preprocessing in its config.json: top-1/5,
+    per-class accuracy and calibration (NLL, expected calibration error over 15 confidence bins)."""
     from meal_ray.evaluation import evaluate_export
 
     result, classes = evaluate_export(model_dir, dataset, root, batch_size, val_subset)
+    if reliability:
+        from meal_ray.plots import plot_reliability
+
+        plot_reliability({Path(model_dir).name: {"reliability": result.reliability, "ece": result.ece}}, reliability,
+                         f"Reliability of {model_dir} ({result.count} images)")
     if as_json:
         click.echo(json.dumps(result.to_dict(classes)))
         return
-    click.echo(f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  ({result.count} images)")
+    click.echo(f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  NLL {result.nll:.4f}  ECE {100 * result.ece:.2f}% "
+               f"({result.count} images)")
     for name, acc in zip(classes, result.per_class):
         click.echo(f"  {name:<14} {acc:6.2f}%")
 

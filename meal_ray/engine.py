@@ -296,7 +296,7 @@ class Engine:
         while self.epoch < self.cfg.optim.epochs and not self.stopped_early:
             metrics = self.train_epoch()
             result = self.evaluate()
-            metrics.update(val_top1=result.top1, val_top5=result.top5)
+            metrics.update(val_top1=result.top1, val_top5=result.top5, val_nll=result.nll, val_ece=result.ece)
             if self.rank == 0:
                 self.log(format_epoch(self.epoch, self.cfg.optim.epochs, metrics))
             on_epoch_end(self.epoch, metrics, result)

@@ -90,3 +90,25 @@ def plot_arms(curves: dict, path: str | Path, title: str = "", reference: dict |
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_reliability(series: Mapping[str, dict], path: str | Path, title: str = "Reliability",
+                     colors: Optional[Mapping[str, str]] = None) -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (``EvalResult.reliability``), one
+    line per model, the diagonal for perfect calibration; each model's ECE in its legend entry if given
+    (``{"reliability": ..., "ece": ...}`` or a bare reliability dict)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], color="#bbbbbb", linestyle="--", label="perfectly calibrated")
+    for name, entry in series.items():
+        rel = entry.get("reliability", entry)
+        filled = [i for i, n in enumerate(rel["count"]) if n]
+        label = f"{name} (ECE {100 * entry['ece']:.2f}%)" if "ece" in entry else name
+        ax.plot([rel["confidence"][i] for i in filled], [rel["accuracy"][i] for i in filled], marker="o",
+                label=label, color=color_of(name, colors))
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)"), ax.set_ylabel("accuracy"), ax.set_title(title)
+    ax.grid(alpha=0.3), ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

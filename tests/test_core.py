@@ -326,7 +326,7 @@ def test_demo_summary_is_mean_and_sample_std_over_seeds():
 
     def run(seed, control, meal):
         rows = [dict(model=m, arch="a", params=10, top1=t, top5=99.0, gap_to_ensemble=t - 90.0,
-                     similar_classes=t - 5, dissimilar_classes=t + 5)
+                     similar_classes=t - 5, dissimilar_classes=t + 5, nll=(100 - t) / 40, ece=(100 - t) / 4)
                 for m, t in (("teacher ensemble", 90.0), ("control (hard labels)", control),
                              ("MEAL V2 (ensemble soft labels)", meal))]
         return {"seed": seed, "rows": rows}
@@ -344,6 +344,7 @@ def test_demo_summary_is_mean_and_sample_std_over_seeds():
     assert gain["seed_spread"] == pytest.approx(0.7637626, rel=1e-6) and gain["beats_seed_spread"]
     text = format_summary(summary, gain, [0, 1, 2])
     assert "| MEAL V2 (ensemble soft labels) | a | 0.00M | 86.67 ± 0.76 |" in text
+    assert text.splitlines()[2].endswith("| NLL | ECE % |") and "| 0.333 ± 0.019 | 3.33 ± 0.19 |" in text
     assert "MEAL V2 - control (top-1): +1.17 ± 0.29 points (per seed: +1.00, +1.00, +1.50)" in text
     assert "MEAL V2 beats the control by more than the seed spread (larger arm top-1 std: 0.76 points)" in text
     close = summarize([run(0, 85.0, 85.3), run(1, 85.5, 85.9), run(2, 86.0, 86.2)])
@@ -479,3 +480,29 @@ def test_random_weight_teachers_are_the_same_network_wherever_they_are_built():
     state = torch.get_rng_state()
     second = load_teacher(TeacherSpec(model="test_resnet"))(crops)[1]
     assert torch.equal(first, second) and torch.equal(torch.get_rng_state(), state)  # the caller's stream untouched
+
+
+def test_calibration_is_nll_and_15_bin_ece_computed_by_hand(tmp_path):
+    """evaluate's NLL is the mean cross-entropy of the true class, its ECE the bin-share-weighted |accuracy -
+    confidence| over 15 equal-width confidence bins, from logits and from probabilities alike."""
+    from meal_ray.evaluation import evaluate
+    from meal_ray.plots import plot_reliability
+
+    # 4 samples, 3 classes; top-class probabilities 0.9, 0.9, 0.5, 0.34 (bins 13, 13, 7, 5); correct: yes, no, yes, no
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.5, 0.3, 0.2], [0.34, 0.33, 0.33]])
+    labels = torch.tensor([0, 1, 0, 2])
+    batches = [(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), labels[:2]), (torch.zeros(2, 1, 2, 2, dtype=torch.uint8),
+                                                                           labels[2:])]
+    rows = iter([probs[:2], probs[2:], probs[:2], probs[2:]])
+    from_probs = evaluate(lambda x: next(rows), batches, 3, outputs="probs")
+    from_logits = evaluate(lambda x: next(rows).log() + 7.0, batches, 3)  # softmax(log p + c) = p
+    nll = -(math.log(0.9) + math.log(0.05) + math.log(0.5) + math.log(0.33)) / 4
+    # bin 13: acc 1/2, conf 0.9; bin 7: acc 1, conf 0.5; bin 5: acc 0, conf 0.34
+    ece = (2 / 4) * abs(0.5 - 0.9) + (1 / 4) * abs(1 - 0.5) + (1 / 4) * abs(0 - 0.34)
+    for result in (from_probs, from_logits):
+        assert result.nll == pytest.approx(nll, rel=1e-5) and result.ece == pytest.approx(ece, rel=1e-5)
+        assert result.reliability["count"][13] == 2 and result.reliability["count"][7] == 1
+        assert result.reliability["accuracy"][13] == pytest.approx(0.5) and sum(result.reliability["count"]) == 4
+    assert from_probs.top1 == 50.0
+    path = plot_reliability({"x": {"reliability": from_probs.reliability, "ece": from_probs.ece}}, tmp_path / "r.png")
+    assert path.stat().st_size > 1000

@@ -92,9 +92,12 @@ def test_own_folder_pretrain_distill_evaluate_with_the_cli(image_folder, tmp_pat
         metrics = json.loads((tmp_path / run / "metrics.json").read_text())
         assert list(metrics["per_class"]) == sorted(FOLDERS) and metrics["count"] == 200  # the folder's class names
         out = cli("evaluate", "--model", str(tmp_path / run / "student"), "--dataset", "imagefolder",
-                  "--root", str(image_folder), "--json")
+                  "--root", str(image_folder), "--json", "--reliability", str(tmp_path / f"{run}.png"))
         result = json_line(out)
         assert result["top1"] == pytest.approx(metrics["top1"], abs=1e-9), run
+        # calibration: the export re-evaluated gives the run's own NLL and ECE, and draws its reliability diagram
+        assert (result["nll"], result["ece"]) == pytest.approx((metrics["nll"], metrics["ece"]), rel=1e-4), run
+        assert 0 < result["ece"] < 1 and (tmp_path / f"{run}.png").stat().st_size > 1000
         assert (result["per_class"] == pytest.approx(metrics["per_class"])
                 and list(result["per_class"]) == sorted(FOLDERS))
     assert json.loads((tmp_path / "teacher" / "metrics.json").read_text())["top1"] > 50  # it learned from the folder

@@ -187,7 +187,7 @@ def test_one_seed_reads_seed_0_not_a_mean():
 
     assert seeds_text([0]) == "seed 0" and seeds_text([0, 1, 2]) == "mean over seeds 0, 1, 2"
     rows = [{"model": m, "arch": "a", "params": 1e6, "top1": t, "top5": 99.0, "gap_to_ensemble": 0.0,
-             "similar_classes": 1.0, "dissimilar_classes": 1.0}
+             "similar_classes": 1.0, "dissimilar_classes": 1.0, "nll": 0.5, "ece": 2.0}
             for m, t in (("control (hard labels)", 80.0), ("MEAL V2 (ensemble soft labels)", 81.0))]
     summary = summarize([{"rows": rows}])
     text = format_summary(summary, gain_over_control(summary), [0])

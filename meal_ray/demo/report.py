@@ -27,31 +27,35 @@ write_text = write_text_atomic  # results.json / results.md are whole or absent
 def evaluate_shared(teachers) -> dict:
     """Test-set rows and per-class accuracy of each teacher and of their ensemble (same for every seed)."""
     rows, per_class = [], {}
+    reliability = {}
     for t in teachers:
-        row, pc = evaluate_row(t["model"], t["weights"])
+        row, pc, reliability[t["model"]] = evaluate_row(t["model"], t["weights"])
         rows.append(row)
         per_class[t["model"]] = pc
     ens = evaluate_ensemble(teachers)
     per_class["teacher ensemble"] = ens["per_class"]
+    reliability["teacher ensemble"] = ens["reliability"]
     rows.append(dict(model="teacher ensemble", arch="+".join(t["model"] for t in teachers), top1=ens["top1"],
-                     top5=ens["top5"], params=sum(r["params"] for r in rows)))
-    return {"rows": rows, "per_class": per_class}
+                     top5=ens["top5"], nll=ens["nll"], ece=ens["ece"], params=sum(r["params"] for r in rows)))
+    return {"rows": rows, "per_class": per_class, "reliability": reliability}
 
 
-def evaluate_row(label: str, path: str) -> tuple[dict, dict]:
+def evaluate_row(label: str, path: str) -> tuple[dict, dict, dict]:
+    """An export's table row (top-1/5, NLL, ECE in %, parameters), its per-class accuracy and reliability bins."""
     from meal_ray.evaluation import evaluate_export
     from meal_ray.models import count_parameters, load_export
 
     result, classes = evaluate_export(path)
     model = load_export(path)
     row = dict(model=label, arch=model.pretrained_cfg.get("architecture", ""), top1=result.top1, top5=result.top5,
-               params=count_parameters(model))
-    return row, dict(zip(classes, result.per_class))
+               nll=result.nll, ece=100 * result.ece, params=count_parameters(model))
+    return row, dict(zip(classes, result.per_class)), result.reliability
 
 
 def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, meal: JobConfig,
                   cached: Optional[JobConfig] = None) -> dict:
     rows, per_class = [dict(r) for r in shared["rows"]], dict(shared["per_class"])
+    reliability = dict(shared.get("reliability", {}))
     exports = {}
     if init_weights:
         exports["student init"] = init_weights
@@ -60,7 +64,7 @@ def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, mea
     if cached is not None:
         exports[CACHED] = str(cached.output_dir / "student")
     for label, path in exports.items():
-        row, per_class[label] = evaluate_row(label, path)
+        row, per_class[label], reliability[label] = evaluate_row(label, path)
         rows.append(row)
     ens_top1 = shared["rows"][-1]["top1"]
     for r in rows:
@@ -69,15 +73,15 @@ def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, mea
         r["similar_classes"] = statistics.mean(pc[c] for c in SIMILAR)
         r["dissimilar_classes"] = statistics.mean(pc[c] for c in DISSIMILAR)
     top1 = {r["model"]: r["top1"] for r in rows}
-    return {"seed": seed, "rows": rows, "per_class": per_class, "control": control, "meal": meal, "cached": cached,
-            "gain_over_control": top1[MEAL] - top1[CONTROL]}
+    return {"seed": seed, "rows": rows, "per_class": per_class, "reliability": reliability, "control": control,
+            "meal": meal, "cached": cached, "gain_over_control": top1[MEAL] - top1[CONTROL]}
 
 
 def row_of(rows: list, label: str) -> Optional[dict]:
     return next((r for r in rows if r["model"] == label), None)
 
 
-SUMMARY_FIELDS = ("top1", "top5", "gap_to_ensemble", "similar_classes", "dissimilar_classes")
+SUMMARY_FIELDS = ("top1", "top5", "gap_to_ensemble", "similar_classes", "dissimilar_classes", "nll", "ece")
 
 
 def summarize(runs: list) -> list:
@@ -106,8 +110,9 @@ def evaluate_ensemble(teachers) -> dict:
     cfg = DataConfig(**dict(DATA, image_size=max(t.size[0] for t in ensemble.teachers)))
     _, val, classes = load_datasets(cfg, 10)
     loader = DataLoader(EvalView(val, EvalTransform(cfg.image_size, cfg.crop_pct, cfg.interpolation)), batch_size=500)
-    result = evaluate(lambda x: ensemble(x)[0], loader, 10)
-    return {"top1": result.top1, "top5": result.top5, "per_class": dict(zip(classes, result.per_class))}
+    result = evaluate(lambda x: ensemble(x)[0], loader, 10, outputs="probs")
+    return {"top1": result.top1, "top5": result.top5, "nll": result.nll, "ece": 100 * result.ece,
+            "per_class": dict(zip(classes, result.per_class)), "reliability": result.reliability}
 
 
 #: One colour per table row in every demo plot (per-class bars, the arms' curves and their reference lines).
@@ -122,7 +127,7 @@ def seeds_text(seeds) -> str:
 
 
 def plot_demo(out: Path, runs: list) -> None:
-    from meal_ray.plots import plot_arms, plot_per_class, plot_training_curves
+    from meal_ray.plots import plot_arms, plot_per_class, plot_reliability, plot_training_curves
 
     def mean_per_class(label):
         return {c: statistics.mean(r["per_class"][label][c] for r in runs) for c in classes}
@@ -141,6 +146,10 @@ def plot_demo(out: Path, runs: list) -> None:
     reference = {"teacher ensemble": rows["teacher ensemble"]}
     if "student init" in rows:
         reference["student init"] = rows["student init"]
+    plot_reliability({label: pooled_reliability([r["reliability"][label] for r in runs])
+                      for label in ["teacher ensemble", "student init"] + arms if label in runs[0]["reliability"]},
+                     out / "reliability.png", f"Fashion-MNIST test set: reliability ({seeds_text(seeds)}, bins pooled)",
+                     colors=COLORS)
     which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}: one line per seed"
     plot_arms(curves, out / "arms_test_top1.png", f"control vs MEAL V2 from the same init ({which})", reference,
               colors=COLORS)
@@ -149,6 +158,18 @@ def plot_demo(out: Path, runs: list) -> None:
         history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
         plot_training_curves(history, out / f"training_curves_{name}.png",
                              f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
+
+
+def pooled_reliability(per_seed: list) -> dict:
+    """Reliability bins of several seeds' evaluations pooled (counts summed, confidence and accuracy count-weighted),
+    with the pooled ECE."""
+    bins = len(per_seed[0]["count"])
+    count = [sum(r["count"][i] for r in per_seed) for i in range(bins)]
+    pooled = {"count": count}
+    for key in ("confidence", "accuracy"):
+        pooled[key] = [sum(r[key][i] * r["count"][i] for r in per_seed) / max(count[i], 1) for i in range(bins)]
+    ece = sum(abs(a - c) * n for a, c, n in zip(pooled["accuracy"], pooled["confidence"], count)) / max(sum(count), 1)
+    return {"reliability": pooled, "ece": ece}
 
 
 #: Short metric names of the table's rows (a teacher's row is its architecture).
@@ -171,6 +192,8 @@ def demo_metrics(results: dict) -> dict:
         name = metric_name(r["model"])
         out[f"top1/{name}"] = r["top1"]["mean"]
         out[f"top5/{name}"] = r["top5"]["mean"]
+        out[f"nll/{name}"] = r["nll"]["mean"]
+        out[f"ece/{name}"] = r["ece"]["mean"]
         if several:
             out[f"top1_std/{name}"] = r["top1"]["std"]
     out["gain_over_control_mean"] = results["gain_over_control"]["mean"]
@@ -225,12 +248,13 @@ def format_summary(summary: list, gain: dict, seeds: list) -> str:
     over = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
     lines = [f"Fashion-MNIST test set (10000 images), {over}",
              "",
-             "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** "
+             "| NLL | ECE % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {_pm(r['top1'])} | {_pm(r['top5'])} | "
                      f"{_pm(r['gap_to_ensemble'], signed=True)} | {_pm(r['similar_classes'])} | "
-                     f"{_pm(r['dissimilar_classes'])} |")
+                     f"{_pm(r['dissimilar_classes'])} | {_pm(r['nll'], '{:.3f}')} | {_pm(r['ece'])} |")
     per_seed = ", ".join(f"{g:+.2f}" for g in gain["per_seed"])
     lines.append(f"\nMEAL V2 - control (top-1): {_pm(gain, signed=True)} points (per seed: {per_seed})")
     if len(gain["per_seed"]) > 1:
@@ -251,11 +275,13 @@ def format_summary(summary: list, gain: dict, seeds: list) -> str:
 
 def format_table(rows, per_class, title: str = "") -> str:
     lines = ([title, ""] if title else []) + [
-        "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** |",
-        "|---|---|---:|---:|---:|---:|---:|---:|"]
+        "| model | arch | params | top-1 | top-5 | gap to ensemble | similar classes* | dissimilar classes** | NLL "
+        "| ECE % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {r['top1']:.2f} | {r['top5']:.2f} | "
-                     f"{r['gap_to_ensemble']:+.2f} | {r['similar_classes']:.2f} | {r['dissimilar_classes']:.2f} |")
+                     f"{r['gap_to_ensemble']:+.2f} | {r['similar_classes']:.2f} | {r['dissimilar_classes']:.2f} | "
+                     f"{r['nll']:.3f} | {r['ece']:.2f} |")
     lines.append(f"\n*mean accuracy on {', '.join(SIMILAR)}; **on {', '.join(DISSIMILAR)}\n")
     names = list(per_class)
     lines.append("| class | " + " | ".join(names) + " |")

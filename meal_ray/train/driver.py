@@ -271,13 +271,15 @@ def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:
     val = state["val"]
     classes = list(val["per_class"].keys())
     export_model(student.eval(), out / "student", student_data_config(cfg), label_names=classes)
-    metrics = {"top1": val["top1"], "top5": val["top5"], "per_class": val["per_class"], "epochs": state["epoch"],
+    metrics = {"top1": val["top1"], "top5": val["top5"], "nll": val.get("nll"), "ece": val.get("ece"),
+               "per_class": val["per_class"], "epochs": state["epoch"],
                "count": val["count"], "history": state["history"], "mlflow_run_id": tracker.run_id}
     _write_json(out / "metrics.json", metrics)
     plots = [plot_training_curves(state["history"], out / "training_curves.png", f"{cfg.mode}: {cfg.student.model}"),
              plot_per_class(classes, {cfg.student.model: list(val["per_class"].values())}, out / "per_class.png")]
     tracker.log_metrics({f"val_acc/{c.replace('/', '-')}": a for c, a in val["per_class"].items()}, step=state["epoch"])
-    tracker.log_metrics({"final_top1": val["top1"], "final_top5": val["top5"]}, step=state["epoch"])
+    tracker.log_metrics({"final_top1": val["top1"], "final_top5": val["top5"], "final_nll": val.get("nll", 0.0),
+                         "final_ece": val.get("ece", 0.0)}, step=state["epoch"])
     for p in plots + [out / "metrics.json"]:
         tracker.log_artifact(p)
     tracker.log_artifact(out / "student", "student")
