@@ -60,9 +60,9 @@ class RateTable:
         return self._find(self.students, model, img_size, precision)
 
     def _find(self, entries: list, model: str, img_size: int, precision: str) -> Optional[Rate]:
-        for wanted in (model, architecture(model)):  # the exact name first, then any weights of its architecture
+        for name in (lambda m: m, architecture):  # the exact name first, then any weights of its architecture
             for e in entries:
-                if e["model"] == wanted and e["img_size"] == img_size and (
+                if name(e["model"]) == name(model) and e["img_size"] == img_size and (
                         not self.exact_precision or e["precision"] == precision):
                     return Rate(e["samples_per_s"], self.source, self._describe(e), e["precision"])
         return None
