@@ -140,29 +140,34 @@ def measure_teacher(spec, crop_size: int, in_chans: int, batch: int, autocast: O
     return done / (time.perf_counter() - start)
 
 
-def one_worker_job(cfg: JobConfig) -> JobConfig:
-    """The job as one of its train workers runs it, with hard labels: the per-worker batch
-    (``optim.batch_size / run.num_workers``) on one worker. An engine outside Ray Train sees a world of one, so the
-    job as written would train at the global batch."""
+def one_worker_job(cfg: JobConfig, hard: bool = True) -> JobConfig:
+    """The job as one of its train workers runs it: the per-worker batch (``optim.batch_size / run.num_workers``) on
+    one worker, with hard labels unless ``hard`` is False. An engine outside Ray Train sees a world of one, so the job
+    as written would train at the global batch."""
     import dataclasses
 
     per_worker = cfg.optim.batch_size // cfg.run.num_workers
-    return dataclasses.replace(cfg, mode="pretrain", teachers=dataclasses.replace(cfg.teachers, source="none"),
-                               optim=dataclasses.replace(cfg.optim, batch_size=per_worker),
-                               run=dataclasses.replace(cfg.run, num_workers=1))
+    job = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=per_worker),
+                              run=dataclasses.replace(cfg.run, num_workers=1))
+    if hard:
+        job = dataclasses.replace(job, mode="pretrain", teachers=dataclasses.replace(cfg.teachers, source="none"))
+    return job
 
 
 def measure_student(cfg: JobConfig, steps: int = 20, device: str = "cpu",
-                    progress: Callable[[float], None] = _ignore_progress) -> float:
-    """One worker's hard-label img/s with the job's student, per-worker batch and crops (after 3 warm-up steps);
-    ``progress`` gets the seconds left after every step."""
+                    progress: Callable[[float], None] = _ignore_progress, source=None) -> float:
+    """One worker's img/s with the job's student, per-worker batch and crops (after 3 warm-up steps): hard labels, or
+    MEAL V2's whole step with soft labels from ``source`` (the served teachers: ``bench/gpu_check.py``; the caller
+    closes it). ``progress`` gets the seconds left after every step."""
     from meal_ray.engine import Engine
 
-    hard = one_worker_job(cfg)
-    engine = Engine.for_job(hard, device=device, log=lambda s: None)
+    job = one_worker_job(cfg, hard=source is None)
+    engine = Engine.for_job(job, source=source, device=device, log=lambda s: None)
     engine.student.train()
+    if engine.discriminator is not None:
+        engine.discriminator.train()
     done, start, began = 0, None, time.perf_counter()
-    for i, batch in enumerate(engine.batches()):
+    for i, batch in enumerate(engine.source.attach(engine.batches())):
         if i == 3:
             start, done = time.perf_counter(), 0
         engine.train_step(batch)
@@ -172,7 +177,7 @@ def measure_student(cfg: JobConfig, steps: int = 20, device: str = "cpu",
             break
     if start is None:
         raise ConfigError(f"the job's training set gives fewer than {steps + 4} batches of "
-                          f"{hard.optim.batch_size}: lower --steps or the batch size.")
+                          f"{job.optim.batch_size}: lower --steps or the batch size.")
     if device != "cpu":
         torch.cuda.synchronize()
     return done / (time.perf_counter() - start)
@@ -326,6 +331,11 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
             progress.end(f"{value:.0f} crops/s")
             teachers[s["name"]] = Rate(value, "measured", f"this machine's {device}, batch {app.max_batch_size}")
     log(describe_rates(cfg, app, specs, sizes, student, teachers))
+    for table in tables:
+        for run in table.served_for(cfg.student.model, cfg.data.image_size):
+            log(f"  measured on {table.device} ({table.where}): the student on served teachers sharing that one "
+                f"device {run.get('samples_per_s')} img/s, hard labels {run.get('hard_samples_per_s')}; the authors' "
+                f"way on one device from that file's figures {run.get('authors_one_device_samples_per_s')}")
     demand = student.value * cfg.run.num_workers
     plans = plan_replicas(demand, {n: r.value for n, r in teachers.items()}, headroom,
                           {s["name"]: s["model"] for s in specs}, {n: r.source for n, r in teachers.items()})

@@ -59,6 +59,10 @@ class RateTable:
     def student(self, model: str, img_size: int, precision: str) -> Optional[Rate]:
         return self._find(self.students, model, img_size, precision)
 
+    def served_for(self, model: str, img_size: int) -> list:
+        """Served runs of this student measured on the file's one device (teachers sharing it)."""
+        return [s for s in self.served if s.get("model") == model and s.get("img_size") == img_size]
+
     def _find(self, entries: list, model: str, img_size: int, precision: str) -> Optional[Rate]:
         for name in (lambda m: m, architecture):  # the exact name first, then any weights of its architecture
             for e in entries:
