@@ -481,8 +481,8 @@ def format_bill(bill: JobBill) -> str:
     lines.append(f"\nThe cache costs fewer {unit}-hours than serving up to {bill.break_even_passes:.0f} passes "
                  f"(epochs / the replicas' utilization); relabelling all {bill.epochs} passes costs what the authors' "
                  f"way does. --passes {bill.passes} prices the cache; it does not say that "
-                 f"{bill.passes} pass{'es' if bill.passes > 1 else ''} of crops replayed distil as well as fresh "
-                 "crops every epoch.")
+                 f"{bill.passes} pass{'es' if bill.passes > 1 else ''} of crops replayed "
+                 f"distil{'' if bill.passes > 1 else 's'} as well as fresh crops every epoch.")
     return "\n".join(lines)
 
 
