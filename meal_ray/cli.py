@@ -234,9 +234,21 @@ def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, a
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job value (repeatable).")
 @click.option("--teacher-throughput", multiple=True, metavar="NAME=CROPS_PER_S",
               help="One replica's throughput for a teacher deployment, measured elsewhere (repeatable); the others "
-                   "are measured here (or taken from args.emulate).")
+                   "come from --rates, the shipped table (GPU jobs), args.emulate, or are timed here.")
 @click.option("--student-throughput", type=float, default=None,
-              help="One train worker's hard-label img/s, measured elsewhere (default: measured here).")
+              help="One train worker's hard-label img/s, measured elsewhere (default: --rates, the shipped table for "
+                   "a GPU job, else timed here).")
+@click.option("--rates", "rates_file", default=None, metavar="FILE",
+              help="Rates measured on a GPU by bench/gpu_check.py (JSON): used before the shipped table.")
+@click.option("--time-here", is_flag=True,
+              help="GPU job: time what the command line and --rates do not give on this machine's GPU instead of "
+                   "taking the shipped table (timm's published benchmarks).")
+@click.option("--train-images", type=int, default=None, metavar="N",
+              help="Training images per epoch, for the bill (default: data.train_subset or Fashion-MNIST's 60000; "
+                   "ImageNet-1k: 1281167).")
+@click.option("--passes", type=int, default=1, show_default=True,
+              help="Passes of crops the bill's cache way relabels (1: relabel once and replay; the bill says up to "
+                   "how many passes the cache still costs less than serving).")
 @click.option("--headroom", type=float, default=1.25, show_default=True,
               help="Teacher capacity / student demand (1.25: replicas at most 80%% busy).")
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="How long to time each teacher.")
@@ -246,15 +258,17 @@ def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, a
               help="A shared cluster's pools: every teacher replica on nodes labelled meal-ray.io/pool=teachers, and "
                    "the job (written to <config>-planned.yaml) on meal-ray.io/pool=students.")
 @friendly_errors
-def plan(config_path, serve_config, overrides, teacher_throughput, student_throughput, headroom, seconds, autoscale,
-         output, pools):
-    """How many replicas each teacher needs for this job: a table, and a Serve config with them."""
+def plan(config_path, serve_config, overrides, teacher_throughput, student_throughput, rates_file, time_here,
+         train_images, passes, headroom, seconds, autoscale, output, pools):
+    """How many replicas each teacher needs for this job (a table, and a Serve config with them), and the job's bill
+    run three ways: the authors' (teachers on every student GPU), served, and relabelled once into a cache."""
     from meal_ray.config import load_config
     from meal_ray.serve.plan import plan_job
 
     cfg = load_config(config_path, list(overrides))
     plan_job(cfg, serve_config, teacher_throughput, student_throughput, headroom, seconds, output, autoscale,
-             log=click.echo, pools=pools, job_config_path=config_path)
+             log=click.echo, pools=pools, job_config_path=config_path, rates_file=rates_file, time_here=time_here,
+             train_images=train_images, passes=passes)
 
 
 @main.group()

@@ -29,6 +29,7 @@ FASHION_MNIST_CLASSES = (
 )
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
+FASHION_MNIST_TRAIN_SIZE = 60000  # training images (the test set has 10000)
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # sha256 of the *decompressed* idx files: Debian re-compresses the .gz, the contents are identical.
 FASHION_MNIST_FILES = {

@@ -1,10 +1,16 @@
-"""`meal-ray plan`: how many replicas each teacher needs so a job's students never wait for soft labels.
+"""`meal-ray plan`: how many replicas each teacher needs so a job's students never wait for soft labels, and what
+the job costs run three ways.
 
-Demand: the student's hard-label throughput per worker (measured here with the job's engine, or given) times
-``run.num_workers``. Supply: one replica's crops/s per teacher (measured here on this machine's device at the job's
-crop size and the app's ``max_batch_size``, taken from ``args.emulate``, or given). Each teacher deployment gets
+Demand: the student's hard-label throughput per worker times ``run.num_workers``. Supply: one replica's crops/s per
+teacher at its own input size and the app's precision. Each rate comes from, in this order: the command line, the
+app's ``args.emulate`` (teachers), a rates file measured on a GPU (``--rates``, ``bench/gpu_check.py``), the table
+shipped with meal-ray (GPU jobs: ``gpu_rates.yaml``), else timing here (the job's engine; one replica at the app's
+``max_batch_size``), which a GPU job never does on a machine without a GPU. Each teacher deployment gets
 ``ceil(demand * headroom / supply)`` replicas; the headroom (default 1.25: replicas at most 80% busy) keeps the
 queueing wait of the served path under a few percent (``bench/bench_served.py`` measures it).
+
+From the same rates, the bill (:func:`job_costs`): the authors' way (every student GPU also runs every teacher),
+served as planned, and relabel once into a soft-label cache then distil from it.
 """
 
 from __future__ import annotations
@@ -14,16 +20,22 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
 
 from meal_ray.config import JobConfig, load_app_config, read_yaml, teacher_spec
+from meal_ray.data.datasets import FASHION_MNIST_TRAIN_SIZE
 from meal_ray.errors import ConfigError
 from meal_ray.files import write_text_atomic
 from meal_ray.placement import POOL_LABEL, STUDENT_POOL, TEACHER_POOL
+from meal_ray.progress import format_duration
 from meal_ray.serve.app import IMPORT_PATH, place_on_pool, resolve_teachers
+from meal_ray.serve.rates import Rate, RateTable, read_rates_file, shipped_table
+
+DEFAULT_PASSES = 1  # relabel once (one pass of crops, replayed every epoch): the cheapest cache; see job_costs
+IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 @dataclass
@@ -31,7 +43,7 @@ class TeacherPlan:
     name: str
     model: str
     crops_per_s: float  # one replica
-    source: str  # measured | emulated | given
+    source: str  # given | emulated | rates file | table | measured
     replicas: int
     utilization: float  # demand / (replicas * crops_per_s)
 
@@ -65,43 +77,109 @@ def meal_ray_app(serve_config: dict, path: str) -> dict:
     return apps[0]
 
 
+def _ignore_progress(seconds_left: float) -> None:
+    pass
+
+
+class TimingProgress:
+    """What is being timed on this machine, k of n, and an ETA, so a slow timing is never silent (a 154-layer teacher
+    at batch 256 on a CPU takes minutes per forward pass). The measurers report their own seconds left."""
+
+    def __init__(self, total: int, log=print, every_s: float = 15.0, clock: Callable[[], float] = time.perf_counter):
+        self.total, self.log, self.every_s, self.clock = total, log, every_s, clock
+        self.done, self.spent = 0, 0.0  # items finished, their seconds
+        self._start, self._said = 0.0, None
+
+    def begin(self, what: str) -> None:
+        self._start, self._said = self.clock(), None
+        self.log(f"[plan] timing {self.done + 1}/{self.total}: {what} ...")
+
+    def left(self, seconds: float) -> None:
+        """The current item's seconds still to go; printed at once the first time, then every ``every_s``."""
+        now = self.clock()
+        if self._said is not None and now - self._said < self.every_s:
+            return
+        self._said = now
+        rest = self.total - self.done - 1
+        # the items not started yet at the mean pace so far, this one counted at its own estimate
+        per_item = (self.spent + now - self._start + seconds) / (self.done + 1)
+        tail = f", ~{format_duration(seconds + rest * per_item)} for all {rest + 1} left" if rest else ""
+        self.log(f"[plan]   {self.done + 1}/{self.total}: ~{format_duration(seconds)} to go for this one{tail}")
+
+    def end(self, result: str) -> None:
+        took = self.clock() - self._start
+        self.done, self.spent = self.done + 1, self.spent + took
+        rest = self.total - self.done
+        tail = f"; ~{format_duration(rest * self.spent / self.done)} left for the other {rest}" if rest else ""
+        self.log(f"[plan]   {self.done}/{self.total} done in {format_duration(took)}: {result}{tail}")
+
+
 def measure_teacher(spec, crop_size: int, in_chans: int, batch: int, autocast: Optional[str],
-                    seconds: float = 3.0, device: str = "cpu") -> float:
-    """One replica's crops/s: full forward passes (preprocessing included) of ``batch`` uint8 crops."""
+                    seconds: float = 3.0, device: str = "cpu",
+                    progress: Callable[[float], None] = _ignore_progress) -> float:
+    """One replica's crops/s: full forward passes (preprocessing included) of ``batch`` uint8 crops, for ``seconds``
+    and at least one batch after a warm-up batch; ``progress`` gets the seconds left after every batch."""
     from meal_ray.ensemble import load_teacher
 
     teacher = load_teacher(spec, autocast).to(device)
     crops = torch.randint(0, 256, (batch, in_chans, crop_size, crop_size), dtype=torch.uint8, device=device)
+    start = time.perf_counter()
     teacher(crops)  # warm-up
+    if device != "cpu":
+        torch.cuda.synchronize()
+    per_batch = time.perf_counter() - start
+    progress(max(seconds, per_batch))
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or done == 0:
         teacher(crops)
         done += batch
+        elapsed = time.perf_counter() - start
+        progress(max(0.0, seconds - elapsed) if elapsed < seconds else 0.0)
     if device != "cpu":
         torch.cuda.synchronize()
     return done / (time.perf_counter() - start)
 
 
-def measure_student(cfg: JobConfig, steps: int = 20, device: str = "cpu") -> float:
-    """One worker's hard-label img/s with the job's student, batch and crops (after 3 warm-up steps)."""
+def one_worker_job(cfg: JobConfig, hard: bool = True) -> JobConfig:
+    """The job as one of its train workers runs it: the per-worker batch (``optim.batch_size / run.num_workers``) on
+    one worker, with hard labels unless ``hard`` is False. An engine outside Ray Train sees a world of one, so the job
+    as written would train at the global batch."""
     import dataclasses
 
+    per_worker = cfg.optim.batch_size // cfg.run.num_workers
+    job = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=per_worker),
+                              run=dataclasses.replace(cfg.run, num_workers=1))
+    if hard:
+        job = dataclasses.replace(job, mode="pretrain", teachers=dataclasses.replace(cfg.teachers, source="none"))
+    return job
+
+
+def measure_student(cfg: JobConfig, steps: int = 20, device: str = "cpu",
+                    progress: Callable[[float], None] = _ignore_progress, source=None) -> float:
+    """One worker's img/s with the job's student, per-worker batch and crops (after 3 warm-up steps): hard labels, or
+    MEAL V2's whole step with soft labels from ``source`` (the served teachers: ``bench/gpu_check.py``; the caller
+    closes it). ``progress`` gets the seconds left after every step."""
     from meal_ray.engine import Engine
 
-    hard = dataclasses.replace(cfg, mode="pretrain", teachers=dataclasses.replace(cfg.teachers, source="none"))
-    engine = Engine.for_job(hard, device=device, log=lambda s: None)
+    job = one_worker_job(cfg, hard=source is None)
+    engine = Engine.for_job(job, source=source, device=device, log=lambda s: None)
     engine.student.train()
-    done, start = 0, None
-    for i, batch in enumerate(engine.batches()):
+    if engine.discriminator is not None:
+        engine.discriminator.train()
+    done, start, began = 0, None, time.perf_counter()
+    for i, batch in enumerate(engine.source.attach(engine.batches())):
         if i == 3:
             start, done = time.perf_counter(), 0
         engine.train_step(batch)
         done += len(batch)
+        progress((time.perf_counter() - began) / (i + 1) * (steps + 3 - i))
         if i >= steps + 3:
             break
     if start is None:
         raise ConfigError(f"the job's training set gives fewer than {steps + 4} batches of "
-                          f"{cfg.optim.batch_size // cfg.run.num_workers}: lower --steps or the batch size.")
+                          f"{job.optim.batch_size}: lower --steps or the batch size.")
+    if device != "cpu":
+        torch.cuda.synchronize()
     return done / (time.perf_counter() - start)
 
 
@@ -150,14 +228,64 @@ def apply_plan(serve_config: dict, path: str, plans: list, autoscale: bool = Fal
     return out
 
 
+def teacher_input_size(spec: dict, crop_size: int) -> int:
+    """The side a teacher's forward pass runs at: its own data config's (a replica resizes the student's crop to it),
+    or the job's crop size when that config is in weights not on this machine."""
+    from meal_ray.ensemble import teacher_data_config
+
+    if spec.get("weights") and not Path(spec["weights"]).exists():
+        return crop_size
+    return int(teacher_data_config(teacher_spec(spec))["input_size"][-1])
+
+
+def known_rates(cfg: JobConfig, app, specs: list, sizes: dict, given: dict, student_rate: Optional[float],
+                tables: list) -> tuple:
+    """(student rate, {teacher name: rate}) for what needs no timing, by precedence: the command line, the app's
+    emulated rate (teachers), then each of ``tables`` in order (a rates file, the shipped table); None where none
+    has it."""
+    def first(lookups):
+        return next((r for r in lookups if r is not None), None)
+
+    precision = (cfg.run.amp or "fp32") if cfg.run.use_gpu else "fp32"  # the engine trains fp32 on a CPU
+    student = (Rate(student_rate, "given") if student_rate is not None else
+               first(t.student(cfg.student.model, cfg.data.image_size, precision) for t in tables))
+    teachers = {}
+    for s in specs:
+        name = s["name"]
+        if name in given:
+            teachers[name] = Rate(given[name], "given")
+        elif app.emulate is not None:
+            teachers[name] = Rate(app.emulate.crops_per_s, "emulated")
+        else:
+            teachers[name] = first(t.teacher(s["model"], sizes[name], app.autocast or "fp32") for t in tables)
+    return student, teachers
+
+
+def training_images(cfg: JobConfig, given: Optional[int]) -> Optional[int]:
+    """Images per epoch: given, else what the job says without reading its data (``data.train_subset``, or
+    Fashion-MNIST's training set); an image folder is not counted here (None)."""
+    if given is not None:
+        return given
+    if cfg.data.dataset == "fashion-mnist":
+        return min(cfg.data.train_subset or FASHION_MNIST_TRAIN_SIZE, FASHION_MNIST_TRAIN_SIZE)
+    return cfg.data.train_subset
+
+
 def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[list] = None,
              student_rate: Optional[float] = None, headroom: float = 1.25, seconds: float = 3.0,
              output: Optional[str] = None, autoscale: bool = False, log=print, pools: bool = False,
-             job_config_path: Optional[str] = None, job_output: Optional[str] = None) -> dict:
-    """Measure (or take) supply and demand, print the table, write the planned Serve config (and, with ``pools``,
-    the job planned onto the student pool: ``<job>-planned.yaml``). Returns the plan."""
+             job_config_path: Optional[str] = None, job_output: Optional[str] = None,
+             rates_file: Optional[str] = None, time_here: bool = False, train_images: Optional[int] = None,
+             passes: int = DEFAULT_PASSES) -> dict:
+    """Take (or measure) supply and demand, print the replica table and the job's bill three ways, write the planned
+    Serve config (and, with ``pools``, the job planned onto the student pool: ``<job>-planned.yaml``). Returns the
+    plan."""
     if headroom < 1:
         raise ConfigError(f"--headroom={headroom} must be >= 1 (1.25: replicas at most 80% busy).")
+    if passes < 1:
+        raise ConfigError(f"--passes={passes} must be >= 1 (passes of crops relabelled into the cache).")
+    if train_images is not None and train_images < 1:
+        raise ConfigError(f"--train-images={train_images} must be >= 1 (ImageNet-1k: {IMAGENET_TRAIN_IMAGES}).")
     raw = read_yaml(serve_config_path, "Serve config", "deployments/")
     app_raw = meal_ray_app(raw, serve_config_path)
     app = load_app_config(app_raw.get("args"))
@@ -167,44 +295,67 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
     if unknown:
         raise ConfigError(f"--teacher-throughput names {sorted(unknown)}, which the Serve config does not deploy; "
                           f"its teachers: {', '.join(s['name'] for s in specs)}.")
-    if app.emulate is None and set(given) != {s["name"] for s in specs}:
-        specs = resolve_teachers(app, base_dir=str(Path.cwd()))  # teachers to time here: their weights must exist
     if student_rate is not None and student_rate <= 0:
         raise ConfigError(f"--student-throughput={student_rate} must be a positive number (img/s per worker).")
     device = "cuda" if cfg.run.use_gpu else "cpu"
-    to_time = ([] if student_rate is not None else ["the student"]) + (
-        [] if app.emulate is not None else [s["name"] for s in specs if s["name"] not in given])
+    tables = ([read_rates_file(rates_file)] if rates_file else []) + (
+        [shipped_table()] if cfg.run.use_gpu and not time_here else [])  # the shipped figures are GPU figures
+    sizes = {s["name"]: teacher_input_size(s, cfg.data.image_size) for s in specs}
+    student, teachers = known_rates(cfg, app, specs, sizes, given, student_rate, tables)
+    to_time = (["the student"] if student is None else []) + [n for n, r in teachers.items() if r is None]
     if device == "cuda" and to_time and not torch.cuda.is_available():
+        shipped = "" if time_here else (
+            f"; the table shipped with meal-ray has {table_coverage(shipped_table())}, and "
+            f"{'no rates file was given' if not rates_file else 'the rates file has none for them either'}")
         raise ConfigError(
             f"the job trains on GPUs (run.use_gpu: true) but this machine has none, so {', '.join(to_time)} cannot be "
-            "timed here: a CPU timing is no plan for a GPU cluster. Give the GPU rates (--student-throughput IMG_S "
-            "per worker, --teacher-throughput NAME=CROPS_S for each teacher), or plan for CPU workers with "
+            f"timed here: a CPU timing is no plan for a GPU cluster{shipped}. Give the GPU rates "
+            "(--student-throughput IMG_S per worker, --teacher-throughput NAME=CROPS_S for each teacher), measure "
+            "them on a GPU with bench/gpu_check.py and pass --rates FILE, or plan for CPU workers with "
             "--set run.use_gpu=false.")
-    if student_rate is None:
-        log(f"[plan] measuring the student ({cfg.student.model}, batch {cfg.optim.batch_size // cfg.run.num_workers} "
-            f"per worker, {device}) ...")
-        student_rate = measure_student(cfg, device=device)
-    demand = student_rate * cfg.run.num_workers
-    rates, sources = {}, {}
+    if any(r is None for r in teachers.values()):
+        specs = resolve_teachers(app, base_dir=str(Path.cwd()))  # teachers to time here: their weights must exist
+    progress = TimingProgress(len(to_time), log)
+    if student is None:
+        batch = cfg.optim.batch_size // cfg.run.num_workers
+        progress.begin(f"the student {cfg.student.model} ({device}, batch {batch} per worker): 24 training steps")
+        value = measure_student(cfg, device=device, progress=progress.left)
+        progress.end(f"{value:.0f} img/s")
+        student = Rate(value, "measured", f"this machine's {device}, batch {batch}")
     for s in specs:
-        if s["name"] in given:
-            rates[s["name"]], sources[s["name"]] = given[s["name"]], "given"
-        elif app.emulate is not None:
-            rates[s["name"]], sources[s["name"]] = app.emulate.crops_per_s, "emulated"
-        else:
-            log(f"[plan] measuring one {s['model']} replica ({device}, batch {app.max_batch_size}) ...")
-            rates[s["name"]] = measure_teacher(teacher_spec(s), cfg.data.image_size, cfg.data.in_chans,
-                                               app.max_batch_size, app.autocast, seconds, device)
-            sources[s["name"]] = "measured"
-    plans = plan_replicas(demand, rates, headroom, {s["name"]: s["model"] for s in specs}, sources)
+        if teachers[s["name"]] is None:
+            progress.begin(f"one {s['model']} replica ({device}, batch {app.max_batch_size}): a warm-up batch, then "
+                           f"{seconds:g} s and at least one batch")
+            value = measure_teacher(teacher_spec(s), cfg.data.image_size, cfg.data.in_chans, app.max_batch_size,
+                                    app.autocast, seconds, device, progress.left)
+            progress.end(f"{value:.0f} crops/s")
+            teachers[s["name"]] = Rate(value, "measured", f"this machine's {device}, batch {app.max_batch_size}")
+    log(describe_rates(cfg, app, specs, sizes, student, teachers))
+    for table in tables:
+        for run in table.served_for(cfg.student.model, cfg.data.image_size):
+            log(f"  measured on {table.device} ({table.where}): the student on served teachers sharing that one "
+                f"device {run.get('samples_per_s')} img/s, hard labels {run.get('hard_samples_per_s')}; the authors' "
+                f"way on one device from that file's figures {run.get('authors_one_device_samples_per_s')}")
+    demand = student.value * cfg.run.num_workers
+    plans = plan_replicas(demand, {n: r.value for n, r in teachers.items()}, headroom,
+                          {s["name"]: s["model"] for s in specs}, {n: r.source for n, r in teachers.items()})
     planned = apply_plan(raw, serve_config_path, plans, autoscale, pools)
     out = Path(output or planned_path(serve_config_path))
     header = (f"# Planned by `meal-ray plan` for job {cfg.name!r}: {cfg.run.num_workers} worker(s) x "
-              f"{student_rate:.0f} img/s = {demand:.0f} crops/s per teacher, headroom {headroom:g}\n")
+              f"{student.value:.0f} img/s = {demand:.0f} crops/s per teacher, headroom {headroom:g}\n")
     write_text_atomic(out, header + yaml.safe_dump(planned, sort_keys=False))
-    log(format_plan(plans, demand, cfg.run.num_workers, student_rate))
+    log(format_plan(plans, demand, cfg.run.num_workers, student.value))
     log(f"[plan] wrote {out} (deploy: `serve deploy {out}` or `meal-ray teachers up --config {out}`)")
-    result = {"demand": demand, "student_rate": student_rate, "plans": plans, "serve_config": str(out)}
+    result = {"demand": demand, "student_rate": student.value, "plans": plans, "serve_config": str(out),
+              "rates": {"student": student, "teachers": teachers}, "costs": None}
+    images = training_images(cfg, train_images)
+    unit = "GPU" if cfg.run.use_gpu else "worker"
+    if images is None:
+        log(f"[plan] the bill needs the training set's size: give --train-images N (ImageNet-1k: "
+            f"{IMAGENET_TRAIN_IMAGES}); an image folder is not counted here.")
+    else:
+        result["costs"] = job_costs(images, cfg.optim.epochs, cfg.run.num_workers, student.value, plans, passes, unit)
+        log(format_bill(result["costs"]))
     if pools:  # the other side: the job's workers on the student pool
         job = cfg.to_dict()
         job["run"]["label_selector"] = {POOL_LABEL: STUDENT_POOL}
@@ -215,6 +366,124 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
         log(f"[plan] wrote {job_out} (run it: `meal-ray distill --config {job_out}`)")
         result["job_config"] = str(job_out)
     return result
+
+
+def table_coverage(table: RateTable) -> str:
+    """What a rate table holds, for a message: its device and its figures."""
+    def listed(entries):
+        return ", ".join(f"{e['model']} at {e['img_size']} px" for e in entries)
+
+    return (f"{table.device} figures for the teachers {listed(table.teachers)} and the students "
+            f"{listed(table.students)}")
+
+
+def describe_rates(cfg: JobConfig, app, specs: list, sizes: dict, student: Rate, teachers: dict) -> str:
+    """Every rate the plan uses and where it comes from; a note where a figure's precision is not the job's."""
+    unit = "GPU" if cfg.run.use_gpu else "worker"
+    student_precision = (cfg.run.amp or "fp32") if cfg.run.use_gpu else "fp32"
+
+    def origin(r: Rate) -> str:
+        return r.source + (f": {r.detail}" if r.detail else "")
+
+    lines = [f"rates per {unit} (one train worker's hard-label img/s, one teacher replica's crops/s):",
+             f"  student {cfg.student.model} at {cfg.data.image_size} px: {student.value:.0f} img/s "
+             f"({origin(student)})"]
+    lines += [f"  teacher {s['name']} ({s['model']} at {sizes[s['name']]} px): {teachers[s['name']].value:.0f} "
+              f"crops/s ({origin(teachers[s['name']])})" for s in specs]
+    rated = [("the student", student, student_precision, "run.amp")] + [
+        (s["name"], teachers[s["name"]], app.autocast or "fp32", "args.autocast") for s in specs]
+    if any(r.source == "table" for _, r, _, _ in rated):
+        where = ("this machine has no GPU, so" if not torch.cuda.is_available() else
+                 "--time-here times this machine's GPU instead;")
+        lines.append(f"  ({where} figures marked table come from the table shipped with meal-ray: "
+                     f"{shipped_table().device}, timm's published benchmarks)")
+    other = [f"{who} {r.precision}{' AMP' if r.source == 'table' else ''} (runs {wanted}: {key})"
+             for who, r, wanted, key in rated if r.precision and r.precision != wanted]
+    if other:
+        lines.append(f"  note: figures at another precision than the job's: {', '.join(other)}. On one GPU fp32 is "
+                     "the slower, so the hours below are too few for an fp32 job (replicas follow the ratio of the "
+                     "figures); measure its precision with bench/gpu_check.py (--rates FILE) or run it in bf16.")
+    return "\n".join(lines)
+
+
+@dataclass
+class WayCost:
+    """One way of running a job: the devices it holds, its wall time and device-hours, and where the time goes."""
+
+    way: str
+    teacher_devices: int
+    student_devices: int
+    wall_h: float
+    device_h: float
+    where: str
+
+
+@dataclass
+class JobBill:
+    """A job run three ways (:func:`job_costs`), and up to how many cache passes the cache is the cheaper."""
+
+    images: int  # per epoch
+    epochs: int
+    passes: int
+    unit: str  # GPU | worker
+    ways: list
+    break_even_passes: float  # relabelling this many passes costs as many device-hours as serving
+
+
+def job_costs(images: int, epochs: int, workers: int, student_rate: float, plans: list, passes: int = DEFAULT_PASSES,
+              unit: str = "GPU") -> JobBill:
+    """The job (``epochs`` x ``images``) run three ways from the same per-device rates, every device busy from start
+    to end (data loading, start-up and evaluation left out):
+
+    - the authors': each of the ``workers`` student devices also runs every teacher on its own batch, so a device's
+      img/s is ``1 / (1/student + sum_t 1/teacher_t)``;
+    - served: the students at their hard-label pace beside the planned replicas (one device each);
+    - cache: ``passes`` passes of crops relabelled on ``workers`` devices (each runs every teacher on its crops: the
+      teachers' forward passes only; `meal-ray relabel` runs ``run.num_workers`` actors), then distilled at the
+      hard-label pace.
+    """
+    hour = 3600.0
+    teacher_s = sum(1.0 / p.crops_per_s for p in plans)  # one crop through every teacher, on one device
+    student_s = 1.0 / student_rate
+    total = epochs * images
+    authors_wall = total * (student_s + teacher_s) / workers
+    student_wall = total * student_s / workers  # served, and the cache's distillation
+    replicas = sum(p.replicas for p in plans)
+    busy = workers * student_rate * teacher_s / replicas  # the replicas' mean utilization
+    relabel_wall = passes * images * teacher_s / workers
+    each = ", ".join(f"{p.name} {100 * p.utilization:.0f}%" for p in plans)
+    ways = [
+        WayCost(f"authors' (every student {unit} runs every teacher)", 0, workers, authors_wall / hour,
+                workers * authors_wall / hour,
+                f"teacher forwards take {100 * teacher_s / (student_s + teacher_s):.0f}% of each {unit}'s time"),
+        WayCost("served (the replicas planned above)", replicas, workers, student_wall / hour,
+                (workers + replicas) * student_wall / hour, f"teachers {100 * busy:.0f}% busy ({each})"),
+        WayCost(f"cache ({passes} pass{'es' if passes > 1 else ''} relabelled, then distilled)", workers, workers,
+                (relabel_wall + student_wall) / hour, workers * (relabel_wall + student_wall) / hour,
+                f"relabel {_hours(relabel_wall / hour)} h, then distil {_hours(student_wall / hour)} h"),
+    ]
+    # served minus distilling = the replicas' hours = epochs / busy passes of relabelling
+    return JobBill(images, epochs, passes, unit, ways, epochs / busy)
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 100 else f"{h:.1f}" if h >= 1 else f"{h:.2g}" if h >= 0.001 else "<0.001"
+
+
+def format_bill(bill: JobBill) -> str:
+    unit = bill.unit
+    lines = ["", f"the job: {bill.epochs} epochs x {bill.images:,} images = {bill.epochs * bill.images:,} images, "
+             f"run three ways (every {unit} busy from start to end):", "",
+             f"| way | teacher {unit}s | student {unit}s | wall time (h) | {unit}-hours | where the time goes |",
+             "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {w.way} | {w.teacher_devices} | {w.student_devices} | {_hours(w.wall_h)} | {_hours(w.device_h)} | "
+              f"{w.where} |" for w in bill.ways]
+    lines.append(f"\nThe cache costs fewer {unit}-hours than serving up to {bill.break_even_passes:.0f} passes "
+                 f"(epochs / the replicas' utilization); relabelling all {bill.epochs} passes costs what the authors' "
+                 f"way does. --passes {bill.passes} prices the cache; it does not say that "
+                 f"{bill.passes} pass{'es' if bill.passes > 1 else ''} of crops replayed "
+                 f"distil{'' if bill.passes > 1 else 's'} as well as fresh crops every epoch.")
+    return "\n".join(lines)
 
 
 def planned_path(path: str) -> Path:
