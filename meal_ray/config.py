@@ -234,6 +234,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     d_lr: float = 1e-4  # discriminator learning rate (constant)
+    # constant: the discriminator at d_lr throughout (the paper); student: it follows the student's schedule, as in
+    # the authors' code, whose lr regime overwrites every parameter group (MEAL-V2 issue #9; d_lr is then unused)
+    d_lr_schedule: str = "constant"
     cutmix: bool = False
     cutmix_beta: float = 1.0
     cutmix_prob: float = 1.0
@@ -244,6 +247,9 @@ class OptimConfig:
         _positive("optim.lr", self.lr)
         if self.lr_schedule not in ("step", "cosine"):
             raise ConfigError(f"optim.lr_schedule={self.lr_schedule!r}: use step or cosine.")
+        if self.d_lr_schedule not in ("constant", "student"):
+            raise ConfigError(f"optim.d_lr_schedule={self.d_lr_schedule!r}: use constant (d_lr throughout, the paper) "
+                              "or student (the student's schedule, as the authors' code does).")
         if self.weight_decay < 0 or self.d_lr < 0 or not 0 <= self.momentum < 1:
             raise ConfigError("optim.weight_decay and optim.d_lr must be >= 0 and optim.momentum in [0, 1).")
         if not 0 <= self.cutmix_prob <= 1 or self.cutmix_beta <= 0:

@@ -43,10 +43,12 @@ def build_student(cfg: JobConfig) -> torch.nn.Module:
 
 
 def build_optimizer(student: torch.nn.Module, discriminator: Optional[torch.nn.Module], optim: OptimConfig):
-    """One SGD, two parameter groups: student at the schedule's lr, discriminator at d_lr (constant)."""
+    """One SGD, two parameter groups: student at the schedule's lr, discriminator at d_lr (constant) or, with
+    ``d_lr_schedule: student``, on the student's schedule too (the authors' code)."""
     groups = [{"params": list(student.parameters()), "lr": optim.lr, "name": "student"}]
     if discriminator is not None:
-        groups.append({"params": list(discriminator.parameters()), "lr": optim.d_lr, "name": "discriminator"})
+        groups.append({"params": list(discriminator.parameters()), "name": "discriminator",
+                       "lr": optim.lr if optim.d_lr_schedule == "student" else optim.d_lr})
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
@@ -233,9 +235,10 @@ class Engine:
                 "wait_s": 0.0, "latency_s": 0.0, "latency_n": 0, "time_s": 0.0, "steps": 0, "first_loss": 0.0,
                 "retries": 0}
         start = last = time.perf_counter()
+        scheduled = {"student", "discriminator"} if o.d_lr_schedule == "student" else {"student"}
         for step, batch in enumerate(self.source.attach(self.batches())):
             for group in self.optimizer.param_groups:
-                if group.get("name") == "student":
+                if group.get("name") in scheduled:
                     group["lr"] = student_lr(o, epoch, step / max(steps_per_epoch, 1))
             out = self.train_step(batch)
             if step == 0:

@@ -359,6 +359,7 @@ def test_demo_ablations_reuse_the_control_they_do_not_change():
     assert _arm_tags(False, 1e-4, 0.0, "random") == ("-wd0.0001-random-init", "-wd0.0001-random-init")
     # CutMix other than the preset's changes both arms
     assert _arm_tags(False, 0.0, 0.0, "pretrained", cutmix=False) == ("-no-cutmix", "-no-cutmix")
+    assert _arm_tags(False, 0.0, 0.0, "pretrained", authors_d_lr=True) == ("", "-authors-dlr")  # the default control
 
 
 def test_demo_refuses_bad_ablation_values_before_training(tmp_path):
@@ -506,3 +507,31 @@ def test_calibration_is_nll_and_15_bin_ece_computed_by_hand(tmp_path):
     assert from_probs.top1 == 50.0
     path = plot_reliability({"x": {"reliability": from_probs.reliability, "ece": from_probs.ece}}, tmp_path / "r.png")
     assert path.stat().st_size > 1000
+
+
+def test_discriminator_lr_is_constant_by_default_and_follows_the_student_in_the_authors_way(trained_teachers):
+    """optim.d_lr stays constant through the schedule (the paper); with d_lr_schedule: student the discriminator's
+    group takes the student's lr at every step, as the authors' lr regime does (MEAL-V2 issue #9)."""
+    from meal_ray.engine import Engine, student_lr
+    from meal_ray.sources.local import LocalSoftLabels
+
+    specs = [{"model": t["model"], "weights": t["weights"]} for t in trained_teachers]
+    seen = {}
+    for schedule in ("constant", "student"):
+        cfg = _cfg("distill", "test_efficientnet", epochs=2, lr=0.05, subset=256, teachers=specs,
+                   optim=dict(lr_schedule="cosine", d_lr_schedule=schedule))
+        engine = Engine.for_job(cfg, source=LocalSoftLabels(TeacherEnsemble.from_specs(cfg.teachers.models)),
+                                log=lambda s: None)
+        lrs = []
+        step = engine.train_step
+        engine.train_step = lambda batch: (lrs.append({g["name"]: g["lr"] for g in engine.optimizer.param_groups}),
+                                           step(batch))[1]
+        engine.fit()
+        seen[schedule] = lrs
+    steps = len(seen["constant"]) // 2
+    assert all(lr["discriminator"] == 1e-4 for lr in seen["constant"])
+    assert [lr["discriminator"] for lr in seen["student"]] == [lr["student"] for lr in seen["student"]]
+    assert seen["student"][steps + 1]["discriminator"] == pytest.approx(student_lr(cfg.optim, 1, 1 / steps))
+    assert seen["student"][0]["student"] == seen["constant"][0]["student"] == 0.05
+    with pytest.raises(ConfigError, match="optim.d_lr_schedule='cosine': use constant"):
+        load_config(data=dict(BASE, optim={"d_lr_schedule": "cosine"}))

@@ -210,28 +210,32 @@ def _same_but_tracking(a: dict, b: dict) -> bool:
     return a == b
 
 
-def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, cutmix=None) -> tuple:
+def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, cutmix=None,
+              authors_d_lr=False) -> tuple:
     """Stage-name suffixes (control, MEAL V2) for non-default ablation flags, so ablation arms never replace the
     default ones. The control is tagged only by the flags that change it (weight decay, random init, CutMix other
-    than the preset's): a ``--no-discriminator`` or ``--hard-label-weight`` ablation reuses the default control."""
+    than the preset's): a ``--no-discriminator``, ``--hard-label-weight`` or ``--authors-d-lr`` ablation reuses the
+    default control."""
     wd = f"-wd{weight_decay:g}" if weight_decay else ""
     init = "-random-init" if student_init == "random" else ""
     hard = f"-hard{hard_label_weight:g}" if hard_label_weight else ""
     mix = "" if cutmix is None else "-cutmix" if cutmix else "-no-cutmix"
-    return wd + mix + init, ("-no-disc" if no_discriminator else "") + wd + hard + mix + init
+    d_lr = "-authors-dlr" if authors_d_lr else ""
+    return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + wd + hard + mix + init
 
 
 def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
              log=print, preset: Optional[dict] = None, cache_passes: int = 0,
-             cache_top_k: Optional[int] = None) -> dict:
+             cache_top_k: Optional[int] = None, authors_d_lr: bool = False) -> dict:
     """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std.
 
     ``cutmix`` overrides the preset's CutMix in both arms (an ablation); ``preset`` replaces the quick/full
     settings (tests use tiny models). ``cache_passes`` > 0 adds a third arm: MEAL V2 from a soft-label cache of that
     many passes, relabelled once per seed with the same teachers (``meal-ray relabel``), no teachers running;
-    ``cache_top_k`` trains the cache arm on the top k stored probabilities only and reports into ``ablation-top<k>``."""
+    ``cache_top_k`` trains the cache arm on the top k stored probabilities only and reports into ``ablation-top<k>``;
+    ``authors_d_lr`` puts MEAL V2's discriminator on the student's schedule, as the authors' code does."""
     from meal_ray.cluster import ensure_ray
 
     preset_name = "custom" if preset else "quick" if quick else "full"
@@ -256,7 +260,8 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
     preset_cutmix = bool(preset.get("cutmix", False))
     arm_cutmix = preset_cutmix if cutmix is None else bool(cutmix)
     ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay, hard_label_weight=hard_label_weight,
-                    student_init=student_init, cutmix=None if arm_cutmix == preset_cutmix else arm_cutmix)
+                    student_init=student_init, cutmix=None if arm_cutmix == preset_cutmix else arm_cutmix,
+                    authors_d_lr=authors_d_lr)
     control_tag, tag = _arm_tags(**ablation)
     student_size = preset.get("student_size", DATA["image_size"])
     cache_tag = f"-top{cache_top_k}" if cache_top_k else ""
@@ -322,7 +327,8 @@ def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache
                                     image_size=student_size, optim=arm_optim)
             meal = _stage_config(
                 f"meal-v2{tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset, seed,
-                tracking_uri, weights=init_weights, optim=arm_optim, image_size=student_size,
+                tracking_uri, weights=init_weights, image_size=student_size,
+                optim=dict(arm_optim, d_lr_schedule="student" if ablation["authors_d_lr"] else "constant"),
                 teachers=dict(source="served", app_name=DEMO_APP,
                               models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
                 loss=dict(discriminator="off" if no_discriminator else "reference",
