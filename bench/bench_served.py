@@ -200,7 +200,8 @@ def epoch_rate(cfg, source=None) -> dict:
     cpu = cpu_used(before, cpu_times(), cfg.data.train_subset)
     epoch_s = cfg.data.train_subset / m["images_per_s"]
     steady = sum(recorded.waits[1:]) / epoch_s if recorded and recorded.waits else 0.0
-    return {"img_s": m["images_per_s"], "wait": m.get("teacher_wait_frac", 0.0), "steady_wait": steady, "cpu": cpu}
+    return {"img_s": m["images_per_s"], "wait": m.get("teacher_wait_frac", 0.0), "steady_wait": steady, "cpu": cpu,
+            "retries": m.get("teacher_retries", 0)}
 
 
 def print_cpu(name: str, r: dict) -> None:

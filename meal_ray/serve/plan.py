@@ -198,6 +198,14 @@ def plan_replicas(demand: float, rates: dict, headroom: float = 1.25, names: Opt
     return plans
 
 
+def predict_served(demand: float, plans: list) -> tuple[float, dict]:
+    """The planner's model of a served run with these replica counts: the students go at their hard-label pace
+    (``demand`` img/s, all workers) unless a teacher's replicas answer fewer crops/s, then at the slowest teacher's
+    capacity; each teacher is busy that pace over its capacity. (``bench/bench_plan_model.py`` checks it.)"""
+    pace = min([demand] + [p.replicas * p.crops_per_s for p in plans])
+    return pace, {p.name: pace / (p.replicas * p.crops_per_s) for p in plans}
+
+
 def apply_plan(serve_config: dict, path: str, plans: list, autoscale: bool = False, pools: bool = False) -> dict:
     """A copy of the Serve config with each teacher deployment's ``num_replicas`` set (or, with ``autoscale``,
     ``autoscaling_config`` from the plan to twice it) and, with ``pools``, every replica on the teacher pool's nodes;

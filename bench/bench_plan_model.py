@@ -1,0 +1,83 @@
+"""`meal-ray plan`'s model against measurement: predicted vs measured student img/s and teacher utilisation, one run.
+
+    .venv/bin/python bench/bench_plan_model.py             # ~4 min on 2 cores
+    .venv/bin/python bench/bench_plan_model.py --subset 2000
+
+The planner predicts a served run from two numbers: the student's hard-label img/s (here measured first, with the
+same engine) and each replica's crops/s. Its model (meal_ray.serve.plan.predict_served): the student goes at its
+hard-label pace unless the teachers' replicas answer fewer crops/s, then at their capacity; a teacher is busy that
+pace over its capacity. Here the teachers are emulated replicas of known crops/s (``args.emulate``: they sleep as a
+teacher of that speed computes, so they take none of the student's cores) and four configurations are run:
+student-bound (capacity 2x the demand), balanced (1.25x: the plan's own headroom), and teacher-bound (0.5x with one
+replica, 0.3x each with two). Measured: the student's img/s over one epoch after a warm-up epoch, and each teacher's
+utilisation = the crops its replicas answered in that epoch (every crop goes to every teacher once: the epoch's
+images; no request was asked twice, checked) over what they could answer in that time. Goal: within 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_served import deploy, epoch_rate, job, machine, served, teachers  # noqa: E402
+
+CONFIGS = (("student-bound", 2.0, 1), ("balanced (plan headroom)", 1.25, 1), ("teacher-bound", 0.5, 1),
+           ("teacher-bound, 2 replicas", 0.3, 2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", type=int, default=6000, help="training images per epoch")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from meal_ray.serve.plan import TeacherPlan, predict_served
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    models = teachers(Path(tempfile.mkdtemp(prefix="bench-plan-")))
+    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d')}")
+    print(f"student mobilenetv3_small_050 at 64 px, batch 128, CutMix, {args.subset} Fashion-MNIST images per epoch, "
+          f"prefetch 8; teachers {', '.join(m['name'] for m in models)} emulated; second epoch timed\n")
+    ray.init(num_cpus=(os.cpu_count() or 2) + 4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    rows = []
+    try:
+        demand = epoch_rate(job(args.subset, "none", models))["img_s"]
+        print(f"hard labels (the plan's demand): {demand:.0f} img/s\n")
+        for name, factor, replicas in CONFIGS:
+            rate = factor * demand
+            deploy(models, replicas, {"crops_per_s": rate})
+            cfg = job(args.subset, "served", models, prefetch=8)
+            measured = served(cfg)
+            if measured["retries"]:  # a crop asked twice would be answered twice: the utilisation below undercounts
+                print(f"warning: {measured['retries']} request(s) asked again in '{name}'")
+            plans = [TeacherPlan(m["name"], m["model"], rate, "emulated", replicas, 0.0) for m in models]
+            pace, busy = predict_served(demand, plans)
+            measured_busy = measured["img_s"] / (replicas * rate)
+            rows.append((name, factor, replicas, pace, measured["img_s"], min(busy.values()), measured_busy,
+                         measured["wait"]))
+    finally:
+        ray.shutdown()
+
+    print("| configuration | replica crops/s (x demand) | replicas | predicted img/s | measured img/s | ratio "
+          "| predicted utilisation | measured | ratio | teacher wait |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    worst = 0.0
+    for name, factor, replicas, pace, img_s, busy, measured_busy, wait in rows:
+        worst = max(worst, abs(img_s / pace - 1), abs(measured_busy / busy - 1))
+        print(f"| {name} | {factor * demand:.0f} ({factor:g}x) | {replicas} | {pace:.0f} | {img_s:.0f} | "
+              f"{img_s / pace:.2f} | {100 * busy:.0f}% | {100 * measured_busy:.0f}% | {measured_busy / busy:.2f} | "
+              f"{100 * wait:.1f}% |")
+    print(f"\nlargest disagreement: {100 * worst:.1f}% (goal: within 10%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
