@@ -163,7 +163,8 @@ def _results(seeds):
     rows = ["resnet18", "teacher ensemble", "student init", CONTROL, MEAL]
     stat = {"mean": 80.0, "std": 0.5}
     per_class = {"T-shirt/top": 70.0, "Ankle boot": 95.0}
-    return {"seeds": seeds, "summary": [{"model": m, "top1": stat, "top5": stat} for m in rows],
+    return {"seeds": seeds,
+            "summary": [{"model": m, "top1": stat, "top5": stat, "nll": stat, "ece": stat} for m in rows],
             "gain_over_control": stat,
             "runs": [{"per_class": {CONTROL: per_class, MEAL: per_class}} for _ in seeds]}
 
@@ -174,8 +175,8 @@ def test_demo_metric_names_are_readable():
 
     one = demo_metrics(_results([0]))
     assert {"top1/meal_v2", "top1/control", "top1/teacher_ensemble", "top1/student_init", "top1/resnet18",
-            "top5/meal_v2", "gain_over_control_mean", "test_acc/meal_v2/T-shirt-top",
-            "test_acc/control/Ankle boot"} <= set(one)
+            "top5/meal_v2", "nll/meal_v2", "ece/teacher_ensemble", "gain_over_control_mean",
+            "test_acc/meal_v2/T-shirt-top", "test_acc/control/Ankle boot"} <= set(one)
     assert not any(k.startswith("top1_std/") for k in one)  # one seed: no spread to report
     assert "top1_std/meal_v2" in demo_metrics(_results([0, 1]))
     assert all(READABLE.match(k) and "(" not in k for k in one)
