@@ -18,6 +18,9 @@ img/s and teacher wait are its Ray Train metrics. Teachers are a Serve app on th
    on one core measured first) / hard labels: goal >= 0.95, teacher wait goal < 3%; also with crop-box requests;
 2. emulated replicas 1 -> 2 (each at 0.4x the student's pace, so the teachers are the bottleneck at both counts):
    goal >= 1.8x;
+3. `meal-ray plan`'s model checked (bench_plan_model.check_plan_model): predicted vs measured student img/s and
+   teacher utilisation with emulated teachers at known rates, student-bound, balanced and teacher-bound: goal within
+   10%;
 and where every actor ran (Ray's state: actor -> node -> pool), so the separation is shown, not assumed.
 """
 
@@ -41,6 +44,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cache import _machine as machine  # noqa: E402
 from bench_cache import _teachers as random_teachers  # noqa: E402
+from bench_plan_model import check_plan_model  # noqa: E402
 
 BIN = Path(sys.executable).parent
 APP = "bench-cluster-teachers"
@@ -173,7 +177,8 @@ def trained(cfg) -> dict:
 
     result = run_job(cfg, log=lambda s: None)
     last = result["history"][-1]
-    return {"img_s": last["images_per_s"], "wait": last.get("teacher_wait_frac", 0.0)}
+    return {"img_s": last["images_per_s"], "wait": last.get("teacher_wait_frac", 0.0),
+            "retries": last.get("teacher_retries", 0)}
 
 
 def in_process(cfg, free: bool) -> dict:
@@ -302,6 +307,13 @@ def main(argv=None) -> int:
         print(f"2. emulated teachers at {rate:.0f} crops/s per replica (0.4x the student's pace): 1 replica "
               f"{scale[1]['img_s']:.0f} img/s, 2 replicas {scale[2]['img_s']:.0f} img/s -> "
               f"{scale[2]['img_s'] / scale[1]['img_s']:.2f}x (goal >= 1.8x)")
+        print("3. the planner's model (demand: the hard-label run above), emulated teachers at known rates:")
+
+        def measure(rate: float, replicas: int) -> dict:
+            deploy(root, models, replicas, {"crops_per_s": rate})
+            return trained(job(root, f"plan-{rate:.0f}-{replicas}", subset, "served", models, prefetch=8))
+
+        check_plan_model(hard["img_s"], models, measure)
         print(f"where things ran (Ray's actor table): {placements()}")
     finally:
         import ray

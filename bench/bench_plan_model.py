@@ -31,41 +31,21 @@ CONFIGS = (("student-bound", 2.0, 1), ("balanced (plan headroom)", 1.25, 1), ("t
            ("teacher-bound, 2 replicas", 0.3, 2))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", type=int, default=6000, help="training images per epoch")
-    args = parser.parse_args(argv)
-
-    import ray
-
+def check_plan_model(demand: float, models: list, measure) -> list:
+    """Run CONFIGS with ``measure(crops_per_s, replicas) -> {"img_s", "wait", "retries"}`` (emulated teachers at that
+    rate, the student served by them) and print predicted against measured; returns the rows."""
     from meal_ray.serve.plan import TeacherPlan, predict_served
 
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    models = teachers(Path(tempfile.mkdtemp(prefix="bench-plan-")))
-    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d')}")
-    print(f"student mobilenetv3_small_050 at 64 px, batch 128, CutMix, {args.subset} Fashion-MNIST images per epoch, "
-          f"prefetch 8; teachers {', '.join(m['name'] for m in models)} emulated; second epoch timed\n")
-    ray.init(num_cpus=(os.cpu_count() or 2) + 4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     rows = []
-    try:
-        demand = epoch_rate(job(args.subset, "none", models))["img_s"]
-        print(f"hard labels (the plan's demand): {demand:.0f} img/s\n")
-        for name, factor, replicas in CONFIGS:
-            rate = factor * demand
-            deploy(models, replicas, {"crops_per_s": rate})
-            cfg = job(args.subset, "served", models, prefetch=8)
-            measured = served(cfg)
-            if measured["retries"]:  # a crop asked twice would be answered twice: the utilisation below undercounts
-                print(f"warning: {measured['retries']} request(s) asked again in '{name}'")
-            plans = [TeacherPlan(m["name"], m["model"], rate, "emulated", replicas, 0.0) for m in models]
-            pace, busy = predict_served(demand, plans)
-            measured_busy = measured["img_s"] / (replicas * rate)
-            rows.append((name, factor, replicas, pace, measured["img_s"], min(busy.values()), measured_busy,
-                         measured["wait"]))
-    finally:
-        ray.shutdown()
-
+    for name, factor, replicas in CONFIGS:
+        rate = factor * demand
+        measured = measure(rate, replicas)
+        if measured["retries"]:  # a crop asked twice would be answered twice: the utilisation below undercounts
+            print(f"warning: {measured['retries']} request(s) asked again in '{name}'")
+        plans = [TeacherPlan(m["name"], m["model"], rate, "emulated", replicas, 0.0) for m in models]
+        pace, busy = predict_served(demand, plans)
+        rows.append((name, factor, replicas, pace, measured["img_s"], min(busy.values()),
+                     measured["img_s"] / (replicas * rate), measured["wait"]))
     print("| configuration | replica crops/s (x demand) | replicas | predicted img/s | measured img/s | ratio "
           "| predicted utilisation | measured | ratio | teacher wait |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -75,7 +55,37 @@ def main(argv=None) -> int:
         print(f"| {name} | {factor * demand:.0f} ({factor:g}x) | {replicas} | {pace:.0f} | {img_s:.0f} | "
               f"{img_s / pace:.2f} | {100 * busy:.0f}% | {100 * measured_busy:.0f}% | {measured_busy / busy:.2f} | "
               f"{100 * wait:.1f}% |")
-    print(f"\nlargest disagreement: {100 * worst:.1f}% (goal: within 10%)")
+    print(f"largest disagreement: {100 * worst:.1f}% (goal: within 10%)")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", type=int, default=6000, help="training images per epoch")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    models = teachers(Path(tempfile.mkdtemp(prefix="bench-plan-")))
+    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d')}")
+    print(f"one Ray node (Serve's processes share the student's cores; bench_cluster.py runs this check with the "
+          f"student on cores of its own); student mobilenetv3_small_050 at 64 px, batch 128, CutMix, {args.subset} "
+          f"Fashion-MNIST images per epoch, prefetch 8; teachers {', '.join(m['name'] for m in models)} emulated; "
+          "second epoch timed\n")
+    ray.init(num_cpus=(os.cpu_count() or 2) + 4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+
+    def measure(rate: float, replicas: int) -> dict:
+        deploy(models, replicas, {"crops_per_s": rate})
+        return served(job(args.subset, "served", models, prefetch=8))
+
+    try:
+        demand = epoch_rate(job(args.subset, "none", models))["img_s"]
+        print(f"hard labels (the plan's demand): {demand:.0f} img/s\n")
+        check_plan_model(demand, models, measure)
+    finally:
+        ray.shutdown()
     return 0
 
 
