@@ -1,6 +1,6 @@
 """Job configuration: typed dataclasses loaded from YAML, validated, overridable from the CLI.
 
-Defaults are the paper's ImageNet settings (DESIGN.md section 1); small-dataset values
+Defaults are the paper's ImageNet settings (README, "The method, as implemented"); small-dataset values
 (crop scale, mean/std) live in the job YAML files under ``jobs/``.
 """
 

@@ -259,7 +259,7 @@ class TeacherEnsemble(nn.Module):
     """K frozen teachers: returns (mean of softmax probabilities, mean of logits) for a uint8 crop batch.
 
     The averaged probabilities are the distillation target; the averaged logits feed the
-    discriminator (DESIGN.md section 1, as in the authors' code).
+    discriminator (as in the authors' code).
     """
 
     def __init__(self, teachers: Sequence[nn.Module], data_configs: Optional[Sequence[Optional[dict]]] = None,

@@ -1,4 +1,4 @@
-"""MEAL V2 losses (DESIGN.md section 1): soft cross-entropy + discriminator loss, one backward."""
+"""MEAL V2 losses (arXiv 2009.08453, and the authors' code): soft cross-entropy + discriminator loss, one backward."""
 
 from __future__ import annotations
 
