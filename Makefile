@@ -20,6 +20,7 @@ data: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check meal_ray tests bench scripts
+	$(BIN)/lint-imports
 
 test: setup lint
 	$(BIN)/python -m pytest -q --durations=15 -m "not faults" $(PYTEST_ARGS)

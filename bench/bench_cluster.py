@@ -224,7 +224,7 @@ def teacher_capacity(models: list, crop: int, seconds: float) -> float:
     import torch
 
     from meal_ray.config import teacher_spec
-    from meal_ray.serve.plan import measure_teacher
+    from meal_ray.train.plan import measure_teacher
 
     torch.set_num_threads(1)
     times = [1 / measure_teacher(teacher_spec(t), crop, 1, 128, None, seconds) for t in models]

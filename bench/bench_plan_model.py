@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_plan_model.py --subset 2000
 
 The planner predicts a served run from two numbers: the student's hard-label img/s (here measured first, with the
-same engine) and each replica's crops/s. Its model (meal_ray.serve.plan.predict_served): the student goes at its
+same engine) and each replica's crops/s. Its model (meal_ray.train.plan.predict_served): the student goes at its
 hard-label pace unless the teachers' replicas answer fewer crops/s, then at their capacity; a teacher is busy that
 pace over its capacity. Here the teachers are emulated replicas of known crops/s (``args.emulate``: they sleep as a
 teacher of that speed computes, so they take none of the student's cores) and four configurations are run:
@@ -34,7 +34,7 @@ CONFIGS = (("student-bound", 2.0, 1), ("balanced (plan headroom)", 1.25, 1), ("t
 def check_plan_model(demand: float, models: list, measure) -> list:
     """Run CONFIGS with ``measure(crops_per_s, replicas) -> {"img_s", "wait", "retries"}`` (emulated teachers at that
     rate, the student served by them) and print predicted against measured; returns the rows."""
-    from meal_ray.serve.plan import TeacherPlan, predict_served
+    from meal_ray.train.plan import TeacherPlan, predict_served
 
     rows = []
     for name, factor, replicas in CONFIGS:

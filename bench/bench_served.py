@@ -284,8 +284,8 @@ def main(argv=None) -> int:
     import ray
     from bench_wire import measure as wire
 
-    from meal_ray.serve.plan import plan_replicas
     from meal_ray.sources.local import LocalSoftLabels
+    from meal_ray.train.plan import plan_replicas
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     root = Path(tempfile.mkdtemp(prefix="bench-served-"))

@@ -120,8 +120,8 @@ def main(argv=None) -> int:
 
     from meal_ray.config import load_app_config, load_config, teacher_spec
     from meal_ray.serve.app import resolve_teachers
-    from meal_ray.serve.plan import measure_student, measure_teacher, teacher_input_size
     from meal_ray.serve.rates import write_rates_file
+    from meal_ray.train.plan import measure_student, measure_teacher, teacher_input_size
 
     gpu = not args.cpu
     if gpu and not torch.cuda.is_available():
@@ -187,8 +187,8 @@ def measure_served(job_raw: dict, serve_raw: dict, gpu: bool, device: str, steps
 
     from meal_ray.config import load_config
     from meal_ray.serve.lifecycle import teachers_up
-    from meal_ray.serve.plan import measure_student
     from meal_ray.sources.served import ServedSoftLabels
+    from meal_ray.train.plan import measure_student
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     os.environ.pop("RAY_ADDRESS", None)  # never a cluster this process happens to be pointed at

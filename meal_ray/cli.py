@@ -11,7 +11,7 @@ import click
 
 from meal_ray.config import DEFAULT_APP_NAME
 from meal_ray.errors import MealRayError
-from meal_ray.sources.registry import describe_sources
+from meal_ray.source_registry import describe_sources
 
 
 def friendly_errors(fn):
@@ -263,7 +263,7 @@ def plan(config_path, serve_config, overrides, teacher_throughput, student_throu
     """How many replicas each teacher needs for this job (a table, and a Serve config with them), and the job's bill
     run three ways: the authors' (teachers on every student GPU), served, and relabelled once into a cache."""
     from meal_ray.config import load_config
-    from meal_ray.serve.plan import plan_job
+    from meal_ray.train.plan import plan_job
 
     cfg = load_config(config_path, list(overrides))
     plan_job(cfg, serve_config, teacher_throughput, student_throughput, headroom, seconds, output, autoscale,

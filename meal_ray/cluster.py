@@ -24,9 +24,8 @@ import logging
 import os
 from typing import Optional
 
-from meal_ray.errors import MealRayError, PlacementError, TeachersNotRunningError
+from meal_ray.errors import HOW_TO_START, MealRayError, PlacementError, TeachersNotRunningError
 from meal_ray.placement import Demand, NodeOffer, fits_somewhere, unplaceable
-from meal_ray.serve.protocol import HOW_TO_START
 
 VERBOSE_ENV = "MEAL_RAY_VERBOSE"  # set by --verbose: Ray's own output (its workers' logs, startup lines) shown
 

@@ -109,7 +109,7 @@ def teacher_list(teachers) -> list:
 
 @dataclass
 class TeachersConfig:
-    source: str = "served"  # a name in meal_ray.sources.registry.SOURCES (served | local | none)
+    source: str = "served"  # a name in meal_ray.source_registry.SOURCES (served | local | none)
     models: list = field(default_factory=list, metadata={"items": TeacherSpec})
     app_name: str = DEFAULT_APP_NAME  # Serve application name for the served source
     prefetch: int = 4  # batches kept in flight to the teachers (served source)
@@ -125,7 +125,7 @@ class TeachersConfig:
     #                                    expands them, as for a top-k cache); None: every class, fp16
 
     def validate(self) -> None:
-        from meal_ray.sources.registry import SOURCES
+        from meal_ray.source_registry import SOURCES
 
         if self.source not in SOURCES:
             raise ConfigError(f"teachers.source={self.source!r} is not a soft-label source."
@@ -360,7 +360,7 @@ class JobConfig:
         if self.mode == "pretrain" and self.teachers.source != "none":
             raise ConfigError("mode=pretrain trains with hard labels: set teachers.source=none.")
         if self.mode == "distill" and self.teachers.source == "none":
-            from meal_ray.sources.registry import SOURCES
+            from meal_ray.source_registry import SOURCES
 
             raise ConfigError("mode=distill needs soft labels: set teachers.source to one of "
                               f"{', '.join(s for s in SOURCES if s != 'none')}.")

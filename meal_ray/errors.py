@@ -5,6 +5,14 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
+#: What to do when no teacher application answers (every error that finds the teachers missing ends with it).
+HOW_TO_START = (
+    "Start the teachers with `meal-ray teachers up --config deployments/fashion-mnist.yaml` "
+    "(embedded local Ray; keep it running) or, on a running cluster (`ray start --head`), "
+    "`serve deploy deployments/fashion-mnist.yaml`; check with `meal-ray teachers status` / `serve status`. "
+    "Or train with teachers.source=local (in-process teachers)."
+)
+
 
 class MealRayError(Exception):
     """Base class for errors caused by user input (config, data, models, teachers)."""

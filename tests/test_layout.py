@@ -110,7 +110,7 @@ def test_the_engine_trains_on_the_loaders_it_is_handed():
 
 def test_soft_label_sources_come_from_the_registry():
     from meal_ray.cli import main
-    from meal_ray.sources.registry import SOURCES, source_class
+    from meal_ray.source_registry import SOURCES, source_class
 
     for name in SOURCES:
         cls = source_class(name)

@@ -15,7 +15,8 @@ from meal_ray.cli import main
 from meal_ray.config import load_app_config, load_config, read_yaml
 from meal_ray.errors import ConfigError
 from meal_ray.serve.app import resolve_teachers
-from meal_ray.serve.plan import (
+from meal_ray.serve.rates import Rate, read_rates_file, shipped_table, write_rates_file
+from meal_ray.train.plan import (
     TimingProgress,
     format_bill,
     job_costs,
@@ -24,7 +25,6 @@ from meal_ray.serve.plan import (
     plan_replicas,
     teacher_input_size,
 )
-from meal_ray.serve.rates import Rate, read_rates_file, shipped_table, write_rates_file
 
 ROOT = Path(__file__).resolve().parent.parent
 

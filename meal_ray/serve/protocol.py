@@ -22,7 +22,7 @@ import torch
 
 from meal_ray.config import DEFAULT_APP_NAME
 from meal_ray.ensemble import expand_top_k, top_k_soft_labels
-from meal_ray.errors import ProtocolError
+from meal_ray.errors import HOW_TO_START, ProtocolError
 
 __all__ = ["CROP_FIELDS", "DEFAULT_APP_NAME", "HOW_TO_START", "MAX_SAMPLES", "MAX_SIDE", "MIX_FIELDS",
            "PROTOCOL_VERSION", "CropRequest", "TeacherReply", "TeacherRequest", "check_version", "parse_request",
@@ -33,12 +33,6 @@ PROTOCOL_VERSION = 1
 #: hostile request is refused with a ProtocolError, not answered with an out-of-memory crash of the replica.
 MAX_SIDE = 4096  # px, a crop's height or width (also a crop request's render size and box sides)
 MAX_SAMPLES = 65536  # crops in one request (replicas infer it in chunks of max_batch_size)
-HOW_TO_START = (
-    "Start the teachers with `meal-ray teachers up --config deployments/fashion-mnist.yaml` "
-    "(embedded local Ray; keep it running) or, on a running cluster (`ray start --head`), "
-    "`serve deploy deployments/fashion-mnist.yaml`; check with `meal-ray teachers status` / `serve status`. "
-    "Or train with teachers.source=local (in-process teachers)."
-)
 _UPGRADE = "Run the same meal-ray version on the train workers and in the teacher application (redeploy it)."
 
 

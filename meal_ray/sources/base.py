@@ -16,7 +16,7 @@ from meal_ray.data.batch import Batch
 
 
 class SoftLabelSource(Protocol):
-    """What the engine and the launchers need of a source (see :mod:`meal_ray.sources.registry`)."""
+    """What the engine and the launchers need of a source (see :mod:`meal_ray.source_registry`)."""
 
     name: str
 

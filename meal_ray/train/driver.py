@@ -22,7 +22,7 @@ from meal_ray.errors import CheckpointError, ConfigError, ModelNotFoundError, Ou
 from meal_ray.files import write_text_atomic
 from meal_ray.models import check_model_name, check_weights_fit
 from meal_ray.placement import POOL_LABEL, STUDENT_POOL, cpu_threads, unplaceable, worker_demand
-from meal_ray.sources.registry import source_class
+from meal_ray.source_registry import source_class
 from meal_ray.train.worker import load_state, train_loop_per_worker
 
 RUN_FILE = "run.json"

@@ -27,8 +27,8 @@ from meal_ray.config import JobConfig, load_config
 from meal_ray.data.crops import RandomCropSampler, render_sample
 from meal_ray.data.datasets import load_datasets, sample_by_id, sample_ids
 from meal_ray.errors import ConfigError
+from meal_ray.source_registry import source_class
 from meal_ray.sources.cache import cutmix_spec, job_cache_spec
-from meal_ray.sources.registry import source_class
 
 DEFAULT_SHARD_SIZE = 8192
 CHUNK = 256  # crops per teacher request inside an actor

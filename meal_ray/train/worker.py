@@ -12,7 +12,7 @@ import torch
 from meal_ray.cluster import quiet_train_reports
 from meal_ray.config import load_config
 from meal_ray.errors import CheckpointError
-from meal_ray.sources.registry import source_class
+from meal_ray.source_registry import source_class
 
 STATE_FILE = "state.pt"
 
