@@ -27,6 +27,20 @@ from typing import Optional
 from meal_ray.errors import HOW_TO_START, MealRayError, PlacementError, TeachersNotRunningError
 from meal_ray.placement import Demand, NodeOffer, fits_somewhere, unplaceable
 
+#: Every private Ray name meal-ray uses ("module:attribute.path") with the keyword arguments it passes.
+#: tests/test_ray_private_apis.py resolves each one, so a Ray upgrade that moves or renames one fails that test
+#: loudly, where the wrappers below would only degrade to Ray's default behaviour.
+PRIVATE_RAY_APIS = {
+    "ray._private.authentication.authentication_token_setup:maybe_enable_token_auth_if_token_available":
+        ("warn_if_disabled",),
+    "ray.train.v2._internal.execution.context:__file__": (),
+    "ray.serve._private.api:serve_start": ("http_options", "proxy_location", "grpc_options"),
+    "ray.serve._private.client:ServeControllerClient.deploy_apps": ("config",),
+    "ray.serve._private.client:ServeControllerClient.get_serve_details": (),
+    "ray._private.state:state.get_cluster_config": (),
+    "ray.serve.context:_get_global_client": ("raise_if_no_controller_running",),
+}
+
 VERBOSE_ENV = "MEAL_RAY_VERBOSE"  # set by --verbose: Ray's own output (its workers' logs, startup lines) shown
 
 
