@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup data lint test test-fast test-faults demo demo-quick distill-quick clean
+.PHONY: setup data lint test test-fast test-faults demo demo-quick clean
 
 setup: $(VENV)/.installed data
 

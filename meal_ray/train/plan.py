@@ -47,11 +47,6 @@ class TeacherPlan:
     replicas: int
     utilization: float  # demand / (replicas * crops_per_s)
 
-    @property
-    def expected_wait(self) -> float:
-        """Fraction of the student's time spent waiting if the teachers were the bottleneck (0 below capacity)."""
-        return max(0.0, 1.0 - 1.0 / self.utilization) if self.utilization > 0 else 0.0
-
 
 def _parse_rates(items, what: str) -> dict:
     out = {}
@@ -501,9 +496,9 @@ def planned_path(path: str) -> Path:
 
 def format_plan(plans: list, demand: float, workers: int, student_rate: float) -> str:
     lines = [f"students: {workers} worker(s) x {student_rate:.0f} img/s = {demand:.0f} crops/s to every teacher", "",
-             "| teacher | model | crops/s per replica | from | replicas | utilization | expected wait |",
-             "|---|---|---:|---|---:|---:|---:|"]
+             "| teacher | model | crops/s per replica | from | replicas | utilization |",
+             "|---|---|---:|---|---:|---:|"]
     for p in plans:
         lines.append(f"| {p.name} | {p.model} | {p.crops_per_s:.0f} | {p.source} | {p.replicas} | "
-                     f"{100 * p.utilization:.0f}% | {100 * p.expected_wait:.1f}% |")
+                     f"{100 * p.utilization:.0f}% |")
     return "\n".join(lines)
