@@ -106,7 +106,7 @@ class Engine:
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, cfg.run.channels_last).to(self.device)
         self.train_loader, self.val_loader, self.classes = train_loader, val_loader, tuple(classes)
         # a loader replaying recorded CutMix (a soft-label cache) brings its own mixes: never mix again
-        self.replays_mix = hasattr(getattr(getattr(train_loader, "dataset", None), "sampler", None), "mix")
+        self.replays_mix = train_loader.dataset.replays_mix
         # mixed precision where it pays (CUDA); on CPU the student trains in fp32 whatever run.amp says
         self.amp = cfg.run.amp if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None

@@ -8,7 +8,7 @@ bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -52,12 +52,13 @@ class Batch:
                             self.mix_ids, self.mix_crops, self.mix_boxes)
 
 
-def batches_from_loader(loader: Iterable) -> Iterator[Batch]:
-    """Batches from a train loader; a loader that replays CutMix records (a fifth item) yields mixed batches with a
-    per-sample ``lam``."""
+def batches_from_loader(loader) -> Iterator[Batch]:
+    """Batches from a train loader (over a :class:`~meal_ray.data.loaders.TrainView`); one whose view replays CutMix
+    records yields mixed batches with a per-sample ``lam``."""
+    replays_mix = loader.dataset.replays_mix
     for items in loader:
         batch = Batch(*items[:4])
-        if len(items) == 5:
+        if replays_mix:
             record = items[4]
             boxes = record[:, 7:11]
             size = batch.images.shape[-2] * batch.images.shape[-1]

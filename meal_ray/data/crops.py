@@ -118,14 +118,22 @@ def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple:
 
 
 class CropSampler(Protocol):
-    """Decides the crop of sample ``sample_id`` in epoch ``epoch`` (``image`` is the uint8 CHW source)."""
+    """Decides the crop of sample ``sample_id`` in epoch ``epoch`` (``image`` is the uint8 CHW source) and, when it
+    ``replays_mix`` (a soft-label cache), the recorded CutMix of that sample too; a live sampler mixes nothing
+    (the engine mixes its batches)."""
+
+    replays_mix: bool
 
     def sample(self, image: torch.Tensor, sample_id: int, epoch: int) -> CropParams: ...
+
+    def mix(self, sample_id: int, epoch: int) -> Optional[MixParams]: ...
 
 
 class RandomCropSampler:
     """RandomResizedCrop(scale, ratio) + RandomHorizontalFlip(0.5), drawn from torch's global RNG exactly as
     torchvision draws them (the paper's train augmentation; the loader seeds the stream)."""
+
+    replays_mix = False
 
     def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)):
         self.scale, self.ratio = tuple(scale), tuple(ratio)
@@ -134,9 +142,15 @@ class RandomCropSampler:
         top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
         return CropParams(top, left, h, w, bool(torch.rand(()) < 0.5))
 
+    def mix(self, sample_id: int, epoch: int = 0) -> None:
+        return None
+
 
 class ReplayedCropSampler:
-    """Crops from a record: ``record[(pass, sample_id)]``; epoch ``e`` replays pass ``e % passes``."""
+    """Crops from a record: ``record[(pass, sample_id)]``; epoch ``e`` replays pass ``e % passes`` (crops only: the
+    engine mixes live)."""
+
+    replays_mix = False
 
     def __init__(self, record: Mapping[tuple, CropParams], passes: Optional[int] = None):
         self.record = dict(record)
@@ -159,6 +173,9 @@ class ReplayedCropSampler:
         except KeyError:
             raise KeyError(f"no recorded crop for sample {sample_id} in pass {key[0]} (epoch {epoch}); "
                            f"the record holds {len(self.record)} crops over {self.passes} passes") from None
+
+    def mix(self, sample_id: int, epoch: int = 0) -> None:
+        return None
 
 
 class EvalTransform:

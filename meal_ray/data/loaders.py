@@ -21,14 +21,18 @@ class TrainView(Dataset):
     """Yields (uint8 crop, label, sample id, crop [top, left, h, w, flip]).
 
     Index with ``i`` or with ``(i, epoch)`` (what :class:`EpochSampler` yields), so a replayed
-    sampler knows which pass to replay. A sampler that also replays CutMix (it has
-    ``mix(sample_id, epoch)``) adds a fifth item, the mix record [partner id (-1: none),
-    partner label, partner crop (5), box (4)], and the sample is rendered mixed.
+    sampler knows which pass to replay. When the sampler ``replays_mix`` (a cache), a fifth item follows, the
+    mix record [partner id (-1: none), partner label, partner crop (5), box (4)], and the sample is rendered mixed.
     """
 
     def __init__(self, base: Dataset, sampler: CropSampler, size: int, interpolation: str = "bilinear"):
         self.base, self.sampler, self.size, self.interpolation = base, sampler, size, interpolation
         self.ids = sample_ids(base)
+
+    @property
+    def replays_mix(self) -> bool:
+        """Whether items carry recorded CutMix (then the engine must not mix again)."""
+        return self.sampler.replays_mix
 
     def __len__(self) -> int:
         return len(self.base)
@@ -38,7 +42,7 @@ class TrainView(Dataset):
         image, label = self.base[i]
         sid = int(self.ids[i])
         params = self.sampler.sample(image, sid, epoch)
-        if not hasattr(self.sampler, "mix"):
+        if not self.sampler.replays_mix:
             return render_crop(image, params, self.size, self.interpolation), label, sid, params.as_tensor()
         mix = self.sampler.mix(sid, epoch)
         if mix is None:

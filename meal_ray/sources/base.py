@@ -9,10 +9,11 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 from meal_ray.config import JobConfig
 from meal_ray.data.batch import Batch
+from meal_ray.data.crops import CropSampler
 
 
 class SoftLabelSource(Protocol):
@@ -35,7 +36,8 @@ class SoftLabelSource(Protocol):
     def attach(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """Yield the batches in order, each with ``teacher_probs`` / ``teacher_logits`` set."""
 
-    # optional: ``crop_sampler()`` -> a CropSampler the train loader must use (a cache replays its own crops)
+    def crop_sampler(self) -> Optional[CropSampler]:
+        """The CropSampler the train loader must use (a cache replays its own crops), or None: random crops."""
 
     def close(self) -> None: ...
 
@@ -59,6 +61,9 @@ class NoSoftLabels:
 
     def attach(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         yield from batches
+
+    def crop_sampler(self) -> None:
+        return None
 
     def close(self) -> None:
         pass

@@ -53,6 +53,8 @@ def cutmix_spec(optim) -> dict:
 class CacheReplaySampler:
     """Crop sampler replaying a cache: the crop and CutMix record of sample ``sid`` in pass ``epoch % passes``."""
 
+    replays_mix = True
+
     def __init__(self, cache: SoftLabelCache):
         self.cache, self.passes = cache, cache.spec.passes
         self._pass: Optional[int] = None

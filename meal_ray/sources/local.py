@@ -44,5 +44,8 @@ class LocalSoftLabels:
             elapsed = time.perf_counter() - start
             yield replace(batch, teacher_probs=probs, teacher_logits=logits, wait_s=elapsed, teacher_latency_s=elapsed)
 
+    def crop_sampler(self) -> None:
+        return None  # random crops, drawn by the train loader
+
     def close(self) -> None:
         pass

@@ -114,6 +114,9 @@ class ServedSoftLabels:
     def attach(self, batches: Iterable) -> Iterator:
         return self.window.attach(batches)
 
+    def crop_sampler(self) -> None:
+        return None  # random crops, drawn by the train loader
+
     def close(self) -> None:
         self._info = None
 

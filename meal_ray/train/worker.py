@@ -94,8 +94,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     quiet_train_reports()
     source = source_class(cfg.teachers.source).from_config(cfg, device)
     wrap = ray.train.torch.prepare_model if world > 1 else (lambda m: m.to(device))
-    crop_sampler = source.crop_sampler() if hasattr(source, "crop_sampler") else None  # the cache replays its crops
-    engine = Engine.for_job(cfg, source=source, device=device, wrap_model=wrap, log=log, crop_sampler=crop_sampler)
+    engine = Engine.for_job(cfg, source=source, device=device, wrap_model=wrap, log=log,
+                            crop_sampler=source.crop_sampler())  # the cache replays its own crops
     engine.progress = progress
     history: list = []
     start_info = {"start_epoch": 0}
