@@ -203,9 +203,10 @@ class Engine:
                 parts = {"hard_ce": total}
             else:
                 p = meal_v2_loss(logits, batch.teacher_probs.to(self.device, non_blocking=True).float(),
-                                 batch.teacher_logits.to(self.device, non_blocking=True).float(), self.discriminator,
-                                 self.cfg.loss.discriminator, labels, self.cfg.loss.hard_label_weight, labels_b,
-                                 batch.lam)
+                                 batch.teacher_logits.to(self.device, non_blocking=True).float(),
+                                 discriminator=self.discriminator, discriminator_mode=self.cfg.loss.discriminator,
+                                 labels=labels, hard_label_weight=self.cfg.loss.hard_label_weight, labels_b=labels_b,
+                                 lam=batch.lam)
                 total = p.total
                 parts = {k: v for k, v in (("soft_ce", p.soft_ce), ("disc_loss", p.disc), ("hard_ce", p.hard_ce))
                          if v is not None}

@@ -67,7 +67,7 @@ class LossParts:
     hard_ce: Optional[torch.Tensor] = None
 
 
-def meal_v2_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_logits: torch.Tensor,
+def meal_v2_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_logits: torch.Tensor, *,
                  discriminator: Optional[nn.Module] = None, discriminator_mode: str = "reference",
                  labels: Optional[torch.Tensor] = None, hard_label_weight: float = 0.0,
                  labels_b: Optional[torch.Tensor] = None, lam: float | torch.Tensor = 1.0) -> LossParts:

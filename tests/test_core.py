@@ -100,12 +100,12 @@ def test_meal_v2_total_is_sum_and_hard_labels_default_off():
     zs, zt = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
     pt = zt.softmax(1)
     disc = Discriminator(10)
-    parts = meal_v2_loss(zs, pt, zt, disc, labels=torch.arange(4))
+    parts = meal_v2_loss(zs, pt, zt, discriminator=disc, labels=torch.arange(4))
     assert parts.hard_ce is None
     assert parts.total.item() == pytest.approx((parts.soft_ce + parts.disc).item(), rel=1e-6)
-    off = meal_v2_loss(zs, pt, zt, disc, discriminator_mode="off")
+    off = meal_v2_loss(zs, pt, zt, discriminator=disc, discriminator_mode="off")
     assert off.disc is None and off.total.item() == pytest.approx(parts.soft_ce.item())
-    hard = meal_v2_loss(zs, pt, zt, None, labels=torch.arange(4), hard_label_weight=0.5)
+    hard = meal_v2_loss(zs, pt, zt, labels=torch.arange(4), hard_label_weight=0.5)
     assert hard.total.item() == pytest.approx((hard.soft_ce + 0.5 * F.cross_entropy(zs, torch.arange(4))).item(),
                                               rel=1e-6)
 
