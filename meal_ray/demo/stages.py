@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -224,6 +225,28 @@ def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, c
     return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + wd + hard + mix + init
 
 
+@dataclass(frozen=True)
+class DemoPlan:
+    """What a demo invocation decided before training anything: where it writes, the preset and seeds, the ablation
+    flags with the stage-name tags they give (control, MEAL V2, cache), the arms' CutMix and student size, the cache
+    arm, and where MLflow is."""
+
+    out: Path
+    preset: dict
+    preset_name: str
+    seeds: list
+    ablation: dict
+    control_tag: str
+    tag: str
+    cache_tag: str
+    student_size: int
+    arm_cutmix: bool
+    tracking_uri: Optional[str]
+    cache_passes: int
+    cache_top_k: Optional[int]
+    classes: int
+
+
 def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
@@ -272,21 +295,27 @@ def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_d
         {"meal_ray.mode": "demo", "meal_ray.dataset": DATA["dataset"], "meal_ray.student": preset["student"],
          "meal_ray.teachers": ", ".join(preset["teachers"])}, out, log)
     try:
-        results = _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache_tag, student_size,
-                            arm_cutmix, tracking_uri, cache_passes, cache_top_k, classes, log, parent)
+        plan = DemoPlan(out=out, preset=preset, preset_name=preset_name, seeds=seeds, ablation=ablation,
+                        control_tag=control_tag, tag=tag, cache_tag=cache_tag, student_size=student_size,
+                        arm_cutmix=arm_cutmix, tracking_uri=tracking_uri, cache_passes=cache_passes,
+                        cache_top_k=cache_top_k, classes=classes)
+        results = _run_demo(plan, log, parent)
     except BaseException:
         parent.end("FAILED")
         raise
     return results
 
 
-def _run_demo(out, preset, preset_name, seeds, ablation, control_tag, tag, cache_tag, student_size, arm_cutmix,
-              tracking_uri, cache_passes, cache_top_k, classes, log, parent) -> dict:
+def _run_demo(plan: DemoPlan, log, parent) -> dict:
     from ray import serve
 
     from meal_ray.cluster import start_serve_without_http
     from meal_ray.serve.app import build_app
 
+    out, preset, preset_name, seeds, ablation = plan.out, plan.preset, plan.preset_name, plan.seeds, plan.ablation
+    control_tag, tag, cache_tag = plan.control_tag, plan.tag, plan.cache_tag
+    student_size, arm_cutmix, tracking_uri = plan.student_size, plan.arm_cutmix, plan.tracking_uri
+    cache_passes, cache_top_k, classes = plan.cache_passes, plan.cache_top_k, plan.classes
     parent_id = parent.run_id
     no_discriminator, weight_decay, hard_label_weight, student_init = (
         ablation[k] for k in ("no_discriminator", "weight_decay", "hard_label_weight", "student_init"))
