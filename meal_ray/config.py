@@ -54,15 +54,15 @@ def check_dataset(prefix: str, dataset: str, root: Optional[str]) -> None:
 class DataConfig:
     dataset: str = "imagefolder"  # "fashion-mnist" or "imagefolder" (ImageNet layout train/ val/)
     root: Optional[str] = None  # fashion-mnist: default search path; imagefolder: required
-    image_size: int = 224
+    image_size: int = 224  # student input size in px (the crop's side; teachers resize it to their own)
     crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale (paper/torchvision default)
-    crop_ratio: tuple = (3 / 4, 4 / 3)
+    crop_ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     crop_pct: float = 224 / 256  # eval: Resize(size / crop_pct) + CenterCrop(size)
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    interpolation: str = "bilinear"
+    mean: tuple = IMAGENET_MEAN  # per-channel normalization mean (one value: grayscale, three: RGB)
+    std: tuple = IMAGENET_STD  # per-channel normalization std
+    interpolation: str = "bilinear"  # crop resize: bilinear | bicubic | nearest
     train_subset: Optional[int] = None  # first N training samples (stratified), for quick runs
-    val_subset: Optional[int] = None
+    val_subset: Optional[int] = None  # first N validation samples (stratified), for quick runs
     loader_workers: int = 0  # DataLoader worker processes per train worker (GPU: 4-8; CPU: 0 keeps cores for compute)
     pin_memory: bool = False  # GPU: page-locked batches for non-blocking host-to-device copies (ignored on CPU)
 
@@ -110,6 +110,7 @@ def teacher_list(teachers) -> list:
 @dataclass
 class TeachersConfig:
     source: str = "served"  # a name in meal_ray.source_registry.SOURCES (served | local | none)
+    # the teachers whose averaged soft labels the student learns (architecture + weights each)
     models: list = field(default_factory=list, metadata={"items": TeacherSpec})
     app_name: str = DEFAULT_APP_NAME  # Serve application name for the served source
     prefetch: int = 4  # batches kept in flight to the teachers (served source)
@@ -164,8 +165,8 @@ class TeacherDataConfig:
     """``args.data`` of the teacher application: the training set the replicas read to render crop-box requests
     (``teachers.request: crops``); the same files as the jobs' ``data`` (shared storage)."""
 
-    dataset: str = "fashion-mnist"
-    root: Optional[str] = None
+    dataset: str = "fashion-mnist"  # the training set the replicas render crop boxes from: fashion-mnist | imagefolder
+    root: Optional[str] = None  # imagefolder: the folder holding train/ (the job's data.root)
 
     def validate(self) -> None:
         check_dataset("args.data.", self.dataset, self.root)
@@ -191,10 +192,11 @@ class EmulateConfig:
 class TeacherAppConfig:
     """``args`` of the Serve teacher application (``meal_ray.serve.app:build_app``), validated like a job config."""
 
+    # the teachers to serve, one deployment each ({name, model, weights, pretrained})
     teachers: list = field(default_factory=list, metadata={"items": TeacherSpec})
     max_batch_size: int = 64  # crops per teacher forward pass (dynamic batching merges requests up to this)
-    batch_wait_timeout_s: float = 0.01
-    autocast: Optional[str] = None
+    batch_wait_timeout_s: float = 0.01  # seconds a replica waits to merge requests into one forward pass
+    autocast: Optional[str] = None  # null | bf16 | fp16: teacher inference precision (fp32: the paper's targets)
     base_dir: Optional[str] = None  # relative weights paths resolve against this (default: working directory)
     retry_s: float = 60.0  # how long the ingress waits for a replaced teacher replica
     data: Optional[TeacherDataConfig] = None  # the training set, for crop-box requests (None: pixels only)
@@ -216,30 +218,30 @@ class TeacherAppConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = "resnet50"
-    weights: Optional[str] = None
-    pretrained: bool = False
-    num_classes: int = 1000
-    drop_rate: float = 0.0
+    model: str = "resnet50"  # timm architecture name
+    weights: Optional[str] = None  # start from a meal-ray export or a weights file (e.g. the hard-label init)
+    pretrained: bool = False  # start from timm's pretrained weights (needs internet)
+    num_classes: int = 1000  # classes of the dataset (checked against it)
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 180
+    epochs: int = 180  # training epochs (the schedule's length)
     batch_size: int = 512  # global batch, split over workers
-    lr: float = 0.01
+    lr: float = 0.01  # the student's learning rate (SGD); the step schedule multiplies it by lr_gamma at each milestone
     lr_schedule: str = "step"  # step | cosine
-    lr_milestones: tuple = (100,)
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    lr_milestones: tuple = (100,)  # step schedule: epochs at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1  # step schedule: lr factor at each milestone
+    momentum: float = 0.9  # SGD momentum (both parameter groups)
+    weight_decay: float = 0.0  # SGD weight decay (the paper: 0)
     d_lr: float = 1e-4  # discriminator learning rate (constant)
     # constant: the discriminator at d_lr throughout (the paper); student: it follows the student's schedule, as in
     # the authors' code, whose lr regime overwrites every parameter group (MEAL-V2 issue #9; d_lr is then unused)
     d_lr_schedule: str = "constant"
-    cutmix: bool = False
-    cutmix_beta: float = 1.0
-    cutmix_prob: float = 1.0
+    cutmix: bool = False  # CutMix on the uint8 batch before teachers and student see it (the paper's option)
+    cutmix_beta: float = 1.0  # CutMix: Beta(beta, beta) of the mixing ratio
+    cutmix_prob: float = 1.0  # CutMix: probability a batch is mixed
 
     def validate(self) -> None:
         _positive("optim.epochs", self.epochs)
@@ -259,7 +261,7 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     discriminator: str = "reference"  # reference | adversarial | off
-    hard_label_weight: float = 0.0
+    hard_label_weight: float = 0.0  # weight of a hard-label cross-entropy added to the loss (the paper: 0)
 
     def validate(self) -> None:
         if self.discriminator not in ("reference", "adversarial", "off"):
@@ -270,7 +272,7 @@ class LossConfig:
 
 @dataclass
 class RunConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers (data-parallel; the global batch is split over them)
     use_gpu: bool = False  # one GPU per train worker (Ray Train's ScalingConfig.use_gpu)
     cpus_per_worker: float = 1  # CPUs per train worker (also its torch threads); resources_per_worker.CPU overrides
     # Where the train workers go, in Ray Train's ScalingConfig words (a shared cluster keeps them off the teachers'
@@ -278,17 +280,17 @@ class RunConfig:
     # override cpus_per_worker and use_gpu's one GPU), the accelerator model its node must have (A100, H100, L4, ...),
     # and the node labels it needs ({meal-ray.io/pool: students}; Ray's syntax: value, !value, in(a, b)).
     resources_per_worker: dict = field(default_factory=dict)
-    accelerator_type: Optional[str] = None
-    label_selector: dict = field(default_factory=dict)
+    accelerator_type: Optional[str] = None  # GPU model the workers' nodes must have (needs use_gpu)
+    label_selector: dict = field(default_factory=dict)  # node labels the workers' nodes must carry
     placement_timeout_s: float = 600.0  # how long the workers may wait for nodes (start, restart after a node loss)
     stop_after_steps: Optional[int] = None  # a rehearsal: end training after this many steps (counted from epoch 0);
     #                                         the schedule stays optim's own, the run is evaluated and exported as usual
-    seed: int = 0
+    seed: int = 0  # seeds the student's init, crops, CutMix and shuffling
     output: Optional[str] = None  # default runs/<name>
     tracking_uri: Optional[str] = None  # default sqlite:///mlflow.db in the working directory
-    experiment: str = "meal-ray"
-    checkpoints_to_keep: int = 2
-    max_failures: int = 1
+    experiment: str = "meal-ray"  # MLflow experiment name
+    checkpoints_to_keep: int = 2  # Ray Train checkpoints kept (one per epoch)
+    max_failures: int = 1  # worker failures Ray Train recovers from (restart from the last checkpoint); -1: unlimited
     log_every: int = 20  # steps between step log lines where no live progress line is shown (0: none)
     channels_last: bool = True  # student in NHWC memory layout: same math, ~2.7x faster mobile nets on CPU (bench/)
     amp: Optional[str] = None  # GPU: student mixed precision, bf16 | fp16 (fp16 with a loss scaler); CPU: fp32
@@ -343,7 +345,7 @@ class RunConfig:
 
 @dataclass
 class JobConfig:
-    name: str = "meal-ray"
+    name: str = "meal-ray"  # job name: the run directory (runs/<name>) and the MLflow run name
     mode: str = "distill"  # distill | pretrain
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)

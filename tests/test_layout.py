@@ -4,6 +4,7 @@ TeacherSet fingerprints. Real Fashion-MNIST, real timm teachers; no Ray."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,22 @@ def test_crop_requests_round_trip_batch_records_in_at_most_64_bytes_per_sample()
     # a 56 px teacher gets the box at twice the coordinates; the same size leaves it alone
     boxes = torch.tensor([[3, 5, 10, 7]])
     assert scale_boxes(boxes, 28, 56).tolist() == [[6, 10, 20, 14]] and scale_boxes(boxes, 28, 28) is boxes
+
+
+def test_the_configuration_reference_is_current_and_describes_every_key():
+    """docs/configuration.md is what meal_ray.config_reference generates from the config classes (regenerate it with
+    `python -m meal_ray.config_reference > docs/configuration.md`), and no key is left without a description."""
+    import dataclasses
+
+    from meal_ray.config import JobConfig
+    from meal_ray.config_reference import reference_markdown
+
+    text = reference_markdown()
+    assert (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text() == text, \
+        "docs/configuration.md is stale: python -m meal_ray.config_reference > docs/configuration.md"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows and all(not line.endswith("|  |") for line in rows), [r for r in rows if r.endswith("|  |")]
+    for section in ("data", "teachers", "optim", "loss", "run"):
+        for f in dataclasses.fields(type(getattr(JobConfig(), section))):
+            assert f"| `{section}.{f.name}` |" in text, f"{section}.{f.name}"
+    assert "| `optim.lr` | `0.01` |" in text and "| `run.stop_after_steps` | `null` |" in text
