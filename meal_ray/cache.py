@@ -21,7 +21,6 @@ mean of the others (``rest_logit``). Plain pyarrow and torch: no Ray here.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ import torch
 from meal_ray.data.crops import MixParams, RandomCropSampler, cutmix_box
 from meal_ray.ensemble import expand_top_k, top_k_soft_labels
 from meal_ray.errors import CacheError, CacheMismatchError
-from meal_ray.files import write_text_atomic
+from meal_ray.files import sha256_of, write_text_atomic
 
 FORMAT = "meal-ray-soft-label-cache"
 SCHEMA_VERSION = 1
@@ -99,14 +98,6 @@ class CacheSpec:
             if getattr(self, key) != getattr(job, key):
                 out.append(f"{key}: cache {getattr(self, key)}, job {getattr(job, key)}")
         return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -306,7 +297,7 @@ class SoftLabelCache:
     def add_shard(self, name: str, rows: int) -> dict:
         """List a shard file (already complete on disk) in the manifest; only one process should do this."""
         path = self.root / name
-        entry = {"rows": int(rows), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        entry = {"rows": int(rows), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
         self.shards[name] = entry
         _write_json(self.root / MANIFEST, {"format": FORMAT, "schema_version": SCHEMA_VERSION,
                                            "spec": self.spec.to_dict(), "shards": self.shards})
@@ -329,7 +320,7 @@ class SoftLabelCache:
             if not path.is_file():
                 raise CacheError(f"shard {name} of {self.root} is missing (manifest sha256 {entry['sha256']}); "
                                  "rerun `meal-ray relabel` with the same config and --output to rebuild it.")
-            actual = _sha256(path)
+            actual = sha256_of(path)
             if actual != entry["sha256"]:
                 raise CacheError(f"shard {name} of {self.root} is corrupt: sha256 {actual}, manifest "
                                  f"{entry['sha256']}; delete it and rerun `meal-ray relabel` with the same config and "

@@ -23,6 +23,7 @@ from torch import nn
 
 from meal_ray.config import INTERPOLATIONS, TeachersConfig, teacher_list
 from meal_ray.errors import ClassCountMismatchError, ModelNotFoundError
+from meal_ray.files import sha256_of
 from meal_ray.models import (
     check_model_name,
     check_weights_fit,
@@ -119,11 +120,7 @@ def file_sha256(path: str | Path) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = sha256_of(p)
     return _HASHES[key]
 
 
