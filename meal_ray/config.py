@@ -7,11 +7,12 @@ Defaults are the paper's ImageNet settings (README, "The method, as implemented"
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import yaml
 
@@ -487,6 +488,21 @@ def _coerce_value(hint, value, path: str, owner, key):
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{path}={value!r} must be a string.")
     return value
+
+
+def config_differences(a: dict, b: dict, ignore: Iterable[str] = ()) -> list:
+    """The dotted keys whose values differ between two job configs as dicts (tuples and lists alike), leaving out the
+    dotted keys in ``ignore`` (e.g. ``optim.epochs``, which a resumed run may grow)."""
+    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+    skip = set(ignore)
+
+    def walk(x, y, prefix: str) -> list:
+        if isinstance(x, dict) and isinstance(y, dict):
+            return [d for k in sorted(set(x) | set(y)) if f"{prefix}{k}" not in skip
+                    for d in walk(x.get(k), y.get(k), f"{prefix}{k}.")]
+        return [] if x == y else [prefix.rstrip(".")]
+
+    return walk(a, b, "")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

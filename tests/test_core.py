@@ -535,3 +535,15 @@ def test_discriminator_lr_is_constant_by_default_and_follows_the_student_in_the_
     assert seen["student"][0]["student"] == seen["constant"][0]["student"] == 0.05
     with pytest.raises(ConfigError, match="optim.d_lr_schedule='cosine': use constant"):
         load_config(data=dict(BASE, optim={"d_lr_schedule": "cosine"}))
+
+
+def test_config_differences_name_the_keys_and_skip_the_ignored_ones():
+    """One comparison serves `--resume` (only optim.epochs may grow) and the demo's stage reuse (tracking ignored)."""
+    from meal_ray.config import config_differences
+
+    a = load_config("jobs/fashion-mnist.yaml").to_dict()
+    b = load_config("jobs/fashion-mnist.yaml", overrides=["optim.epochs=99", "optim.lr=0.5", "run.tracking_uri=x",
+                                                          "data.crop_scale=[0.5, 1.0]"]).to_dict()
+    assert config_differences(a, b) == ["data.crop_scale", "optim.epochs", "optim.lr", "run.tracking_uri"]
+    assert config_differences(a, b, ignore=["optim.epochs", "run.tracking_uri"]) == ["data.crop_scale", "optim.lr"]
+    assert config_differences(a, load_config("jobs/fashion-mnist.yaml").to_dict()) == []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from meal_ray.config import JobConfig, LossConfig, OptimConfig, load_config
+from meal_ray.config import JobConfig, LossConfig, OptimConfig, config_differences, load_config
 from meal_ray.data.datasets import FASHION_MNIST_CLASSES
 from meal_ray.demo.report import (
     CONTROL,
@@ -93,7 +93,7 @@ def _reusable(cfg: JobConfig) -> bool:
         return False
     if "inputs" in record and record["inputs"] != input_digests(cfg):
         return False
-    return saved == cfg.to_dict() or _same_but_tracking(saved, cfg.to_dict())
+    return not config_differences(saved, cfg.to_dict(), ignore=["run.tracking_uri"])
 
 
 class DemoClock:
@@ -202,13 +202,6 @@ def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log
                                                  cache_top_k=top_k)))
     run_stage(cached, log, parent_run_id, clock)
     return cached
-
-
-def _same_but_tracking(a: dict, b: dict) -> bool:
-    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
-    for d in (a, b):
-        d["run"].pop("tracking_uri", None)
-    return a == b
 
 
 def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, cutmix=None,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from meal_ray.cluster import app_demands, check_placement, cluster_nodes, ensure_ray, placement_timed_out, user_error
-from meal_ray.config import JobConfig, load_config
+from meal_ray.config import JobConfig, config_differences, load_config
 from meal_ray.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputDirError, PlacementError
 from meal_ray.files import write_text_atomic
 from meal_ray.models import check_model_name, check_weights_fit
@@ -42,14 +42,11 @@ def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
         if overwrite:
             return {}
         if resume:
-            old, new = _with_defaults(record["config"]), cfg.to_dict()
-            for d in (old, new):
-                d["optim"] = {k: v for k, v in d["optim"].items() if k != "epochs"}
-                d["run"] = {k: v for k, v in d["run"].items() if k not in RESUMABLE_ELSEWHERE}
-            diff = sorted(k for k in new if old.get(k) != new.get(k))
+            diff = config_differences(_with_defaults(record["config"]), cfg.to_dict(),
+                                      ignore=["optim.epochs"] + [f"run.{k}" for k in RESUMABLE_ELSEWHERE])
             if diff:
                 raise OutputDirError(
-                    f"{out} holds a run with a different config (sections {', '.join(diff)} differ); "
+                    f"{out} holds a run with a different config ({', '.join(diff)} differ); "
                     "resume with the same config (only optim.epochs may grow), or use --overwrite / another --output."
                 )
             return record
