@@ -34,6 +34,11 @@ def check_autocast(key: str, value) -> None:
         raise ConfigError(f"{key}={value!r}: use bf16, fp16 or leave it empty (fp32).")
 
 
+#: The Serve teacher application's batching defaults (``args.max_batch_size``, ``args.batch_wait_timeout_s``).
+MAX_BATCH_SIZE = 64
+BATCH_WAIT_TIMEOUT_S = 0.01
+
+
 def check_batching(prefix: str, max_batch_size, batch_wait_timeout_s) -> None:
     """Dynamic batching of a teacher deployment (Serve app args and a deployment's user_config)."""
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -195,8 +200,8 @@ class TeacherAppConfig:
 
     # the teachers to serve, one deployment each ({name, model, weights, pretrained})
     teachers: list = field(default_factory=list, metadata={"items": TeacherSpec})
-    max_batch_size: int = 64  # crops per teacher forward pass (dynamic batching merges requests up to this)
-    batch_wait_timeout_s: float = 0.01  # seconds a replica waits to merge requests into one forward pass
+    max_batch_size: int = MAX_BATCH_SIZE  # crops per teacher forward pass (dynamic batching merges requests up to this)
+    batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S  # seconds a replica waits to merge requests into one pass
     autocast: Optional[str] = None  # null | bf16 | fp16: teacher inference precision (fp32: the paper's targets)
     base_dir: Optional[str] = None  # relative weights paths resolve against this (default: working directory)
     retry_s: float = 60.0  # how long the ingress waits for a replaced teacher replica

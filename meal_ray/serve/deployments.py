@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from meal_ray.config import check_batching, teacher_spec
+from meal_ray.config import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE, check_batching, teacher_spec
 from meal_ray.ensemble import average_teacher_outputs, describe_teacher, fingerprint, load_teacher
 from meal_ray.errors import ClassCountMismatchError, ConfigError, ProtocolError
 from meal_ray.serve import retry
@@ -50,8 +50,8 @@ class TeacherModel:
     (``ray_actor_options: {num_gpus: 1}``), on CPU otherwise.
     """
 
-    def __init__(self, spec: dict, autocast: Optional[str] = None, max_batch_size: int = 64,
-                 batch_wait_timeout_s: float = 0.01, data: Optional[dict] = None, emulate: Optional[dict] = None):
+    def __init__(self, spec: dict, autocast: Optional[str], max_batch_size: int, batch_wait_timeout_s: float,
+                 data: Optional[dict] = None, emulate: Optional[dict] = None):
         logging.getLogger("ray.serve").addFilter(_DropMaxOngoingWarning())
         self.spec = teacher_spec(spec)
         self.weights_given = spec.get("weights_given", self.spec.weights)  # as the Serve config names them
@@ -102,7 +102,8 @@ class TeacherModel:
         outs = await asyncio.gather(*(self.infer_batch(c) for c in chunks))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_num_samples)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S,
+                 batch_size_fn=_num_samples)  # set per app in __init__ (args.max_batch_size, batch_wait_timeout_s)
     async def infer_batch(self, requests: list) -> list:
         self._batch_sizes.append(_num_samples(requests))
         # Requests of different crop sizes (two jobs sharing the pool) run as separate forward passes.
