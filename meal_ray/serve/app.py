@@ -21,10 +21,22 @@ from meal_ray.serve.deployments import INGRESS_NAME, EnsembleIngress, TeacherMod
 IMPORT_PATH = "meal_ray.serve.app:build_app"
 
 
+def app_base_dir(app: TeacherAppConfig, base_dir: Optional[str] = None) -> Path:
+    """Where the app's relative paths (weights, ``data.root``) resolve: the given directory, else ``args.base_dir``,
+    else the working directory."""
+    return Path(base_dir or app.base_dir or os.getcwd())
+
+
+def _resolved(path: str, base: Path) -> Path:
+    """``path`` with ``~`` expanded, and relative to ``base`` unless absolute."""
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else base / p
+
+
 def resolve_teachers(app: TeacherAppConfig, base_dir: Optional[str] = None, check_files: bool = True) -> list:
     """Teacher specs as dicts with deployment names (``teacher<i>`` by default), absolute weights paths and, as
     ``weights_given``, the weights as the config wrote them (what a job names to mean these teachers)."""
-    base = Path(base_dir or app.base_dir or os.getcwd())
+    base = app_base_dir(app, base_dir)
     specs, names = [], set()
     for i, t in enumerate(app.teachers):
         if not t.model:
@@ -37,8 +49,7 @@ def resolve_teachers(app: TeacherAppConfig, base_dir: Optional[str] = None, chec
         names.add(name)
         weights = t.weights
         if weights:
-            path = Path(os.path.expanduser(str(weights)))
-            path = path if path.is_absolute() else base / path
+            path = _resolved(weights, base)
             if check_files and not path.exists():
                 hint = ""
                 if "fmnist-teacher-" in str(weights):
@@ -58,10 +69,7 @@ def resolve_data(app: TeacherAppConfig, base_dir: Optional[str] = None) -> Optio
     if app.data is None:
         return None
     root = app.data.root
-    if root:
-        path = Path(os.path.expanduser(str(root)))
-        root = str(path if path.is_absolute() else Path(base_dir or app.base_dir or os.getcwd()) / path)
-    return {"dataset": app.data.dataset, "root": root}
+    return {"dataset": app.data.dataset, "root": str(_resolved(root, app_base_dir(app, base_dir))) if root else None}
 
 
 def build_app(args: dict):
@@ -101,7 +109,7 @@ def load_serve_config(config_path: str | Path, base_dir: Optional[str] = None):
             resolve_teachers(parsed, base_dir=base_dir)  # fail fast: names and weights files
             # relative paths keep resolving against this directory wherever the app is built, and the teachers keep
             # the names the config gives them (a job names its teachers' weights the same way)
-            app_args["base_dir"] = str(Path(base_dir or parsed.base_dir or os.getcwd()).resolve())
+            app_args["base_dir"] = str(app_base_dir(parsed, base_dir).resolve())
             app.args = app_args
     return config
 
