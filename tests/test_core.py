@@ -547,3 +547,20 @@ def test_config_differences_name_the_keys_and_skip_the_ignored_ones():
     assert config_differences(a, b) == ["data.crop_scale", "optim.epochs", "optim.lr", "run.tracking_uri"]
     assert config_differences(a, b, ignore=["optim.epochs", "run.tracking_uri"]) == ["data.crop_scale", "optim.lr"]
     assert config_differences(a, load_config("jobs/fashion-mnist.yaml").to_dict()) == []
+
+
+def test_student_lr_schedules_match_the_paper_and_cosine():
+    """Step (the paper): 0.01 for epochs [0, 100), 0.001 from 100 on, whatever the step within an epoch; cosine: lr at
+    the start, half of it midway, 0 at the end, per step."""
+    from meal_ray.config import OptimConfig
+    from meal_ray.engine import student_lr
+
+    step = OptimConfig()  # the paper's defaults
+    assert [student_lr(step, e, f) for e, f in ((0, 0.0), (99, 0.99), (100, 0.0), (179, 0.5))] == pytest.approx(
+        [0.01, 0.01, 0.001, 0.001])
+    two = OptimConfig(lr=0.1, lr_milestones=(2, 4), lr_gamma=0.5)
+    assert [student_lr(two, e) for e in range(6)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    cosine = OptimConfig(lr=0.05, lr_schedule="cosine", epochs=10)
+    assert student_lr(cosine, 0) == pytest.approx(0.05) and student_lr(cosine, 5) == pytest.approx(0.025)
+    assert student_lr(cosine, 2, 0.5) == pytest.approx(0.025 * (1 + math.cos(math.pi * 0.25)))
+    assert student_lr(cosine, 10) == pytest.approx(0.0, abs=1e-12)
