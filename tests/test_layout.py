@@ -201,3 +201,20 @@ def test_the_configuration_reference_is_current_and_describes_every_key():
         for f in dataclasses.fields(type(getattr(JobConfig(), section))):
             assert f"| `{section}.{f.name}` |" in text, f"{section}.{f.name}"
     assert "| `optim.lr` | `0.01` |" in text and "| `run.stop_after_steps` | `null` |" in text
+
+
+def test_docs_links_resolve_and_nothing_points_outside_the_repository():
+    """Every relative link in the README and docs/ names a file that exists, and no tracked file refers to a path
+    outside the repository (a user's clone has nothing beside it)."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://", "mailto:")):
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    outside = [f for f in tracked if f.endswith((".py", ".md", ".yaml", ".toml", ".sh", "Makefile"))
+               and re.search(r"\.\./shared|DESIGN\.md", (root / f).read_text(errors="ignore"))]
+    assert outside == [] or outside == ["tests/test_layout.py"], outside
