@@ -122,3 +122,15 @@ def test_a_finished_stage_is_not_reused_when_its_weights_files_changed(tmp_path)
     record.pop("inputs")  # a stage finished before run.json recorded its inputs: reused as before
     (out / "run.json").write_text(json.dumps(record))
     assert _reusable(cfg)
+
+    # the whole demo directory moved (or copied elsewhere): its stages name their inputs under the old place
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("teacher", "stage"):
+        (tmp_path / name).rename(moved / name)
+    at_new_place = cfg.to_dict()
+    at_new_place["teachers"]["models"][0]["weights"] = str(moved / "teacher")
+    at_new_place["run"]["output"] = str(moved / "stage")
+    assert _reusable(load_config(data=at_new_place))
+    at_new_place["optim"]["epochs"] += 1  # a real difference still runs the stage again
+    assert not _reusable(load_config(data=at_new_place))

@@ -76,7 +76,8 @@ def _stage_config(name: str, mode: str, out: Path, model: str, epochs: int, pres
 
 
 def _reusable(cfg: JobConfig) -> bool:
-    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI and that started
+    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI and the demo
+    directory's location (a moved demo keeps its stages), and that started
     from the same weights files' contents (a teacher or student init trained again elsewhere has the same path but
     other weights). The saved config is read back through today's config classes, so a stage finished before a
     setting existed (it takes its default) is still reused."""
@@ -93,7 +94,21 @@ def _reusable(cfg: JobConfig) -> bool:
         return False
     if "inputs" in record and record["inputs"] != input_digests(cfg):
         return False
+    moved_from, moved_to = Path(saved["run"]["output"]).parent, out.parent
+    if moved_from != moved_to:  # the demo directory was moved or copied: its stages name their inputs under it
+        saved = _rebased(saved, str(moved_from), str(moved_to))
     return not config_differences(saved, cfg.to_dict(), ignore=["run.tracking_uri"])
+
+
+def _rebased(value, old_root: str, new_root: str):
+    """``value`` (a config dict) with every path under ``old_root`` moved under ``new_root``."""
+    if isinstance(value, dict):
+        return {k: _rebased(v, old_root, new_root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebased(v, old_root, new_root) for v in value]
+    if isinstance(value, str) and (value == old_root or value.startswith(old_root + os.sep)):
+        return new_root + value[len(old_root):]
+    return value
 
 
 class DemoClock:
