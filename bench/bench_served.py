@@ -21,7 +21,8 @@ the teachers taking the student's cores. Prints, as measured here (nothing is ha
 3. teacher wait fraction against the prefetch window (1, 2, 4, 8 batches in flight);
 4. emulated replicas 1 -> 2 when the teachers are the bottleneck at both counts: goal >= 1.8x;
 5. `meal-ray plan` applied: the planned replica count of emulated teachers, and the wait it gives (goal < 3%), also
-   on 4x longer epochs (each epoch starts with one teacher round trip of waiting: the window refills);
+   on 4x longer epochs; the whole epoch's wait against the steady one (after its first batch): the window asks for
+   the next epoch's first batches while this one's last steps train, so an epoch start waits no round trip;
 6. request bytes per sample, pixels vs crop boxes (bench_wire.py);
 7. Ray Train workers 1 -> 2 (hard labels, the whole job path).
 """
@@ -135,17 +136,16 @@ def background_load(cores: float):
 
 
 class RecordedWaits:
-    """The source it wraps, recording each batch's wait: the first batch of an epoch waits for a whole teacher round
-    trip (the prefetch window fills again at every epoch start), which a short bench epoch weighs far more than an
-    ImageNet epoch of 10,000 steps does; the steady wait leaves it out."""
+    """The source it wraps, recording each batch's epoch and wait: were the window to fill again at an epoch start,
+    its first batch would wait a whole teacher round trip, which a short bench epoch weighs far more than an ImageNet
+    epoch of 10,000 steps does; the steady wait leaves the first batch out."""
 
     def __init__(self, source):
         self.source, self.waits = source, []
 
     def attach(self, batches):
-        self.waits = []
         for batch in self.source.attach(batches):
-            self.waits.append(batch.wait_s)
+            self.waits.append((batch.epoch, batch.wait_s))
             yield batch
 
     def close(self) -> None:
@@ -199,7 +199,8 @@ def epoch_rate(cfg, source=None) -> dict:
     m = engine.train_epoch()
     cpu = cpu_used(before, cpu_times(), cfg.data.train_subset)
     epoch_s = cfg.data.train_subset / m["images_per_s"]
-    steady = sum(recorded.waits[1:]) / epoch_s if recorded and recorded.waits else 0.0
+    waits = [w for e, w in (recorded.waits if recorded else []) if e == 1]
+    steady = sum(waits[1:]) / epoch_s if waits else 0.0
     return {"img_s": m["images_per_s"], "wait": m.get("teacher_wait_frac", 0.0), "steady_wait": steady, "cpu": cpu,
             "retries": m.get("teacher_retries", 0)}
 

@@ -9,6 +9,8 @@ decide where they go.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import random
 import time
@@ -113,8 +115,18 @@ class Engine:
         self.epoch = 0  # next epoch to run
         self.stopped_early = False  # run.stop_after_steps reached: a rehearsal ends here
         self.progress = None  # a meal_ray.progress.ProgressWriter on the rank that reports progress, if any
+        # Two random streams per rank. Augmentation (crops: torch's global RNG as torchvision draws them; CutMix:
+        # self._rng and Beta's global draw) is swapped in only while batches are drawn, which may run ahead of
+        # training into the next epoch (a served source keeps its window full across the boundary). The student's
+        # stream (dropout, the val loader's seed draw) is the global RNG the rest of the time. Kept apart, a
+        # checkpoint restores each where it was: see rng_state().
         self._rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
-        torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # per-rank augmentation stream
+        torch.manual_seed(cfg.run.seed * 1000 + self.rank)
+        self._augmentation_state = torch.get_rng_state()
+        torch.manual_seed(cfg.run.seed * 1000 + self.rank + 500)  # the student's stream
+        self._epoch_streams: dict = {}  # epoch -> the augmentation streams when its first batch was drawn
+        self._attached: Optional[Iterator[Batch]] = None  # the source's batches, across epochs from _attached_epoch
+        self._attached_epoch = -1
 
     @classmethod
     def for_job(cls, cfg: JobConfig, source=None, device: torch.device | str = "cpu",
@@ -128,17 +140,25 @@ class Engine:
         return cls(cfg, train_loader, val_loader, classes, source, device, wrap_model, log)
 
     # ------------------------------------------------------------------ checkpoint state
-    def rng_state(self) -> dict:
-        """This rank's random streams (augmentation, CutMix, the loader's seed draws) as tensors and plain values, so
-        a checkpoint loads with ``torch.load(weights_only=True)``."""
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
+    def _augmentation_streams(self) -> dict:
         loader_gen = getattr(self.train_loader, "generator", None)
-        return {"torch": torch.get_rng_state(), "python": random.getstate(), "cutmix": self._rng.get_state(),
-                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        return {"augmentation": self._augmentation_state.clone(), "cutmix": self._rng.get_state(),
                 "loader": loader_gen.get_state() if loader_gen is not None else None}
+
+    def rng_state(self) -> dict:
+        """This rank's random streams as tensors and plain values, so a checkpoint loads with
+        ``torch.load(weights_only=True)``: the student's (``torch``, python, numpy) as they are now, and the
+        augmentation streams (crops, CutMix, the loader's seed draws) as they were when epoch ``self.epoch``'s first
+        batch was drawn (already, by a source that requests ahead), so a restarted run draws that epoch again."""
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        augmentation = self._epoch_streams.get(self.epoch) or self._augmentation_streams()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss), **augmentation}
 
     def set_rng_state(self, rng: dict) -> None:
         torch.set_rng_state(rng["torch"])
+        # a checkpoint from before the streams were apart has one stream: augmentation continues from it
+        self._augmentation_state = rng.get("augmentation", rng["torch"]).clone()
         random.setstate(rng["python"])
         self._rng.set_state(rng["cutmix"])
         name, keys, pos, has_gauss, gauss = rng["numpy"]
@@ -147,6 +167,7 @@ class Engine:
         loader_gen = getattr(self.train_loader, "generator", None)
         if rng.get("loader") is not None and loader_gen is not None:
             loader_gen.set_state(rng["loader"])
+        self._epoch_streams, self._attached = {}, None  # batches drawn ahead are drawn again from these streams
 
     def state_dict(self) -> dict:
         """Everything a restarted run needs to continue bit for bit. Every rank must call it (each rank's random
@@ -182,12 +203,45 @@ class Engine:
             self.set_rng_state(per_rank[0])
 
     # ------------------------------------------------------------------ training
-    def batches(self) -> Iterator[Batch]:
-        """This epoch's training batches (epoch set, CutMix applied unless the loader replays recorded mixes)."""
-        o = self.cfg.optim
-        for batch in batches_from_loader(self.train_loader):
-            batch.epoch = self.epoch
-            yield cutmix(batch, o.cutmix_beta, o.cutmix_prob, self._rng) if o.cutmix and not self.replays_mix else batch
+    @contextlib.contextmanager
+    def _drawing_augmentation(self):
+        """The global torch RNG on the augmentation stream for the block; the student's stream is put back after."""
+        student_state = torch.get_rng_state()
+        torch.set_rng_state(self._augmentation_state)
+        try:
+            yield
+        finally:
+            self._augmentation_state = torch.get_rng_state()
+            torch.set_rng_state(student_state)
+
+    def batches(self, epoch: Optional[int] = None) -> Iterator[Batch]:
+        """Epoch ``epoch``'s training batches (default: the next to train; epoch set, CutMix applied unless the
+        loader replays recorded mixes), drawn from the augmentation stream whenever they are asked for."""
+        epoch, o = self.epoch if epoch is None else epoch, self.cfg.optim
+        self._epoch_streams = {e: s for e, s in self._epoch_streams.items() if e >= self.epoch}
+        self._epoch_streams[epoch] = self._augmentation_streams()
+        self.train_loader.sampler.set_epoch(epoch)
+        loader = batches_from_loader(self.train_loader)
+        while True:
+            with self._drawing_augmentation():
+                batch = next(loader, None)
+                if batch is not None:
+                    batch.epoch = epoch
+                    if o.cutmix and not self.replays_mix:
+                        batch = cutmix(batch, o.cutmix_beta, o.cutmix_prob, self._rng)
+            if batch is None:
+                return
+            yield batch
+
+    def _source_batches(self, epoch: int) -> Iterator[Batch]:
+        """The soft-labelled batches from epoch ``epoch`` on: one stream across epochs, so a source that requests
+        ahead (the served window) asks for the next epoch's first batches while this one's last steps train."""
+        if self._attached is None or self._attached_epoch != epoch:
+            last = max(self.cfg.optim.epochs, epoch + 1)
+            self._attached = self.source.attach(itertools.chain.from_iterable(
+                self.batches(e) for e in range(epoch, last)))
+            self._attached_epoch = epoch
+        return self._attached
 
     def train_step(self, batch: Batch) -> dict:
         """One SGD step on one batch; returns this step's loss parts and hit count."""
@@ -226,7 +280,6 @@ class Engine:
     def train_epoch(self) -> dict:
         """Run epoch ``self.epoch``; returns metrics averaged over all ranks."""
         epoch, o = self.epoch, self.cfg.optim
-        self.train_loader.sampler.set_epoch(epoch)
         self.student.train()
         if self.discriminator is not None:
             self.discriminator.train()
@@ -237,7 +290,11 @@ class Engine:
                 "retries": 0}
         start = last = time.perf_counter()
         scheduled = {"student", "discriminator"} if o.d_lr_schedule == "student" else {"student"}
-        for step, batch in enumerate(self.source.attach(self.batches())):
+        source_batches = self._source_batches(epoch)
+        for step, batch in enumerate(itertools.islice(source_batches, steps_per_epoch)):
+            if batch.epoch != epoch:
+                raise RuntimeError(f"epoch {epoch + 1} got a batch of epoch {batch.epoch + 1}: the train loader gave "
+                                   f"another number of batches than its length ({steps_per_epoch})")
             for group in self.optimizer.param_groups:
                 if group.get("name") in scheduled:
                     group["lr"] = student_lr(o, epoch, step / max(steps_per_epoch, 1))
@@ -266,6 +323,9 @@ class Engine:
             if stop_after is not None and epoch * steps_per_epoch + step + 1 >= stop_after:
                 self.stopped_early = True  # a rehearsal: every rank has the same steps per epoch, so all stop here
                 break
+        if self.stopped_early:
+            self._attached = None
+        self._attached_epoch = epoch + 1  # the stream goes on with the next epoch
         sums["time_s"] = time.perf_counter() - start
         total = _all_reduce_sum(sums, self.device)
         samples = max(total["samples"], 1)

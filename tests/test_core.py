@@ -564,3 +564,69 @@ def test_student_lr_schedules_match_the_paper_and_cosine():
     assert student_lr(cosine, 0) == pytest.approx(0.05) and student_lr(cosine, 5) == pytest.approx(0.025)
     assert student_lr(cosine, 2, 0.5) == pytest.approx(0.025 * (1 + math.cos(math.pi * 0.25)))
     assert student_lr(cosine, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+class _WindowedTeachers:
+    """In-process teachers behind the served source's prefetch window (the window is what is under test): records,
+    for each request, the epoch of its batch and the epoch the engine was training when it went out."""
+
+    name = "windowed"
+
+    def __init__(self, ensemble, engine_epoch, window: int = 2):
+        from meal_ray.sources.base import PrefetchWindow
+
+        self.ensemble, self.engine_epoch, self.requests = ensemble, engine_epoch, []
+        self.window = PrefetchWindow(self._submit, lambda reply: reply, window)
+
+    def _submit(self, batch):
+        self.requests.append((batch.epoch, self.engine_epoch()))
+        probs, logits = self.ensemble(batch.images)
+        return probs.clone(), logits.clone(), 0.0, 0
+
+    def attach(self, batches):
+        return self.window.attach(batches)
+
+    def crop_sampler(self):
+        return None
+
+    def close(self):
+        pass
+
+
+def test_the_window_asks_for_the_next_epoch_while_this_one_trains_and_a_resume_draws_the_same_batches(tiny_teachers):
+    """No refill at an epoch start: the prefetch window requests epoch e+1's first batches while epoch e's last steps
+    train. The crops and mixes are drawn on a stream of their own, snapshotted where each epoch's drawing began, so a
+    run resumed from the checkpoint after epoch 1 (student with dropout, CutMix on) ends bit-identical to an
+    undisturbed one, and asks for the same batches."""
+    import io
+
+    from meal_ray.engine import Engine
+    from meal_ray.ensemble import TeacherSet
+
+    cfg = _cfg("distill", "test_efficientnet", 3, 0.05, 256, teachers=tiny_teachers,
+                      student={"drop_rate": 0.3}, optim={"cutmix": True})
+    ensemble = TeacherSet.from_config(cfg.teachers).load()
+
+    def engine():
+        e = Engine.for_job(cfg, log=lambda s: None)
+        e.source = _WindowedTeachers(ensemble, lambda: e.epoch)
+        return e
+
+    undisturbed = engine()
+    undisturbed.fit()
+    steps = len(undisturbed.train_loader)
+    assert (1, 0) in undisturbed.source.requests and (2, 1) in undisturbed.source.requests  # asked a step ahead
+    assert [e for e, _ in undisturbed.source.requests] == [e for e in range(3) for _ in range(steps)]
+
+    checkpoint = io.BytesIO()
+    first = engine()
+    first.fit(lambda epoch, m, r: torch.save(first.state_dict(), checkpoint) if epoch == 1 else None)
+    checkpoint.seek(0)
+    resumed = engine()
+    torch.manual_seed(999)  # whatever the process's stream, the checkpoint's are put back
+    resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
+    resumed.fit()
+    for name in ("student_raw", "discriminator_raw"):
+        want, got = getattr(undisturbed, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    assert [e for e, _ in resumed.source.requests] == [1] * steps + [2] * steps
