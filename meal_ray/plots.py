@@ -75,17 +75,26 @@ def plot_per_class(classes: Sequence[str], series: dict, path: str | Path, title
 
 def plot_arms(curves: dict, path: str | Path, title: str = "", reference: dict | None = None,
               colors: Optional[Mapping[str, str]] = None) -> Path:
-    """Val top-1 per epoch of several arms, one line per seed (same colour per arm), with horizontal references."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    """Test top-1 (left, with horizontal references) and training loss (right) per epoch of several arms, one line
+    per seed (same colour per arm): the paper's hard- vs soft-label curves (its Fig. 3)."""
+    fig, (top1, loss) = plt.subplots(1, 2, figsize=(13, 4.5))
     for arm, per_seed in curves.items():
         for j, (seed, history) in enumerate(per_seed.items()):
-            ax.plot([h["epoch"] for h in history], [h["val_top1"] for h in history], marker="o", ms=3,
-                    color=color_of(arm, colors), alpha=0.85, label=arm if j == 0 else None)
+            epochs = [h["epoch"] for h in history]
+            for ax, key in ((top1, "val_top1"), (loss, "train_loss")):
+                ax.plot(epochs, [h[key] for h in history], marker="o", ms=3, color=color_of(arm, colors), alpha=0.85,
+                        label=arm if j == 0 else None)
     for name, value in (reference or {}).items():
-        ax.axhline(value, ls="--", lw=1, color=color_of(name, colors), label=name)
-    ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)"), ax.set_title(title), ax.grid(alpha=0.3)
-    _whole_epochs(ax)
-    ax.legend(loc="lower right")
+        top1.axhline(value, ls="--", lw=1, color=color_of(name, colors), label=name)
+    top1.set_ylabel("test top-1 (%)")
+    loss.set_ylabel("training loss (hard-label CE for the control; soft CE + discriminator for MEAL V2)")
+    loss.yaxis.label.set_size(8)
+    for ax in (top1, loss):
+        ax.set_xlabel("epoch"), ax.grid(alpha=0.3)
+        _whole_epochs(ax)
+    top1.legend(loc="lower right")
+    loss.legend(loc="upper right")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import FMNIST_DATA
+from conftest import FMNIST_DATA, local_distill_job
 
 READABLE = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")
 
@@ -45,12 +45,8 @@ def test_distill_logs_a_loadable_registered_mlflow_model(tmp_path, ray_cluster, 
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    job = dict(name="fmnist-distill", mode="distill", data=dict(FMNIST_DATA, train_subset=512, val_subset=500),
-               student=dict(model="test_efficientnet", num_classes=10),
-               teachers=dict(source="local", models=[{"model": t["model"], "weights": t["weights"]}
-                                                     for t in tiny_teachers]),
-               optim=dict(epochs=1, batch_size=128, lr=0.05),
-               run=dict(num_workers=1, cpus_per_worker=1, log_every=0, experiment="fmnist"))
+    job = local_distill_job("fmnist-distill", tiny_teachers, epochs=1, train_subset=512, val_subset=500,
+                            experiment="fmnist")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["distill", "--config", str(tmp_path / "job.yaml"), "--output", str(out),
@@ -227,6 +223,8 @@ def test_plots_whole_epochs_one_class_order_and_one_colour_per_series(tmp_path, 
             assert to_hex(container.patches[0].get_facecolor()) == COLORS[name]  # the same colour in every plot
             assert [p.get_height() for p in container.patches] == [81.0, 95.0, 97.0]  # in the classes' order
     assert arms_lines[MEAL] == COLORS[MEAL] and arms_lines["teacher ensemble"] == COLORS["teacher ensemble"]
+    loss_lines = {line.get_label(): list(line.get_ydata()) for line in figures[1].axes[1].get_lines()}
+    assert loss_lines == {CONTROL: [1.0, 0.5, 1 / 3], MEAL: [1.0, 0.5, 1 / 3]}  # the training loss beside top-1
     assert plots.color_of("resnet18") == plots.color_of("resnet18")  # unnamed series: a fixed colour from the name
     plt.close("all")
 
