@@ -593,18 +593,21 @@ class _WindowedTeachers:
         pass
 
 
-def test_the_window_asks_for_the_next_epoch_while_this_one_trains_and_a_resume_draws_the_same_batches(tiny_teachers):
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_the_window_asks_for_the_next_epoch_while_this_one_trains_and_a_resume_draws_the_same_batches(tiny_teachers,
+                                                                                                     loader_workers):
     """No refill at an epoch start: the prefetch window requests epoch e+1's first batches while epoch e's last steps
     train. The crops and mixes are drawn on a stream of their own, snapshotted where each epoch's drawing began, so a
-    run resumed from the checkpoint after epoch 1 (student with dropout, CutMix on) ends bit-identical to an
-    undisturbed one, and asks for the same batches."""
+    run resumed from the checkpoint after epoch 1 (student with dropout, CutMix on; crops drawn in this process or in
+    DataLoader worker processes) ends bit-identical to an undisturbed one, and asks for the same batches."""
     import io
 
     from meal_ray.engine import Engine
     from meal_ray.ensemble import TeacherSet
 
     cfg = _cfg("distill", "test_efficientnet", 3, 0.05, 256, teachers=tiny_teachers,
-                      student={"drop_rate": 0.3}, optim={"cutmix": True})
+               student={"drop_rate": 0.3}, optim={"cutmix": True})
+    cfg.data.loader_workers = loader_workers
     ensemble = TeacherSet.from_config(cfg.teachers).load()
 
     def engine():

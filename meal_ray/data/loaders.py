@@ -96,8 +96,11 @@ def build_train_loader(train: Dataset, cfg: DataConfig, batch_size: int, rank: i
     view = TrainView(train, sampler_, cfg.image_size, cfg.interpolation)
     sampler = EpochSampler(view, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    # Worker processes start anew each epoch, seeded from ``gen`` (a checkpoint keeps its state): persistent workers
+    # would carry their random streams across epochs, out of a checkpoint's reach, and a resumed run would crop
+    # differently from then on.
     return DataLoader(view, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=cfg.loader_workers,
-                      generator=gen, persistent_workers=cfg.loader_workers > 0, pin_memory=_pin(cfg))
+                      generator=gen, persistent_workers=False, pin_memory=_pin(cfg))
 
 
 def build_val_loader(val: Dataset, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
