@@ -380,7 +380,7 @@ def validate_serve(raw: dict, path: str) -> None:
     resolve_teachers(load_app_config(raw["applications"][0]["args"]))
 
 
-def init_job(data: str, teachers: list, output: str, student: str = "mobilenetv3_small_050",
+def init_job(data: str, teachers: list, output: str, *, student: str = "mobilenetv3_small_050",
              student_init: str = "pretrain", name: Optional[str] = None, image_size: Optional[int] = None,
              sample: int = DEFAULT_SAMPLE, source: str = "served", force: bool = False, log=print,
              pools: bool = False) -> dict:

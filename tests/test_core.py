@@ -633,3 +633,33 @@ def test_the_window_asks_for_the_next_epoch_while_this_one_trains_and_a_resume_d
         want, got = getattr(undisturbed, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(want[k], got[k]) for k in want), name
     assert [e for e, _ in resumed.source.requests] == [1] * steps + [2] * steps
+
+
+def test_the_engine_applies_the_discriminator_mode_the_config_names():
+    """loss.discriminator through the engine, one step from one init on one batch: the discriminator learns the
+    same in reference and adversarial mode (its own loss does not depend on the student's gradient), and the
+    student's two updates straddle the update without a discriminator (off): its loss's gradient reaches the student
+    with opposite signs."""
+    from dataclasses import replace
+
+    from meal_ray.engine import Engine
+
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 3
+    steps = {}
+    for mode in ("reference", "adversarial", "off"):
+        cfg = _cfg("distill", "test_efficientnet", 1, 0.05, 256, teachers=[{"model": "test_resnet"}],
+                   loss={"discriminator": mode})
+        engine = Engine.for_job(cfg, log=lambda s: None)
+        engine.student.train()
+        batch = next(engine.batches())
+        before = {k: v.clone() for k, v in engine.student_raw.state_dict().items()}
+        engine.train_step(replace(batch, teacher_probs=logits.softmax(1), teacher_logits=logits))
+        after = engine.student_raw.state_dict()
+        steps[mode] = ({k: after[k] - before[k] for k in before if before[k].is_floating_point()},
+                       engine.discriminator_raw and engine.discriminator_raw.state_dict())
+    (ref, ref_d), (adv, adv_d), (off, off_d) = steps["reference"], steps["adversarial"], steps["off"]
+    assert off_d is None and all(torch.equal(ref_d[k], adv_d[k]) for k in ref_d)
+    moved = [k for k in ref if not torch.equal(ref[k], adv[k])]
+    assert moved  # the discriminator's gradient reached the student
+    for k in ref:
+        torch.testing.assert_close((ref[k] + adv[k]) / 2, off[k], rtol=1e-4, atol=1e-6)

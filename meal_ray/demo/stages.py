@@ -255,7 +255,7 @@ class DemoPlan:
     classes: int
 
 
-def run_demo(output: str, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
+def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
              log=print, preset: Optional[dict] = None, cache_passes: int = 0,

@@ -164,7 +164,7 @@ def tracking_datasets(cfg: JobConfig) -> list:
     return out
 
 
-def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
+def run_job(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
             log=print, parent_run_id: Optional[str] = None, tags: Optional[dict] = None,
             progress_suffix: Callable[[Optional[float]], str] = lambda eta_s: "") -> dict:
     """Run a pretrain or distill job end to end and return the final metrics record. ``parent_run_id`` nests the
@@ -209,8 +209,7 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.run.placement_timeout_s:g}"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id, "output_dir": str(out),
-                           "threads": cpu_threads(resources)},
+        train_loop_config={"config": cfg.to_dict(), "output_dir": str(out), "threads": cpu_threads(resources)},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources, accelerator_type=cfg.run.accelerator_type,
                                      label_selector=dict(cfg.run.label_selector) or None),
@@ -224,7 +223,8 @@ def run_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, addre
         f"output {out}, MLflow run {run_id} at {uri}")
     (out / PROGRESS_FILE).unlink(missing_ok=True)  # a previous attempt's lines are not this one's
     try:
-        with ProgressView(out / PROGRESS_FILE, print_line=log, suffix=progress_suffix, label=f"{cfg.mode} {cfg.name}"):
+        with ProgressView(out / PROGRESS_FILE, print_line=log, suffix=progress_suffix, label=f"{cfg.mode} {cfg.name}",
+                          on_metrics=lambda m: tracker.log_metrics(m, step=m["epoch"])):
             result = trainer.fit()
     except BaseException as e:
         tracker.end("FAILED")
