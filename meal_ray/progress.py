@@ -22,6 +22,7 @@ from meal_ray.files import write_text_atomic
 
 PROGRESS_FILE = "progress.json"
 KEPT_MESSAGES = 100  # the newest worker log lines kept in the file (the view reads it twice a second)
+KEPT_METRICS = 16  # the newest epochs' metrics kept in it (an epoch takes seconds at least; the view reads them all)
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -44,7 +45,7 @@ class ProgressWriter:
         self.path, self.clock, self.interval_s, self.teachers = Path(path), clock, interval_s, teachers
         self.state = {"attempt": uuid.uuid4().hex[:8], "stage": stage, "epoch": 0, "epochs": epochs,
                       "step": 0, "steps": 0, "images_per_s": None, "teacher_wait": None, "eta_s": None,
-                      "message_count": 0, "messages": []}
+                      "message_count": 0, "messages": [], "metrics_count": 0, "metrics": []}
         self._started = self._last = clock()  # this attempt's start; the end of the last step
         self._done = 0  # steps since the start
         self._window = (self._started, 0)  # (time, images) at the last write, for img/s
@@ -55,6 +56,12 @@ class ProgressWriter:
         """A log line the driver prints once (epoch summaries, resume notes); written at once."""
         self.state["messages"] = (self.state["messages"] + [text])[-KEPT_MESSAGES:]
         self.state["message_count"] += 1
+        self.write()
+
+    def metrics(self, record: dict) -> None:
+        """An epoch's metrics (with their ``epoch``) for the driver, which owns the MLflow run; written at once."""
+        self.state["metrics"] = (self.state["metrics"] + [record])[-KEPT_METRICS:]
+        self.state["metrics_count"] += 1
         self.write()
 
     def step(self, epoch: int, step: int, steps: int, images: int, wait_s: float = 0.0) -> None:
@@ -91,15 +98,17 @@ class ProgressWriter:
 class ProgressView:
     """The driver's side: a thread that polls ``progress.json`` and shows it.
 
-    ``print_line`` gets the permanent lines (the worker's messages; on a pipe also the plain progress lines).
-    ``suffix(eta_s)`` adds to the live line (the demo's whole-demo ETA). ``stream`` is where a terminal's live line
-    is drawn; a stream that is not a TTY gets none.
+    ``print_line`` gets the permanent lines (the worker's messages; on a pipe also the plain progress lines),
+    ``on_metrics`` each epoch's metrics once. ``suffix(eta_s)`` adds to the live line (the demo's whole-demo ETA).
+    ``stream`` is where a terminal's live line is drawn; a stream that is not a TTY gets none.
     """
 
     def __init__(self, path: str | Path, print_line: Callable[[str], None] = print, stream=None,
                  plain_every_s: float = 30.0, poll_s: float = 0.5,
-                 suffix: Callable[[Optional[float]], str] = lambda eta: "", label: str = ""):
+                 suffix: Callable[[Optional[float]], str] = lambda eta: "", label: str = "",
+                 on_metrics: Callable[[dict], None] = lambda record: None):
         self.path, self.print_line, self.poll_s, self.plain_every_s = Path(path), print_line, poll_s, plain_every_s
+        self.on_metrics, self._metrics_seen = on_metrics, 0
         self.stream = stream if stream is not None else sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.suffix, self.label = suffix, label
@@ -134,14 +143,15 @@ class ProgressView:
     def poll(self, final: bool = False) -> None:
         state = self.read()
         if state is not None:
-            if state.get("attempt") != self._attempt:  # a restarted worker group numbers its messages anew
-                self._attempt, self._printed = state.get("attempt"), 0
-            count, messages = state.get("message_count", 0), state.get("messages", [])
-            new = messages[max(0, len(messages) - (count - self._printed)):] if count > self._printed else []
-            for text in new:
+            if state.get("attempt") != self._attempt:  # a restarted worker group numbers its records anew
+                self._attempt, self._printed, self._metrics_seen = state.get("attempt"), 0, 0
+            for text in _unseen(state, "messages", "message_count", self._printed):
                 self._clear()
                 self.print_line(f"[meal-ray] {text}")
-            self._printed = count
+            self._printed = state.get("message_count", 0)
+            for record in _unseen(state, "metrics", "metrics_count", self._metrics_seen):
+                self.on_metrics(record)
+            self._metrics_seen = state.get("metrics_count", 0)
         if final:
             return
         line = self.render(state)
@@ -171,3 +181,9 @@ class ProgressView:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._live = False
+
+
+def _unseen(state: dict, key: str, count_key: str, seen: int) -> list:
+    """The records of ``state[key]`` (the kept tail of ``state[count_key]`` written in all) after the first ``seen``."""
+    records, count = state.get(key, []), state.get(count_key, 0)
+    return records[max(0, len(records) - (count - seen)):] if count > seen else []

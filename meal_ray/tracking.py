@@ -1,9 +1,13 @@
 """MLflow tracking that never stops training and loses nothing.
 
 If the store is unreachable, the tracker says so once, keeps what it could not send in the run
-directory (``mlflow-pending.jsonl``: metrics, artifacts, the run's end) and tries again at the next
-call after a pause; once the server is back the pending records go first, in order. If it never
-comes back, ``meal-ray tracking sync RUN_DIR`` sends them later.
+directory (``mlflow-pending.jsonl``: the run's creation, metrics, artifacts, the model, the run's end)
+and tries again at the next call after a pause; once the server is back the pending records go first,
+in order. If it never comes back, ``meal-ray tracking sync RUN_DIR`` sends them later. A run whose
+creation is kept goes by a placeholder id (``pending-...``) until it exists; ``mlflow-run-ids.json``
+in the run directory then maps the placeholder to MLflow's id.
+
+One process owns a run: the job's driver (train workers hand their epoch metrics to it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
@@ -52,6 +57,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 PENDING_FILE = "mlflow-pending.jsonl"
+RUN_IDS_FILE = "mlflow-run-ids.json"  # placeholder run id -> MLflow's, for runs created from the spool
+PLACEHOLDER_PREFIX = "pending-"
 #: MLflow 3 experiment kind: "custom_model_development" is the UI's "Machine learning" (runs, metrics, charts), not
 #: the GenAI view (traces, evaluations). MLflow 3.17's UI shows whichever workflow its header switch (or the URL's
 #: ``?workflowType=machine_learning``) selects; older 3.x UIs and MLflow's own tools read this tag.
@@ -74,9 +81,9 @@ class Tracker:
     def __init__(self, uri: Optional[str] = None, run_id: Optional[str] = None, log=None,
                  spool_dir: Optional[str | Path] = None, retry_after_s: float = 30.0):
         self.uri = uri or default_tracking_uri()
-        self.run_id = run_id
         self.disabled = False  # no run and no spool: nothing more can be done
         self.spool = Path(spool_dir) / PENDING_FILE if spool_dir else None
+        self.run_id = self.resolve(run_id) if run_id else run_id
         self.retry_after_s = retry_after_s
         self._down_since: Optional[float] = None
         self._next_try = 0.0
@@ -113,11 +120,29 @@ class Tracker:
         if self.spool is None:
             self.disabled = True
 
+    def _run_ids(self) -> dict:
+        path = self.spool.parent / RUN_IDS_FILE if self.spool else None
+        try:
+            return json.loads(path.read_text()) if path is not None else {}
+        except (OSError, ValueError):
+            return {}
+
+    def resolve(self, run_id: str) -> str:
+        """MLflow's id of ``run_id``: itself, or, for a placeholder whose creation has been sent, the run's id."""
+        if not str(run_id).startswith(PLACEHOLDER_PREFIX):
+            return run_id
+        return self._run_ids().get(run_id, run_id)
+
     def _send(self, record: dict) -> None:
         """One spooled record to the server (raises on failure)."""
         from mlflow.entities import Metric
 
         kind = record["kind"]
+        if kind == "start":
+            return self._create_run(record)
+        record = dict(record, run_id=self.resolve(record["run_id"]))
+        if record["run_id"].startswith(PLACEHOLDER_PREFIX):  # its creation was lost (a spool edited by hand)
+            raise RuntimeError(f"run {record['run_id']} was never created: its creation is not in {self.spool}")
         if kind == "metrics":
             items = [Metric(k, v, ts, step) for k, v, ts, step in record["items"]]
             for i in range(0, len(items), 1000):
@@ -129,7 +154,37 @@ class Tracker:
             return self._send_model(record)
         elif kind == "end":
             self.client.set_terminated(record["run_id"], record["status"])
+        elif kind == "tags":
+            for k, v in record["tags"].items():
+                self.client.set_tag(record["run_id"], k, v)
         return None
+
+    def _create_run(self, record: dict) -> str:
+        """Create the run a start record describes (in its experiment, nested under its parent, with its params and
+        inputs); a placeholder id becomes MLflow's, here and in the run directory's RUN_IDS_FILE."""
+        from mlflow.entities import Param
+
+        from meal_ray.files import write_text_atomic
+
+        placeholder = record.get("placeholder")
+        run_id = self.resolve(placeholder) if placeholder else None
+        if run_id is None or run_id == placeholder:  # not created yet (a retry after a half-sent creation is not)
+            tags = dict(record.get("tags") or {})
+            if record.get("parent_run_id"):
+                tags[PARENT_RUN_TAG] = self.resolve(record["parent_run_id"])
+            exp_id = self.experiment_id(record["experiment"])
+            run_id = self.client.create_run(exp_id, run_name=record["run_name"], tags=tags).info.run_id
+            if placeholder and self.spool is not None:
+                write_text_atomic(self.spool.parent / RUN_IDS_FILE,
+                                  json.dumps(dict(self._run_ids(), **{placeholder: run_id}), indent=2))
+        if placeholder and self.run_id == placeholder:
+            self.run_id = run_id
+        items = [Param(k, v) for k, v in record["params"]]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+        if record.get("datasets"):
+            self.client.log_inputs(run_id, datasets=[_dataset_input(**d) for d in record["datasets"]])
+        return run_id
 
     def _send_model(self, record: dict):
         """Log a meal-ray export as an MLflow pytorch model of the run (and register it when asked). An unreachable
@@ -259,27 +314,22 @@ class Tracker:
     def start(self, experiment: str, run_name: str, params: dict, tags: Optional[dict] = None,
               parent_run_id: Optional[str] = None, datasets: Sequence[dict] = ()) -> Optional[str]:
         """Create (or, with self.run_id set, reopen) the run and log params; ``parent_run_id`` nests it under that
-        run (as ``mlflow.start_run(nested=True)`` does); ``datasets`` (:func:`dataset_input`) become run inputs."""
-        def _start():
-            if self.run_id:
-                self.client.update_run(self.run_id, status="RUNNING")
-                return self.run_id
-            exp_id = self.experiment_id(experiment)
-            run_tags = dict(tags or {})
-            if parent_run_id:
-                run_tags[PARENT_RUN_TAG] = parent_run_id
-            run = self.client.create_run(exp_id, run_name=run_name, tags=run_tags)
-            self.run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            items = [Param(k, redact(v)[:6000]) for k, v in flatten(params).items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i:i + 100])
-            if datasets:
-                self.client.log_inputs(self.run_id, datasets=[_dataset_input(**d) for d in datasets])
+        run (as ``mlflow.start_run(nested=True)`` does); ``datasets`` (:func:`dataset_input`) become run inputs.
+        With the store away and a spool, the creation is kept like any record and the run goes by a placeholder id
+        until it is sent. Returns the run's id (None when nothing can be tracked)."""
+        if self.run_id:
+            if not self.run_id.startswith(PLACEHOLDER_PREFIX):  # a placeholder's creation is still in the spool
+                self._safe("reopen run", lambda: self.client.update_run(self.run_id, status="RUNNING"))
             return self.run_id
-
-        return self._safe("start run", _start)
+        record = {"kind": "start", "experiment": experiment, "run_name": run_name, "tags": dict(tags or {}),
+                  "parent_run_id": parent_run_id, "datasets": list(datasets),
+                  "params": [[k, redact(v)[:6000]] for k, v in flatten(params).items()]}
+        if self.spool is None:
+            self.run_id = self._safe("start run", self._create_run, record)
+            return self.run_id
+        self.run_id = record["placeholder"] = f"{PLACEHOLDER_PREFIX}{uuid.uuid4().hex}"
+        self._deliver(record, "start run")  # sent: self.run_id is MLflow's now
+        return self.run_id
 
     def _artifact_root(self) -> Optional[str]:
         """Keep a sqlite store's artifacts beside the database, not in whatever the working directory is."""
@@ -314,15 +364,15 @@ class Tracker:
 
     def url(self) -> Optional[str]:
         """The run's page in the MLflow UI (None without a run or when the store does not answer)."""
-        if not self.run_id:
+        if not self.run_id or self.run_id.startswith(PLACEHOLDER_PREFIX):
             return None
         exp_id = self._safe("get run", lambda: self.client.get_run(self.run_id).info.experiment_id)
         return run_url(self.uri, exp_id, self.run_id) if exp_id else None
 
     def set_tags(self, tags: dict) -> None:
         if self.run_id:
-            self._safe("set tags", lambda: [self.client.set_tag(self.run_id, k, str(v)[:5000])
-                                             for k, v in tags.items()])
+            self._deliver({"kind": "tags", "run_id": self.run_id, "tags": {k: str(v)[:5000] for k, v in tags.items()}},
+                          "set tags")
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
@@ -401,4 +451,21 @@ def sync_pending(run_dir: str | Path, uri: Optional[str] = None, log=print) -> i
         raise ConfigError(f"MLflow at {uri} is still unreachable ({type(e).__name__}: {str(e)[:200]}); the records "
                           f"stay in {run_dir / PENDING_FILE}. Try again when it is up.") from None
     log(f"sent {sent} kept record(s) from {run_dir} to {uri}.")
+    _name_created_runs(run_dir, tracker, log)
     return sent
+
+
+def _name_created_runs(run_dir: Path, tracker: Tracker, log) -> None:
+    """run.json and metrics.json name the run by MLflow's id once a placeholder's creation has been sent."""
+    from meal_ray.files import write_text_atomic
+
+    for name in ("run.json", "metrics.json"):
+        try:
+            record = json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        placeholder = str(record.get("mlflow_run_id") or "")
+        if placeholder.startswith(PLACEHOLDER_PREFIX) and tracker.resolve(placeholder) != placeholder:
+            record["mlflow_run_id"] = tracker.resolve(placeholder)
+            write_text_atomic(run_dir / name, json.dumps(record, indent=2, default=str))
+            log(f"{name}: run {placeholder} is MLflow run {record['mlflow_run_id']}")

@@ -33,6 +33,17 @@ def make_config(mode, model, epochs, lr, subset, teachers=None, **extra):
         run=dict(log_every=0, seed=extra.pop("seed", 0)), **extra))
 
 
+def local_distill_job(name: str, teachers: list, epochs: int, train_subset: int, val_subset: int,
+                      experiment: str) -> dict:
+    """A small distill job (test_efficientnet from in-process ``teachers``, one 1-CPU worker) as a job YAML holds it."""
+    return dict(name=name, mode="distill", data=dict(FMNIST_DATA, train_subset=train_subset, val_subset=val_subset),
+                student=dict(model="test_efficientnet", num_classes=10),
+                teachers=dict(source="local", models=[{"model": t["model"], "weights": t["weights"]}
+                                                      for t in teachers]),
+                optim=dict(epochs=epochs, batch_size=128, lr=0.05),
+                run=dict(num_workers=1, cpus_per_worker=1, log_every=0, experiment=experiment))
+
+
 @pytest.fixture(scope="session")
 def trained_teachers(tmp_path_factory):
     """Two real teachers trained here with hard labels (in-process engine, a few epochs)."""

@@ -77,3 +77,27 @@ def test_demo_eta_adds_the_stages_left_at_the_measured_pace():
     clock.finish(trained=False)  # reused: free
     assert clock.start(50) == "stage 3/3"
     assert clock.suffix(5.0) == " | demo: stage 3/3, ETA 5s"
+
+
+def test_epoch_metrics_reach_the_driver_once_each_for_its_mlflow_run(tmp_path):
+    """Rank 0 hands each epoch's metrics to the driver (the MLflow run's one writer) through the progress file: each
+    record once however often the view polls, the newest KEPT_METRICS kept, a restarted group's counted anew."""
+    from meal_ray.progress import KEPT_METRICS
+
+    path, got = tmp_path / "progress.json", []
+    writer = ProgressWriter(path, "quick", epochs=40)
+    view = ProgressView(path, print_line=lambda s: None, stream=io.StringIO(), on_metrics=got.append)
+    writer.metrics({"epoch": 1, "val_top1": 50.0})
+    view.poll()
+    view.poll()
+    writer.metrics({"epoch": 2, "val_top1": 60.0})
+    writer.metrics({"epoch": 3, "val_top1": 65.0})
+    view.poll(final=True)
+    assert [m["epoch"] for m in got] == [1, 2, 3] and got[1]["val_top1"] == 60.0
+    for epoch in range(4, 4 + KEPT_METRICS + 5):
+        writer.metrics({"epoch": epoch})
+    assert len(json.loads(path.read_text())["metrics"]) == KEPT_METRICS
+    restarted = ProgressWriter(path, "quick", epochs=40)  # a new worker group, from the last checkpoint
+    restarted.metrics({"epoch": 3, "val_top1": 65.0})
+    view.poll()
+    assert got[-1] == {"epoch": 3, "val_top1": 65.0}

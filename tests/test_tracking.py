@@ -1,7 +1,9 @@
-"""MLflow outages lose nothing: a real `mlflow server` stopped mid-run and started again."""
+"""MLflow outages lose nothing: a real `mlflow server` stopped mid-run and started again, or started only after the
+job."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -9,7 +11,9 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from conftest import local_distill_job
 
 from meal_ray.tracking import PENDING_FILE, Tracker
 
@@ -97,3 +101,74 @@ def test_metrics_logged_during_an_outage_reach_the_server_when_it_returns(tmp_pa
     finally:
         if server.proc.poll() is None:
             server.stop()
+
+
+def test_a_run_created_while_the_server_is_down_reaches_it_when_it_starts(tmp_path):
+    """The server is not up when the run starts: its creation (experiment, name, params, tags, parent) is kept with
+    the records after it, under a placeholder id, and all go, creation first, at the first call that reaches it."""
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.tracking import PLACEHOLDER_PREFIX, RUN_IDS_FILE
+
+    server = Server(tmp_path)  # not started yet
+    run_dir, messages = tmp_path / "run", []
+    run_dir.mkdir()
+    tracker = Tracker(server.uri, log=messages.append, spool_dir=run_dir, retry_after_s=0)
+    placeholder = tracker.start("late", "early-run", {"optim": {"lr": 0.1}}, tags={"meal_ray.stage": "x"})
+    assert placeholder.startswith(PLACEHOLDER_PREFIX) and tracker.url() is None
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    assert len((run_dir / PENDING_FILE).read_text().splitlines()) == 2 and "kept in" in messages[0]
+    try:
+        server.start()
+        tracker.log_metrics({"loss": 0.9}, step=1)
+        run_id = tracker.run_id
+        assert run_id != placeholder and not (run_dir / PENDING_FILE).exists()
+        run = MlflowClient(server.uri).get_run(run_id)
+        assert run.info.run_name == "early-run" and run.data.params == {"optim.lr": "0.1"}
+        assert run.data.tags["meal_ray.stage"] == "x"
+        assert _history(server.uri, run_id, "loss") == [(0, 1.0), (1, 0.9)]
+        assert json.loads((run_dir / RUN_IDS_FILE).read_text()) == {placeholder: run_id}
+        # a later process given the placeholder (run.json's, on --resume) reopens the same run
+        again = Tracker(server.uri, placeholder, spool_dir=run_dir)
+        assert again.run_id == run_id and again.start("late", "early-run", {}) == run_id
+    finally:
+        server.stop()
+
+
+def test_a_job_run_while_the_server_is_down_is_created_by_tracking_sync_with_every_epoch(tmp_path, ray_cluster,
+                                                                                        tiny_teachers):
+    """A whole distill job with its MLflow server down from the start: the driver, the run's one writer (the workers
+    hand it their epoch metrics), keeps everything; `meal-ray tracking sync` creates the run once the server is up,
+    with each epoch's metrics, the final ones, the artifacts and the model, and names it in run.json."""
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.cli import main
+    from meal_ray.tracking import PLACEHOLDER_PREFIX
+
+    server = Server(tmp_path)
+    job = local_distill_job("late-server", tiny_teachers, epochs=2, train_subset=256, val_subset=200,
+                            experiment="late")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["distill", "--config", str(tmp_path / "job.yaml"), "--output", str(out),
+                                    "--tracking-uri", server.uri])
+    assert res.exit_code == 0, res.output
+    placeholder = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+    assert placeholder.startswith(PLACEHOLDER_PREFIX) and (out / PENDING_FILE).exists()
+    try:
+        server.start()
+        res = CliRunner().invoke(main, ["tracking", "sync", str(out)])
+        assert res.exit_code == 0, res.output
+        run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+        assert run_id == json.loads((out / "metrics.json").read_text())["mlflow_run_id"] != placeholder
+        client = MlflowClient(server.uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["optim.epochs"] == "2"
+        history = json.loads((out / "metrics.json").read_text())["history"]
+        assert _history(server.uri, run_id, "val_top1") == [(h["epoch"], h["val_top1"]) for h in history]
+        assert [s for s, _ in _history(server.uri, run_id, "val_top1")] == [1, 2]
+        assert "final_top1" in run.data.metrics
+        assert {"config.yaml", "metrics.json", "student"} <= {a.path for a in client.list_artifacts(run_id)}
+        assert client.search_logged_models([run.info.experiment_id])  # the student as an MLflow model
+    finally:
+        server.stop()

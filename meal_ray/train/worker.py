@@ -69,7 +69,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from meal_ray.engine import Engine
     from meal_ray.progress import PROGRESS_FILE, ProgressWriter
-    from meal_ray.tracking import Tracker
 
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
     cfg = load_config(data=loop_config["config"])
@@ -111,16 +110,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_info = {"start_epoch": engine.epoch, "resume_optimizer_norm": _optimizer_norm(engine.optimizer),
                       "resume_skipped_checkpoints": len(skipped)}
         log(f"resumed from checkpoint at epoch {engine.epoch}")
-    tracker = (Tracker(loop_config.get("tracking_uri"), loop_config.get("run_id"), log=log,
-                       spool_dir=loop_config.get("output_dir") or cfg.output_dir)
-               if rank == 0 else None)
     classes = engine.classes
 
     def on_epoch_end(epoch: int, metrics: dict, result) -> None:
         metrics = dict(metrics, epoch=epoch, **start_info)
         history.append(metrics)
-        if tracker:
-            tracker.log_metrics(metrics, step=epoch)
+        if progress is not None:  # the driver owns the MLflow run: it logs them
+            progress.metrics(metrics)
         state = engine.state_dict()  # on every rank: it gathers each rank's random streams
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
