@@ -8,6 +8,9 @@ Prints, as measured here (nothing is hard-coded):
    (teachers.source none): the cache's cost at training time (target <= 1.05);
 2. relabel throughput (crops/s, Ray Data actor pool of in-process teachers) vs the served teachers' throughput
    during a served distillation's soft-label requests (crops/s through ServedSoftLabels, 4 batches in flight);
+   2b. one relabel actor's own loop on one shard (draw, render, teachers, encode) vs the same teachers alone on the
+   same crops rendered beforehand, at the same batch size, in this process: the issue's "relabel at the limit"
+   (target >= 0.9), with where the rest of the time goes;
 3. bytes per crop on disk: this cache (k = C = 10) and an ImageNet-shaped shard (k = 5 of C = 1000, 8192 crops of
    realistic peaked logits; target <= 64 B).
 """
@@ -80,6 +83,36 @@ def bytes_per_crop_imagenet(root: Path, k: int = 5, classes: int = 1000, crops: 
     return path.stat().st_size / crops
 
 
+def relabel_at_the_limit(cfg, root: Path, crops: int = 2048) -> dict:
+    """2b: crops/s of a relabel actor's loop (ShardLabeler on one shard) and of the same teachers alone on the same
+    crops rendered beforehand (batches of relabel's CHUNK), after a warm-up; and the draw + render time alone."""
+    from meal_ray.cache import draw_crop_records
+    from meal_ray.train.relabel import CHUNK, ShardLabeler
+
+    labeler = ShardLabeler(cfg.to_dict(), str(root / "relabel-limit"), 10)
+    ids = labeler.all_ids[:crops]
+    shard = {"pass": [0], "shard": [0], "ids": [ids.tolist()]}
+    labeler(shard)  # warm-up: threads, allocator, the teachers' first calls
+    start = time.perf_counter()
+    labeler(shard)
+    loop = crops / (time.perf_counter() - start)
+    d, start, rendered = labeler.cfg.data, time.perf_counter(), []
+    for lo in range(0, crops, CHUNK):
+        chunk = ids[lo:lo + CHUNK]
+        images = [labeler._image(s) for s in chunk.tolist()]
+        drawn = draw_crop_records(chunk, images, 0, labeler.cfg.run.seed, d.crop_scale, d.crop_ratio, labeler.size,
+                                  labeler.cutmix, labeler.all_ids, labeler._image)
+        rendered.append(torch.stack([drawn.render(i, image, labeler.size, d.interpolation)
+                                     for i, image in enumerate(images)]))
+    draw_render = crops / (time.perf_counter() - start)
+    labeler._teachers(rendered[0])
+    start = time.perf_counter()
+    for batch in rendered:
+        labeler._teachers(batch)
+    teachers = crops / (time.perf_counter() - start)
+    return {"loop": loop, "teachers": teachers, "draw_render": draw_render}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", type=int, default=6000)
@@ -126,6 +159,7 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
 
+    limit = relabel_at_the_limit(local, root)
     cache_cfg = _config(root, teachers, "cache", args.subset, args.epochs)
     cache = SoftLabelCache(root / "cache")
     hard = epoch_times(_config(root, teachers, "none", args.subset, args.epochs), epochs=args.epochs)
@@ -153,6 +187,11 @@ def main(argv=None) -> int:
     print(f"2. relabel (Ray Data, 2 actors)   {relabel_rate:7.0f} crops/s  (start-up of the actors included)")
     print(f"   served teachers (prefetch 4)   {served_rate:7.0f} crops/s")
     print(f"   relabel / served               {relabel_rate / served_rate:7.2f}")
+    print(f"2b. one relabel actor's loop      {limit['loop']:7.0f} crops/s; the same teachers alone on the same crops, "
+          f"rendered beforehand, batches of 256: {limit['teachers']:.0f} crops/s -> relabel / teachers "
+          f"{limit['loop'] / limit['teachers']:.2f} (target >= 0.9); drawing + rendering alone "
+          f"{limit['draw_render']:.0f} crops/s ({1000 / limit['draw_render']:.3f} ms per crop against the teachers' "
+          f"{1000 / limit['teachers']:.3f})")
     print(f"3. bytes per crop on disk: this cache (k = C = 10) {disk:.1f} B; ImageNet-shaped shard (k = 5 of 1000, "
           f"8192 crops) {imagenet:.1f} B (target <= 64)")
     return 0

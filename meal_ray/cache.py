@@ -20,7 +20,6 @@ mean of the others (``rest_logit``). Plain pyarrow and torch: no Ray here.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -32,13 +31,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from meal_ray.data.crops import MixParams, RandomCropSampler, cutmix_box
+from meal_ray.data.crops import (
+    CROP_UNIFORMS,
+    CropParams,
+    MixParams,
+    cutmix_boxes,
+    random_resized_crops,
+    render_sample,
+    stream_uniforms,
+)
 from meal_ray.ensemble import expand_top_k, top_k_soft_labels
 from meal_ray.errors import CacheError, CacheMismatchError
 from meal_ray.files import sha256_of, write_text_atomic
 
 FORMAT = "meal-ray-soft-label-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: crops drawn from a counter-based stream, all of a chunk at once (v1: one torch stream each)
+CROP_STREAM = 0x4D45414C  # the crop stream's first key, apart from any other use of (seed, pass, sample id)
 MANIFEST = "manifest.json"
 RECOVERY = ("marginal", "renormalize")
 
@@ -120,36 +128,74 @@ def write_shard_file(root: str | Path, name: str, table: pa.Table) -> Path:
     return path
 
 
-def _stream_seed(seed: int, pass_index: int, sample_id: int) -> int:
-    return ((int(seed) * 1_000_003 + int(pass_index) * 7_919) * (1 << 24) + int(sample_id)) % (1 << 62)
+_MIX_COLUMNS = 5  # mixed or not, lambda, partner, box centre row and column
 
 
-@functools.lru_cache(maxsize=8)
-def _beta(beta: float) -> torch.distributions.Beta:
-    """One Beta(beta, beta) per process: building the distribution costs more than sampling it."""
-    return torch.distributions.Beta(torch.tensor(beta), torch.tensor(beta))
+@dataclass
+class CropRecords:
+    """The crop (and CutMix partner, partner crop and box) of N samples in one pass, as a shard stores them, with the
+    partners' images for rendering."""
 
+    crops: np.ndarray  # int64 [N, 5]
+    mix_ids: np.ndarray  # int64 [N], -1: not mixed
+    mix_crops: np.ndarray  # int64 [N, 5]
+    mix_boxes: np.ndarray  # int64 [N, 4]
+    partner_images: dict  # partner sample id -> its image
 
-def draw_crop_record(image: torch.Tensor, sample_id: int, pass_index: int, seed: int, sampler: RandomCropSampler,
-                     image_size: int, cutmix: dict, partner_ids: np.ndarray, image_of: Callable[[int], torch.Tensor]):
-    """The crop (and CutMix partner, partner crop and box) of one sample in one pass, drawn exactly as the
-    training loader draws them (the same sampler, the same CutMix box rule) from a stream seeded by
-    (seed, pass, sample id): the same record whichever process draws it, in whatever order.
+    def render(self, i: int, image: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+        """Sample ``i``'s uint8 pixels (``image`` is its source)."""
+        crop, mix, partner = self.params(i)
+        return render_sample(image, crop, size, interpolation, mix, partner)
 
-    Returns ``(crop, mix or None, partner image or None)``.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(_stream_seed(seed, pass_index, sample_id))
-        crop = sampler.sample(image, sample_id, pass_index)
-        if not cutmix.get("enabled") or float(torch.rand(())) >= cutmix["prob"]:
+    def params(self, i: int) -> tuple:
+        """``(CropParams, MixParams or None, partner image or None)`` of sample ``i``: :func:`render_sample`'s."""
+        crop = CropParams(*self.crops[i, :4].tolist(), bool(self.crops[i, 4]))
+        if self.mix_ids[i] < 0:
             return crop, None, None
-        lam = float(_beta(float(cutmix["beta"])).sample())  # the training CutMix's draw, from the same stream
-        partner = int(partner_ids[int(torch.randint(len(partner_ids), ()))])
-        partner_image = image_of(partner)
-        partner_crop = sampler.sample(partner_image, partner, pass_index)
-        cy, cx = int(torch.randint(image_size, ())), int(torch.randint(image_size, ()))
-        box = cutmix_box(image_size, image_size, lam, cy, cx)
-        return crop, MixParams(partner, partner_crop, box), partner_image
+        partner = int(self.mix_ids[i])
+        mix = MixParams(partner, CropParams(*self.mix_crops[i, :4].tolist(), bool(self.mix_crops[i, 4])),
+                        tuple(self.mix_boxes[i].tolist()))
+        return crop, mix, self.partner_images[partner]
+
+
+def draw_crop_records(sample_ids: np.ndarray, images: list, pass_index: int, seed: int, scale, ratio,
+                      image_size: int, cutmix: dict, partner_ids: np.ndarray,
+                      image_of: Callable[[int], torch.Tensor]) -> CropRecords:
+    """The crop records of ``sample_ids`` (their uint8 CHW ``images``) in one pass: RandomResizedCrop + flip by
+    torchvision's rule, then, with CutMix, whether the sample is mixed (``prob``), lambda ~ Beta(beta, beta), a
+    partner among ``partner_ids`` with a crop of its own and the box (the training CutMix's rule). Drawn for all
+    samples at once from a counter-based stream of (seed, pass, sample id): the same record whichever process draws
+    it, with whichever other samples, in whatever order."""
+    ids = np.asarray(sample_ids, np.int64)
+    n_crop = CROP_UNIFORMS
+    u = stream_uniforms((CROP_STREAM, seed, pass_index), ids, 2 * n_crop + _MIX_COLUMNS)
+    sizes = np.array([img.shape[-2:] for img in images], np.int64).reshape(-1, 2)
+    crops = random_resized_crops(u[:, :n_crop], sizes[:, 0], sizes[:, 1], scale, ratio)
+    n = len(ids)
+    mix_ids, mix_crops, mix_boxes = np.full(n, -1, np.int64), np.zeros((n, 5), np.int64), np.zeros((n, 4), np.int64)
+    partner_images: dict = {}
+    if cutmix.get("enabled"):
+        m = u[:, n_crop:n_crop + _MIX_COLUMNS]
+        mixed = np.flatnonzero(m[:, 0] < cutmix["prob"])
+        beta = float(cutmix["beta"])
+        lam = m[mixed, 1] if beta == 1.0 else _beta_quantile(beta, m[mixed, 1])  # Beta(1, 1) is uniform
+        partners = np.asarray(partner_ids, np.int64)[np.floor(m[mixed, 2] * len(partner_ids)).astype(np.int64)]
+        for pid in np.unique(partners).tolist():
+            partner_images[pid] = image_of(pid)
+        psizes = np.array([partner_images[pid].shape[-2:] for pid in partners.tolist()], np.int64).reshape(-1, 2)
+        mix_ids[mixed] = partners
+        mix_crops[mixed] = random_resized_crops(u[mixed, n_crop + _MIX_COLUMNS:], psizes[:, 0], psizes[:, 1], scale,
+                                                ratio)
+        centre = np.floor(m[mixed, 3:5] * image_size).astype(np.int64)
+        mix_boxes[mixed] = cutmix_boxes(image_size, lam, centre[:, 0], centre[:, 1])
+    return CropRecords(crops, mix_ids, mix_crops, mix_boxes, partner_images)
+
+
+def _beta_quantile(beta: float, u: np.ndarray) -> np.ndarray:
+    """Beta(beta, beta) draws from uniforms (inverse CDF)."""
+    from scipy.special import betaincinv
+
+    return betaincinv(beta, beta, u)
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -20,9 +20,9 @@ import torch
 import yaml
 from conftest import FMNIST_DATA
 
-from meal_ray.cache import CacheSpec, SoftLabelCache, draw_crop_record, encode, shard_name
+from meal_ray.cache import CacheSpec, SoftLabelCache, draw_crop_records, encode, shard_name
 from meal_ray.config import load_config
-from meal_ray.data import FashionMNIST, RandomCropSampler, render_sample
+from meal_ray.data import FashionMNIST, render_sample
 from meal_ray.errors import CacheError, CacheMismatchError
 
 APP = "meal-ray-cache-test-teachers"
@@ -73,26 +73,56 @@ def test_rows_are_exact_for_k_equal_c_and_smoothed_below():
 
 
 def test_crop_records_depend_only_on_seed_pass_and_sample():
+    """A chunk's crop records come from a counter-based stream of (seed, pass, sample id): the same whichever other
+    samples share the chunk and in whatever order, another pass gives other crops, and a record renders with the
+    partner image it names."""
     full = FashionMNIST(train=False)
-    sampler, ids = RandomCropSampler((0.3, 1.0)), np.arange(200)
+    ids = np.arange(200)
     mix = {"enabled": True, "beta": 1.0, "prob": 1.0}
 
-    def record(sid, p):
-        return draw_crop_record(full.images[sid], sid, p, 7, sampler, 32, mix, ids, lambda i: full.images[i])
+    def records(sids, p=0, cutmix=mix):
+        sids = np.asarray(list(sids))
+        return draw_crop_records(sids, [full.images[s] for s in sids], p, 7, (0.3, 1.0), (3 / 4, 4 / 3), 32, cutmix,
+                                 ids, lambda i: full.images[i])
 
-    torch.manual_seed(0)
-    forward = [record(s, 0) for s in range(20)]
-    torch.manual_seed(123)  # other global RNG state, other order: the same records
-    backward = [record(s, 0) for s in reversed(range(20))][::-1]
-    for (c1, m1, _), (c2, m2, _) in zip(forward, backward):
-        assert c1 == c2 and m1 == m2 and m1 is not None
-        top, left, h, w = m1.box
-        assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 32
-    assert [r[0] for r in forward] != [record(s, 1)[0] for s in range(20)]  # another pass, other crops
-    crop, m, partner = forward[3]
+    forward, backward, alone = records(range(20)), records(reversed(range(20))), [records([s]) for s in range(20)]
+    for field in ("crops", "mix_ids", "mix_crops", "mix_boxes"):
+        assert np.array_equal(getattr(forward, field), getattr(backward, field)[::-1])
+        assert np.array_equal(getattr(forward, field), np.concatenate([getattr(r, field) for r in alone]))
+    assert (forward.mix_ids >= 0).all()
+    top, left, h, w = forward.mix_boxes.T
+    assert (top >= 0).all() and (top + h <= 32).all() and (left >= 0).all() and (left + w <= 32).all()
+    assert not np.array_equal(forward.crops, records(range(20), p=1).crops)  # another pass, other crops
+    crop, m, partner = forward.params(3)
     pixels = render_sample(full.images[3], crop, 32, "bilinear", m, partner)
     assert torch.equal(pixels, render_sample(full.images[3], crop, 32, "bilinear", m, full.images[m.partner_id]))
-    assert draw_crop_record(full.images[3], 3, 0, 7, sampler, 32, {"enabled": False}, ids, None)[1] is None
+    assert torch.equal(pixels, forward.render(3, full.images[3], 32, "bilinear"))
+    assert (records(range(20), cutmix={"enabled": False}).mix_ids == -1).all()
+    some = records(range(200), cutmix={"enabled": True, "beta": 2.0, "prob": 0.5})
+    assert 70 < (some.mix_ids >= 0).sum() < 130  # prob 0.5 mixes about half
+
+
+def test_crops_are_drawn_by_torchvisions_random_resized_crop_rule():
+    """The vectorised draw against torchvision's own RandomResizedCrop.get_params on the same image sizes: the same
+    box sizes, positions and flips in distribution (20,000 each), and torchvision's centre-crop fallback when no try
+    fits (a 10 x 100 image, ratio 3/4..4/3)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from meal_ray.data.crops import CROP_UNIFORMS, random_resized_crops, stream_uniforms
+
+    n, scale, ratio = 20000, (0.08, 1.0), (3 / 4, 4 / 3)
+    u = stream_uniforms((1, 2), np.arange(n), CROP_UNIFORMS)
+    ours = random_resized_crops(u, np.full(n, 28), np.full(n, 36), scale, ratio)
+    torch.manual_seed(0)
+    image = torch.zeros(1, 28, 36)
+    theirs = np.array([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)])
+    for col in range(4):  # top, left, height, width: means within 2% of the range
+        assert abs(ours[:, col].mean() - theirs[:, col].mean()) < 0.02 * 36, col
+        assert abs(ours[:, col].std() - theirs[:, col].std()) < 0.02 * 36, col
+    assert abs(ours[:, 4].mean() - 0.5) < 0.02
+    assert (ours[:, 0] + ours[:, 2] <= 28).all() and (ours[:, 1] + ours[:, 3] <= 36).all() and (ours[:, 2:4] > 0).all()
+    wide = random_resized_crops(u[:3], np.full(3, 10), np.full(3, 100), (0.9, 1.0), ratio)
+    assert wide[:, :4].tolist() == [[0, 43, 10, 13]] * 3  # RandomResizedCrop's fallback for this image
 
 
 def _spec(**over):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
@@ -31,8 +32,9 @@ def interpolation_mode(name: str) -> InterpolationMode:
     return _INTERP[name]
 
 
-__all__ = ["INTERPOLATIONS", "CropParams", "CropSampler", "EvalTransform", "MixParams", "RandomCropSampler",
-           "ReplayedCropSampler", "cutmix_box", "interpolation_mode", "render_crop", "render_sample", "scale_boxes"]
+__all__ = ["CROP_UNIFORMS", "INTERPOLATIONS", "CropParams", "CropSampler", "EvalTransform", "MixParams",
+           "RandomCropSampler", "ReplayedCropSampler", "cutmix_box", "cutmix_boxes", "interpolation_mode",
+           "random_resized_crops", "render_crop", "render_sample", "scale_boxes", "stream_uniforms"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,67 @@ def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple:
     y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
     x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
     return y0, x0, y1 - y0, x1 - x0
+
+
+def cutmix_boxes(size: int, lam: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """:func:`cutmix_box` for N square ``size`` crops at once: [N, 4] int64 (top, left, height, width)."""
+    cut = np.floor(size * np.sqrt(1.0 - lam)).astype(np.int64)
+    y0, y1 = np.maximum(cy - cut // 2, 0), np.minimum(cy + cut // 2, size)
+    x0, x1 = np.maximum(cx - cut // 2, 0), np.minimum(cx + cut // 2, size)
+    return np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def stream_uniforms(keys: Sequence[int], ids: np.ndarray, columns: int) -> np.ndarray:
+    """[len(ids), columns] uniforms in [0, 1): a counter-based stream (SplitMix64 of the keys, the sample id and the
+    column), so the numbers of a sample are the same whichever process draws them, with whichever others, in
+    whatever order; and all of them come in a few array operations, not per sample."""
+    with np.errstate(over="ignore"):
+        key = np.zeros(1, np.uint64)
+        for k in keys:
+            key = _splitmix64(key ^ np.uint64(int(k)))
+        per_sample = _splitmix64(key ^ np.asarray(ids, dtype=np.int64).astype(np.uint64))
+        cells = _splitmix64(per_sample[:, None] ^ (np.arange(1, columns + 1, dtype=np.uint64) * _GOLDEN)[None, :])
+    return (cells >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before its centre-crop fallback
+CROP_UNIFORMS = 2 * _ATTEMPTS + 3  # area and aspect ratio per try, then top, left, flip
+
+
+def random_resized_crops(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale: Sequence[float],
+                         ratio: Sequence[float]) -> np.ndarray:
+    """RandomResizedCrop(scale, ratio) + RandomHorizontalFlip(0.5) for N images at once, by torchvision's rule (up to
+    10 tries of an area and a log-uniform aspect ratio, rounded half to even, the first that fits; else the whole
+    image clamped to the ratio range, centred), from uniforms ``u`` [N, CROP_UNIFORMS]. [N, 5] int64 (top, left,
+    height, width, flip), :class:`CropParams`' layout."""
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    area = (heights * widths).astype(np.float64)[:, None]
+    log_ratio = np.log(np.asarray(ratio, np.float64))
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :_ATTEMPTS])
+    aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[:, _ATTEMPTS:2 * _ATTEMPTS])
+    w, h = np.rint(np.sqrt(target * aspect)).astype(np.int64), np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    rows, first = np.arange(len(u)), fits.argmax(axis=1)
+    w, h, found = w[rows, first], h[rows, first], fits.any(axis=1)
+    in_ratio = widths / heights  # the fallback
+    lo, hi = min(ratio), max(ratio)
+    fallback_w = np.where(in_ratio > hi, np.rint(heights * hi).astype(np.int64), widths)
+    fallback_h = np.where(in_ratio < lo, np.rint(widths / lo).astype(np.int64), heights)
+    w, h = np.where(found, w, fallback_w), np.where(found, h, fallback_h)
+    top = np.where(found, np.floor(u[:, 2 * _ATTEMPTS] * (heights - h + 1)).astype(np.int64), (heights - h) // 2)
+    left = np.where(found, np.floor(u[:, 2 * _ATTEMPTS + 1] * (widths - w + 1)).astype(np.int64), (widths - w) // 2)
+    flip = (u[:, 2 * _ATTEMPTS + 2] < 0.5).astype(np.int64)
+    return np.stack([top, left, h, w, flip], axis=1)
 
 
 class CropSampler(Protocol):

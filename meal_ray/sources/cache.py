@@ -75,11 +75,11 @@ class CacheReplaySampler:
         row = data.row(sample_id)
         if data.mix_ids[row] < 0:
             return None
-        return MixParams(int(data.mix_ids[row]), _crop(data.mix_crops[row]), tuple(int(v) for v in data.mix_boxes[row]))
+        return MixParams(int(data.mix_ids[row]), _crop(data.mix_crops[row]), tuple(data.mix_boxes[row].tolist()))
 
 
-def _crop(values) -> CropParams:
-    top, left, height, width, flip = (int(v) for v in values)
+def _crop(values: np.ndarray) -> CropParams:
+    top, left, height, width, flip = values.tolist()  # plain ints, in one call (a replayed epoch does this per crop)
     return CropParams(top, left, height, width, bool(flip))
 
 

@@ -4,9 +4,9 @@ The driver checks the job and the output (a new cache, or the same one to resume
 shards still missing, and runs them through a Ray Data actor pool: each actor holds the
 dataset and either the job's teachers in-process (``teachers.source: local``, ``num_gpus``
 per actor with ``run.use_gpu``) or a handle to the served teacher application
-(``teachers.source: served``: the shared teacher pool). An actor draws each sample's crop
-record (:func:`meal_ray.cache.draw_crop_record`), renders it, asks the teachers, and writes
-the shard file atomically; the driver alone lists finished shards, with their checksums, in
+(``teachers.source: served``: the shared teacher pool). An actor draws a chunk's crop
+records at once (:func:`meal_ray.cache.draw_crop_records`), renders them, asks the teachers, and
+writes the shard file atomically; the driver alone lists finished shards, with their checksums, in
 the manifest. A killed relabel loses only the shards in flight; rerunning it finishes the rest.
 """
 
@@ -21,10 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from meal_ray.cache import SoftLabelCache, draw_crop_record, encode, shard_name, write_shard_file
+from meal_ray.cache import SoftLabelCache, draw_crop_records, encode, shard_name, write_shard_file
 from meal_ray.cluster import ensure_ray
 from meal_ray.config import JobConfig, load_config
-from meal_ray.data.crops import RandomCropSampler, render_sample
 from meal_ray.data.datasets import load_datasets, sample_by_id, sample_ids
 from meal_ray.errors import ConfigError
 from meal_ray.source_registry import source_class
@@ -47,7 +46,6 @@ class ShardLabeler:
         self.cfg, self.root, self.k = cfg, root, k
         self.train, _, _ = load_datasets(cfg.data, cfg.student.num_classes)
         self.all_ids = sample_ids(self.train).numpy()
-        self.sampler = RandomCropSampler(cfg.data.crop_scale, cfg.data.crop_ratio)
         self.cutmix, self.size = cutmix_spec(cfg.optim), cfg.data.image_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.served = None
@@ -59,6 +57,9 @@ class ShardLabeler:
             from meal_ray.ensemble import TeacherSet
 
             self.ensemble = TeacherSet.from_config(cfg.teachers).load().to(self.device)
+
+    def _image(self, sample_id: int) -> torch.Tensor:
+        return sample_by_id(self.train, sample_id)[0]
 
     def _teachers(self, images: torch.Tensor):
         if self.served is not None:
@@ -75,23 +76,20 @@ class ShardLabeler:
         for p, shard, ids in zip(batch["pass"], batch["shard"], batch["ids"]):
             start = time.perf_counter()
             ids = np.asarray(ids, dtype=np.int64)
-            crops, mix_ids, mix_crops, mix_boxes, probs, logits = [], [], [], [], [], []
+            records, probs, logits = [], [], []
+            d = self.cfg.data
             for lo in range(0, len(ids), CHUNK):
-                images = []
-                for sid in ids[lo:lo + CHUNK]:
-                    image = sample_by_id(self.train, sid)[0]
-                    crop, mix, partner = draw_crop_record(image, int(sid), int(p), self.cfg.run.seed, self.sampler,
-                                                          self.size, self.cutmix, self.all_ids,
-                                                          lambda i: sample_by_id(self.train, i)[0])
-                    images.append(render_sample(image, crop, self.size, self.cfg.data.interpolation, mix, partner))
-                    crops.append(crop.as_tensor().numpy())
-                    mix_ids.append(mix.partner_id if mix else -1)
-                    mix_crops.append(mix.partner_crop.as_tensor().numpy() if mix else np.zeros(5, np.int64))
-                    mix_boxes.append(np.asarray(mix.box if mix else (0, 0, 0, 0)))
-                pr, lg = self._teachers(torch.stack(images))
+                chunk = ids[lo:lo + CHUNK]
+                images = [self._image(sid) for sid in chunk.tolist()]
+                drawn = draw_crop_records(chunk, images, int(p), self.cfg.run.seed, d.crop_scale, d.crop_ratio,
+                                          self.size, self.cutmix, self.all_ids, self._image)
+                pixels = [drawn.render(i, image, self.size, d.interpolation) for i, image in enumerate(images)]
+                pr, lg = self._teachers(torch.stack(pixels))
+                records.append(drawn)
                 probs.append(pr)
                 logits.append(lg)
-            table = encode(ids, np.stack(crops), np.asarray(mix_ids), np.stack(mix_crops), np.stack(mix_boxes),
+            table = encode(ids, *(np.concatenate([getattr(r, f) for r in records])
+                                  for f in ("crops", "mix_ids", "mix_crops", "mix_boxes")),
                            torch.cat(probs), torch.cat(logits), self.k)
             name = shard_name(int(p), int(shard))
             write_shard_file(self.root, name, table)
