@@ -84,8 +84,38 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     again: list = []
     run_demo(str(out), seeds=[0], tracking_uri=uri, log=again.append, preset=TINY, cache_passes=1)
     assert sum("reusing finished stage" in line for line in again) == 2 + 4
-    assert sum("(1 already done)" in line for line in again) == 1  # the cache is complete: nothing relabelled
+    assert not any(line.startswith("[relabel]") for line in again)  # a finished cache arm reads no cache
     assert not any("for 1 epochs" in line for line in again)
+
+    # MEAL V2 from the cache alone (an ablation row's cheap form): no teachers served, nothing trained again, its own
+    # report comparing the cache arm with the control
+    alone: list = []
+    cache_only = run_demo(str(out), seeds=[0], tracking_uri=uri, log=alone.append, preset=TINY, cache_passes=1,
+                          served_arm=False)
+    assert not any("starting the teacher ensemble" in line for line in alone)
+    assert sum("reusing finished stage" in line for line in alone) == 2 + 3
+    rows = {r["model"]: r["top1"] for r in cache_only["runs"][0]["rows"]}
+    assert "MEAL V2 (ensemble soft labels)" not in rows and cache_only["served_arm"] is False
+    assert cache_only["gain_over_control"]["per_seed"] == [
+        rows["MEAL V2 (soft-label cache)"] - rows["control (hard labels)"]]
+    assert rows["MEAL V2 (soft-label cache)"] == {r["model"]: r["top1"] for r in results["runs"][0]["rows"]}[
+        "MEAL V2 (soft-label cache)"]  # the same stage, evaluated again
+    assert json.loads((out / "ablation-cache-only" / "results.json").read_text())["served_arm"] is False
+    assert "MEAL V2 from the cache - control (top-1)" in (out / "ablation-cache-only" / "results.md").read_text()
+    assert (out / "ablation-cache-only" / "arms_test_top1.png").is_file()
+    # an ablation of the loss uses the default arm's cache (same crops, same teachers), here one an older meal-ray
+    # wrote (schema v1), which the demo relabels in place: its own derived data
+    manifest = out / "cache-seed0" / "manifest.json"
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), schema_version=1)))
+    ablation: list = []
+    run_demo(str(out), seeds=[0], tracking_uri=uri, log=ablation.append, preset=TINY, cache_passes=1,
+             served_arm=False, no_discriminator=True)
+    assert sum("cache of schema v1" in line for line in ablation) == 1
+    relabelled = [line for line in ablation if "(0 already done)" in line]
+    assert len(relabelled) == 1 and str(out / "cache-seed0") in relabelled[0]
+    assert json.loads(manifest.read_text())["schema_version"] == 2
+    assert json.loads((out / "ablation-no-disc-cache-only" / "results.json").read_text())["ablation"][
+        "no_discriminator"] is True
 
 
 def test_a_finished_stage_is_not_reused_when_its_weights_files_changed(tmp_path):

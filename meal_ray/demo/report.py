@@ -52,7 +52,12 @@ def evaluate_row(label: str, path: str) -> tuple[dict, dict, dict]:
     return row, dict(zip(classes, result.per_class)), result.reliability
 
 
-def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, meal: JobConfig,
+def main_arm(meal) -> str:
+    """The MEAL V2 row a demo compares with the control: the served arm's, or the cache's when it ran alone."""
+    return MEAL if meal is not None else CACHED
+
+
+def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, meal: Optional[JobConfig],
                   cached: Optional[JobConfig] = None) -> dict:
     rows, per_class = [dict(r) for r in shared["rows"]], dict(shared["per_class"])
     reliability = dict(shared.get("reliability", {}))
@@ -60,7 +65,8 @@ def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, mea
     if init_weights:
         exports["student init"] = init_weights
     exports[CONTROL] = str(control.output_dir / "student")
-    exports[MEAL] = str(meal.output_dir / "student")
+    if meal is not None:
+        exports[MEAL] = str(meal.output_dir / "student")
     if cached is not None:
         exports[CACHED] = str(cached.output_dir / "student")
     for label, path in exports.items():
@@ -74,7 +80,7 @@ def evaluate_seed(seed: int, shared: dict, init_weights, control: JobConfig, mea
         r["dissimilar_classes"] = statistics.mean(pc[c] for c in DISSIMILAR)
     top1 = {r["model"]: r["top1"] for r in rows}
     return {"seed": seed, "rows": rows, "per_class": per_class, "reliability": reliability, "control": control,
-            "meal": meal, "cached": cached, "gain_over_control": top1[MEAL] - top1[CONTROL]}
+            "meal": meal, "cached": cached, "gain_over_control": top1[main_arm(meal)] - top1[CONTROL]}
 
 
 def row_of(rows: list, label: str) -> Optional[dict]:
@@ -134,27 +140,28 @@ def plot_demo(out: Path, runs: list) -> None:
 
     classes = list(runs[0]["per_class"][CONTROL].keys())  # the dataset's class order, in every plot
     seeds = [r["seed"] for r in runs]
-    arms = [CONTROL, MEAL] + ([CACHED] if runs[0].get("cached") is not None else [])
-    plot_per_class(classes, {k: mean_per_class(k) for k in arms + ["teacher ensemble"]},
+    arms = [(arm, key) for arm, key in ((CONTROL, "control"), (MEAL, "meal"), (CACHED, "cached"))
+            if runs[0].get(key) is not None]
+    plot_per_class(classes, {k: mean_per_class(k) for k in [a for a, _ in arms] + ["teacher ensemble"]},
                    out / "per_class_accuracy.png", f"Fashion-MNIST test accuracy per class ({seeds_text(seeds)})",
                    colors=COLORS)
-    curves = {arm: {} for arm in arms}
+    curves = {arm: {} for arm, _ in arms}
     for r in runs:
-        for arm, cfg in zip(arms, (r["control"], r["meal"], r.get("cached"))):
-            curves[arm][r["seed"]] = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
+        for arm, key in arms:
+            curves[arm][r["seed"]] = json.loads((r[key].output_dir / "metrics.json").read_text())["history"]
     rows = {row["model"]: row["top1"] for row in runs[0]["rows"]}
     reference = {"teacher ensemble": rows["teacher ensemble"]}
     if "student init" in rows:
         reference["student init"] = rows["student init"]
     plot_reliability({label: pooled_reliability([r["reliability"][label] for r in runs])
-                      for label in ["teacher ensemble", "student init"] + arms if label in runs[0]["reliability"]},
+                      for label in ["teacher ensemble", "student init"] + [a for a, _ in arms]
+                      if label in runs[0]["reliability"]},
                      out / "reliability.png", f"Fashion-MNIST test set: reliability ({seeds_text(seeds)}, bins pooled)",
                      colors=COLORS)
     which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}: one line per seed"
     plot_arms(curves, out / "arms_test_top1.png", f"control vs MEAL V2 from the same init ({which})", reference,
               colors=COLORS)
-    for name, key in (("control", "control"), ("meal_v2", "meal")):
-        cfg = runs[0][key]
+    for name, cfg in (("control", runs[0]["control"]), ("meal_v2", runs[0]["meal"] or runs[0]["cached"])):
         history = json.loads((cfg.output_dir / "metrics.json").read_text())["history"]
         plot_training_curves(history, out / f"training_curves_{name}.png",
                              f"{name}: {cfg.student.model} (seed {runs[0]['seed']})")
@@ -228,7 +235,7 @@ def cache_vs_served(summary: list) -> Optional[dict]:
     """MEAL V2 from the cache minus MEAL V2 served, per seed, against the seed spread of the two (None without a
     cache arm): "within seed noise" when |mean difference| <= the larger of their top-1 stds."""
     cached, served = row_of(summary, CACHED), row_of(summary, MEAL)
-    if cached is None:
+    if cached is None or served is None:
         return None
     diffs = [c - s for c, s in zip(cached["top1"]["per_seed"], served["top1"]["per_seed"])]
     spread = max(cached["top1"]["std"], served["top1"]["std"])
@@ -243,8 +250,8 @@ def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
     return f.format(stat["mean"]) + (" ± " + fmt.format(stat["std"]) if stat.get("std") else "")
 
 
-def format_summary(summary: list, gain: dict, seeds: list) -> str:
-    """The paper-style table over seeds: mean ± sample std of each row."""
+def format_summary(summary: list, gain: dict, seeds: list, arm: str = MEAL) -> str:
+    """The paper-style table over seeds: mean ± sample std of each row; ``gain``: ``arm``'s over the control."""
     over = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {', '.join(map(str, seeds))}"
     lines = [f"Fashion-MNIST test set (10000 images), {over}",
              "",
@@ -256,10 +263,11 @@ def format_summary(summary: list, gain: dict, seeds: list) -> str:
                      f"{_pm(r['gap_to_ensemble'], signed=True)} | {_pm(r['similar_classes'])} | "
                      f"{_pm(r['dissimilar_classes'])} | {_pm(r['nll'], '{:.3f}')} | {_pm(r['ece'])} |")
     per_seed = ", ".join(f"{g:+.2f}" for g in gain["per_seed"])
-    lines.append(f"\nMEAL V2 - control (top-1): {_pm(gain, signed=True)} points (per seed: {per_seed})")
+    name = "MEAL V2" if arm == MEAL else "MEAL V2 from the cache"
+    lines.append(f"\n{name} - control (top-1): {_pm(gain, signed=True)} points (per seed: {per_seed})")
     if len(gain["per_seed"]) > 1:
         verdict = "beats" if gain["beats_seed_spread"] else "does NOT beat"
-        lines.append(f"MEAL V2 {verdict} the control by more than the seed spread "
+        lines.append(f"{name} {verdict} the control by more than the seed spread "
                      f"(larger arm top-1 std: {gain['seed_spread']:.2f} points)")
     vs = cache_vs_served(summary)
     if vs is not None:

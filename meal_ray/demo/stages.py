@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from meal_ray.cache import MANIFEST, SCHEMA_VERSION
 from meal_ray.config import JobConfig, LossConfig, OptimConfig, config_differences, load_config
 from meal_ray.data.datasets import FASHION_MNIST_CLASSES
 from meal_ray.demo.report import (
     CONTROL,
     DATA,
-    MEAL,
     cache_vs_served,
     evaluate_seed,
     evaluate_shared,
@@ -29,6 +29,7 @@ from meal_ray.demo.report import (
     format_table,
     gain_over_control,
     log_demo_run,
+    main_arm,
     plot_demo,
     row_of,
     summarize,
@@ -198,25 +199,39 @@ def open_demo_run(tracking_uri: Optional[str], name: str, params: dict, tags: di
     return tracker
 
 
-def _cache_arm(meal: JobConfig, out: Path, tag: str, seed: int, passes: int, log,
+def _cache_arm(meal: JobConfig, out: Path, tag: str, crops_tag: str, seed: int, passes: int, log,
                top_k: Optional[int] = None, parent_run_id: Optional[str] = None,
                clock: Optional[DemoClock] = None) -> JobConfig:
     """Relabel the MEAL V2 arm's crops once (in-process teachers in a Ray Data actor; resumed or reused when the
     cache is there), then MEAL V2 from that cache: same student, init, schedule, CutMix, seed. ``top_k`` < classes
     trains on only the k largest stored probabilities per crop (``teachers.cache_top_k``: what a top-k relabel holds,
-    from the same crops and teachers), as stage ``meal-v2-cache-top<k>``."""
+    from the same crops and teachers), as stage ``meal-v2-cache-top<k>``. The cache is named by what changes its
+    crops only (CutMix), so ablations of the loss or the optimizer share the default arm's."""
     from meal_ray.train.relabel import relabel
 
     base = meal.to_dict()
-    cache_dir = out / f"cache{tag}-seed{seed}"
-    relabel_cfg = load_config(data=dict(base, teachers=dict(base["teachers"], source="local")))
-    relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log)
+    cache_dir = out / f"cache{crops_tag}-seed{seed}"
     name = f"meal-v2-cache{tag}{f'-top{top_k}' if top_k else ''}-seed{seed}"
     cached = load_config(data=dict(base, name=name, run=dict(base["run"], output=str(out / name)),
                                    teachers=dict(base["teachers"], source="cache", cache=str(cache_dir),
                                                  cache_top_k=top_k)))
+    if not _reusable(cached):  # a finished stage needs its cache no more
+        schema = _cache_schema(cache_dir)
+        if schema not in (None, SCHEMA_VERSION):  # the demo's own derived data, from an older meal-ray
+            log(f"[demo] {cache_dir} is a cache of schema v{schema} (this meal-ray writes v{SCHEMA_VERSION}): "
+                "relabelling it")
+            shutil.rmtree(cache_dir)
+        relabel_cfg = load_config(data=dict(base, teachers=dict(base["teachers"], source="local")))
+        relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log)
     run_stage(cached, log, parent_run_id, clock)
     return cached
+
+
+def _cache_schema(root: Path) -> Optional[int]:
+    try:
+        return json.loads((root / MANIFEST).read_text()).get("schema_version")
+    except (OSError, ValueError):
+        return None
 
 
 def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, cutmix=None,
@@ -253,20 +268,23 @@ class DemoPlan:
     cache_passes: int
     cache_top_k: Optional[int]
     classes: int
+    served_arm: bool = True
 
 
 def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
              log=print, preset: Optional[dict] = None, cache_passes: int = 0,
-             cache_top_k: Optional[int] = None, authors_d_lr: bool = False) -> dict:
+             cache_top_k: Optional[int] = None, authors_d_lr: bool = False, served_arm: bool = True) -> dict:
     """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std.
 
     ``cutmix`` overrides the preset's CutMix in both arms (an ablation); ``preset`` replaces the quick/full
     settings (tests use tiny models). ``cache_passes`` > 0 adds a third arm: MEAL V2 from a soft-label cache of that
     many passes, relabelled once per seed with the same teachers (``meal-ray relabel``), no teachers running;
     ``cache_top_k`` trains the cache arm on the top k stored probabilities only and reports into ``ablation-top<k>``;
-    ``authors_d_lr`` puts MEAL V2's discriminator on the student's schedule, as the authors' code does."""
+    ``authors_d_lr`` puts MEAL V2's discriminator on the student's schedule, as the authors' code does.
+    ``served_arm=False`` (with a cache arm) runs MEAL V2 from the cache alone, no teachers served: the cheap way to
+    an ablation row, reported into its own ``ablation<flags>-cache-only`` folder."""
     from meal_ray.cluster import ensure_ray
 
     preset_name = "custom" if preset else "quick" if quick else "full"
@@ -277,6 +295,8 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     if cache_passes < 0:
         raise ConfigError(f"--cache-passes={cache_passes} must be >= 0 (0: no cache arm).")
     classes = len(FASHION_MNIST_CLASSES)
+    if not served_arm and not cache_passes:
+        raise ConfigError("--no-served-arm leaves MEAL V2 only its cache arm: add --cache-passes N (e.g. 40).")
     if cache_top_k is not None and (not cache_passes or not 1 <= cache_top_k <= classes):
         raise ConfigError(f"--cache-top-k={cache_top_k} needs --cache-passes > 0 and a value between 1 and the "
                           f"{classes} classes.")
@@ -295,7 +315,7 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
                     authors_d_lr=authors_d_lr)
     control_tag, tag = _arm_tags(**ablation)
     student_size = preset.get("student_size", DATA["image_size"])
-    cache_tag = f"-top{cache_top_k}" if cache_top_k else ""
+    cache_tag = (f"-top{cache_top_k}" if cache_top_k else "") + ("" if served_arm else "-cache-only")
     parent = open_demo_run(
         tracking_uri, f"demo-{preset_name}{tag}{cache_tag}-seeds{'-'.join(map(str, seeds))}",
         dict(ablation, seeds="-".join(map(str, seeds)), preset=preset_name, settings=preset, cache_passes=cache_passes,
@@ -306,7 +326,7 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
         plan = DemoPlan(out=out, preset=preset, preset_name=preset_name, seeds=seeds, ablation=ablation,
                         control_tag=control_tag, tag=tag, cache_tag=cache_tag, student_size=student_size,
                         arm_cutmix=arm_cutmix, tracking_uri=tracking_uri, cache_passes=cache_passes,
-                        cache_top_k=cache_top_k, classes=classes)
+                        cache_top_k=cache_top_k, classes=classes, served_arm=served_arm)
         results = _run_demo(plan, log, parent)
     except BaseException:
         parent.end("FAILED")
@@ -332,7 +352,7 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
     # MEAL V2 and the cache arm
     images = preset["subset"] or 60000
     per_seed = ([preset["init_epochs"] * images] if student_init == "pretrained" else []) \
-        + [preset["arm_epochs"] * images] * (3 if cache_passes else 2)
+        + [preset["arm_epochs"] * images] * (1 + plan.served_arm + bool(cache_passes))
     clock = DemoClock([preset["teacher_epochs"] * (preset.get("teacher_subset", preset["subset"]) or 60000)]
                       * len(preset["teachers"]) + per_seed * len(seeds))
 
@@ -371,16 +391,19 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
                 loss=dict(discriminator="off" if no_discriminator else "reference",
                           hard_label_weight=hard_label_weight))
             run_stage(control, log, parent_id, clock)
-            if not served and not _reusable(meal):
-                log("[demo] starting the teacher ensemble as a Ray Serve application")
-                start_serve_without_http()
-                serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
-                served = True
-            run_stage(meal, log, parent_id, clock)
-            cached = (_cache_arm(meal, out, tag, seed, cache_passes, log, cache_top_k, parent_id, clock)
+            if plan.served_arm:
+                if not served and not _reusable(meal):
+                    log("[demo] starting the teacher ensemble as a Ray Serve application")
+                    start_serve_without_http()
+                    serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
+                    served = True
+                run_stage(meal, log, parent_id, clock)
+            crops_tag = "" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix"
+            cached = (_cache_arm(meal, out, tag, crops_tag, seed, cache_passes, log, cache_top_k, parent_id, clock)
                       if cache_passes else None)
             log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
-            runs.append(evaluate_seed(seed, shared, init_weights, control, meal, cached))
+            runs.append(evaluate_seed(seed, shared, init_weights, control, meal if plan.served_arm else None,
+                                      cached))
             log(format_table(runs[-1]["rows"], runs[-1]["per_class"]))
     finally:
         if served:
@@ -389,26 +412,27 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
     # 3. results.json, exports (first seed), plots, tables; an ablation reports into its own folder so the
     # default run's results are never replaced
     first = runs[0]
+    arm = main_arm(first["meal"])
     report = out / f"ablation{tag}{cache_tag}" if tag or cache_tag else out
     report.mkdir(exist_ok=True)
-    for name, cfg in (("student", first["meal"]), ("control", first["control"])):
+    for name, cfg in (("student", first["meal"] or first["cached"]), ("control", first["control"])):
         shutil.rmtree(report / name, ignore_errors=True)
         shutil.copytree(cfg.output_dir / "student", report / name)
     summary = summarize(runs)
     results = {
         "preset": preset_name, "settings": dict(preset, cutmix=arm_cutmix, cache_passes=cache_passes,
                                                             cache_top_k=cache_top_k), "seeds": seeds,
-        "ablation": ablation,
+        "ablation": ablation, "served_arm": plan.served_arm,
         "summary": summary,
-        "gain_over_control": gain_over_control(summary),
+        "gain_over_control": gain_over_control(summary, arm),
         "cache_vs_served": cache_vs_served(summary),
-        "exports": {"student": {"seed": first["seed"], "top1": row_of(first["rows"], MEAL)["top1"]},
+        "exports": {"student": {"seed": first["seed"], "top1": row_of(first["rows"], arm)["top1"]},
                     "control": {"seed": first["seed"], "top1": row_of(first["rows"], CONTROL)["top1"]}},
         "runs": [{k: r[k] for k in ("seed", "rows", "per_class", "gain_over_control")} for r in runs],
     }
     write_text(report / "results.json", json.dumps(results, indent=2))
     plot_demo(report, runs)
-    tables = format_summary(summary, results["gain_over_control"], seeds) + "\n\n" + format_table(
+    tables = format_summary(summary, results["gain_over_control"], seeds, arm) + "\n\n" + format_table(
         first["rows"], first["per_class"], title=f"Seed {first['seed']} (the exports in student/ and control/)")
     if cache_top_k:
         tables = (f"Cache arm: the top {cache_top_k} of {classes} teacher probabilities per crop, the rest spread "
