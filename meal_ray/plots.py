@@ -6,6 +6,7 @@ picked from its name), and per-class plots keep the dataset's class order.
 
 from __future__ import annotations
 
+import textwrap
 import zlib
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -115,7 +116,8 @@ def plot_reliability(series: Mapping[str, dict], path: str | Path, title: str = 
         ax.plot([rel["confidence"][i] for i in filled], [rel["accuracy"][i] for i in filled], marker="o",
                 label=label, color=color_of(name, colors))
     ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top-class probability)"), ax.set_ylabel("accuracy"), ax.set_title(title)
+    ax.set_xlabel("confidence (top-class probability)"), ax.set_ylabel("accuracy")
+    ax.set_title("\n".join(textwrap.wrap(title, 55)), fontsize=10)  # a square plot: long titles wrap
     ax.grid(alpha=0.3), ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
