@@ -116,7 +116,7 @@ class Engine:
         self.stopped_early = False  # run.stop_after_steps reached: a rehearsal ends here
         self.progress = None  # a meal_ray.progress.ProgressWriter on the rank that reports progress, if any
         # Two random streams per rank. Augmentation (crops: torch's global RNG as torchvision draws them; CutMix:
-        # self._rng and Beta's global draw) is swapped in only while batches are drawn, which may run ahead of
+        # self._rng, every draw) is swapped in only while batches are drawn, which may run ahead of
         # training into the next epoch (a served source keeps its window full across the boundary). The student's
         # stream (dropout, the val loader's seed draw) is the global RNG the rest of the time. Kept apart, a
         # checkpoint restores each where it was: see rng_state().

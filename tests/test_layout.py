@@ -164,6 +164,25 @@ def test_teacher_set_fingerprint_follows_weights_and_preprocessing_not_paths(tin
         TeacherSet((TeacherSpec("resnet1888"),)).check_files()
 
 
+def test_cutmix_draws_everything_from_its_generator_and_lambda_follows_beta():
+    """The same generator state gives the same mix whatever the global RNG did in between (lambda included), and
+    lambda is Beta(beta, beta): mean 1/2 and variance 1 / (4 (2 beta + 1))."""
+    from meal_ray.data.batch import Batch, beta_sample, cutmix
+
+    batch = Batch(torch.arange(8 * 28 * 28, dtype=torch.int64).remainder(251).to(torch.uint8).view(8, 1, 28, 28),
+                  torch.arange(8), torch.arange(8), torch.tensor([[0, 0, 28, 28, 0]] * 8))
+    mixes = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        mixes.append(cutmix(batch, beta=0.7, generator=torch.Generator().manual_seed(3)))
+    first, second = mixes
+    assert first.lam == second.lam and torch.equal(first.images, second.images)
+    assert torch.equal(first.mix_ids, second.mix_ids) and torch.equal(first.mix_boxes, second.mix_boxes)
+    generator = torch.Generator().manual_seed(0)
+    draws = np.array([beta_sample(2.0, generator) for _ in range(4000)])
+    assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.var() - 1 / 20) < 0.005
+
+
 def test_crop_requests_round_trip_batch_records_in_at_most_64_bytes_per_sample():
     from meal_ray.data.batch import Batch, cutmix
     from meal_ray.data.crops import scale_boxes

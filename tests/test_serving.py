@@ -554,3 +554,47 @@ def test_teachers_down_deletes_the_app(app):
     with pytest.raises(TeachersNotRunningError, match="meal-ray teachers up"):
         ServedSoftLabels(APP)
     assert teachers_down(APP) == []
+
+
+@pytest.mark.slow
+def test_embedded_teachers_up_serves_until_teachers_down(ray_cluster, tiny_teachers, tmp_path):
+    """`meal-ray teachers up` with no cluster to join starts a local Ray of its own, says the address to train
+    against, keeps the teachers up until `meal-ray teachers down` deletes them, then stops its Ray and exits 0."""
+    import json
+    import os
+    import re
+    import subprocess
+
+    from conftest import BIN
+
+    name = "meal-ray-test-embedded"
+    path = tmp_path / "teachers.yaml"
+    path.write_text(yaml.safe_dump(_config(tiny_teachers, app=name)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    up = subprocess.Popen([f"{BIN}/meal-ray", "teachers", "up", "--config", str(path), "--num-cpus", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("Teachers are up" in line for line in lines):
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        address = re.search(r"--address (\S+)", "".join(lines)).group(1)
+        cli = [f"{BIN}/meal-ray", "teachers"]
+        status = subprocess.run(cli + ["status", "--address", address, "--json"], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert status.returncode == 0, status.stderr[-3000:]
+        app = json.loads(status.stdout)[name]
+        assert app["status"] == "RUNNING", app
+        down = subprocess.run(cli + ["down", "--config", str(path), "--address", address], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert down.returncode == 0 and f"Deleted {name}." in down.stdout, down.stdout + down.stderr
+        assert up.wait(timeout=120) == 0
+        reader.join(timeout=10)
+        assert "The teacher applications were deleted; shutting down." in "".join(lines), "".join(lines)[-3000:]
+        assert "Traceback" not in "".join(lines)
+    finally:
+        if up.poll() is None:
+            up.kill()

@@ -24,8 +24,8 @@ def job(tmp_path, name, teachers, source, epochs=1, **over):
         teachers=dict(source=source, app_name=APP, prefetch=3,
                       models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
         optim=dict(dict(epochs=epochs, batch_size=128, lr=0.05), **over.pop("optim", {})),
-        run=dict(num_workers=2, cpus_per_worker=1, seed=7, output=str(tmp_path / name),
-                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_every=0),
+        run=dict(dict(num_workers=2, cpus_per_worker=1, seed=7, output=str(tmp_path / name),
+                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_every=0), **over.pop("run", {})),
         **over))
 
 
@@ -136,6 +136,22 @@ def test_stopped_run_resumes_at_next_epoch_with_optimizer_state(tmp_path, ray_cl
     assert epoch2["start_epoch"] == 1  # the resumed run started at epoch 2 (index 1)
     assert epoch2["resume_optimizer_norm"] == pytest.approx(saved_norm, rel=1e-9)  # momentum buffers restored
     assert second["epochs"] == 2
+
+    # another worker count (the same global batch on 1 worker): it continues from epoch 3 and says that the streams
+    # cannot continue as they were; the checkpoint it starts from is the 2-worker run's last
+    said: list = []
+    ckpts = sorted(p for p in (tmp_path / "resume" / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+    saved = torch.load(ckpts[-1] / STATE_FILE, weights_only=False)
+    assert len(saved["rng_per_rank"]) == 2 and saved["epoch"] == 2
+    third = run_job(job(tmp_path, "resume", tiny_teachers, "local", epochs=3, run=dict(num_workers=1)),
+                    resume=True, log=said.append)
+    assert [h["epoch"] for h in third["history"]] == [1, 2, 3] and third["history"][2]["start_epoch"] == 2
+    assert third["history"][2]["resume_optimizer_norm"] == pytest.approx(
+        sum(float(s["momentum_buffer"].double().pow(2).sum()) for s in saved["optimizer"]["state"].values()) ** 0.5,
+        rel=1e-9)
+    assert any("checkpoint written by 2 worker(s), resumed with 1" in line for line in said), said
+    ckpts = sorted(p for p in (tmp_path / "resume" / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+    assert len(torch.load(ckpts[-1] / STATE_FILE, weights_only=False)["rng_per_rank"]) == 1
 
 
 def test_served_source_without_teachers_says_how_to_start_them(tmp_path, ray_cluster, tiny_teachers):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from meal_ray.data.crops import CropParams, MixParams, cutmix_box, render_sample
@@ -83,16 +84,25 @@ def render_batch(dataset, ids: torch.Tensor, crops: torch.Tensor, size: int, int
     return torch.stack(images)
 
 
+def beta_sample(beta: float, generator: Optional[torch.Generator] = None) -> float:
+    """One Beta(beta, beta) draw taken from ``generator`` (torch's Beta has no generator argument, so the
+    draw seeds a numpy generator from it: one step of ``generator`` per draw)."""
+    seed = int(torch.randint(2**62, (), generator=generator))
+    return float(np.random.default_rng(seed).beta(beta, beta))
+
+
 def cutmix(batch: Batch, beta: float = 1.0, prob: float = 1.0, generator: Optional[torch.Generator] = None) -> Batch:
     """CutMix on the uint8 batch *before* the teachers see it, so teacher and student share the mixed image.
 
     One box and one partner permutation per batch (the CutMix paper's way); the batch records,
     per sample, the partner's id and crop and the box, so the mixed pixels can be rendered again.
+    Every draw (apply or not, lambda, partners, centre) comes from ``generator``: a caller that
+    restores it replays the same mixes whatever the global RNG did meanwhile.
     """
     if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
         return batch
     b, _, h, w = batch.images.shape
-    lam = float(torch.distributions.Beta(beta, beta).sample())
+    lam = beta_sample(beta, generator)
     perm = torch.randperm(b, generator=generator)
     cy, cx = int(torch.randint(h, (), generator=generator)), int(torch.randint(w, (), generator=generator))
     top, left, height, width = cutmix_box(h, w, lam, cy, cx)

@@ -26,9 +26,12 @@ from meal_ray.source_registry import source_class
 from meal_ray.train.worker import load_state, train_loop_per_worker
 
 RUN_FILE = "run.json"
-# run settings a resumed run may change: where it logs, and where it runs (nothing that changes its numbers)
+# run settings a resumed run may change: where it logs, where it runs and on how many workers. The global batch
+# stays optim.batch_size whatever the worker count, so the math is the job's; with another count the workers'
+# augmentation streams cannot continue as they were (the engine says so), and the run is no longer bit for bit.
 RESUMABLE_ELSEWHERE = ("tracking_uri", "log_every", "register_model", "label_selector", "accelerator_type",
-                       "placement_timeout_s", "max_failures")
+                       "placement_timeout_s", "max_failures", "num_workers", "cpus_per_worker",
+                       "resources_per_worker", "use_gpu")
 
 
 def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
@@ -47,7 +50,8 @@ def check_output(cfg: JobConfig, resume: bool, overwrite: bool) -> dict:
             if diff:
                 raise OutputDirError(
                     f"{out} holds a run with a different config ({', '.join(diff)} differ); "
-                    "resume with the same config (only optim.epochs may grow), or use --overwrite / another --output."
+                    "resume with the same config (optim.epochs may grow, and the run.* placement and worker count may "
+                    "change), or use --overwrite / another --output."
                 )
             return record
         raise OutputDirError(
