@@ -159,10 +159,6 @@ class TeacherModel:
         """Crops per forward pass, one entry per merged batch this replica ran (most recent 10 000)."""
         return list(self._batch_sizes)
 
-    def replica_actor_name(self) -> str:
-        """This replica's Ray actor name (namespace ``serve``), e.g. to kill it in a fault-tolerance test."""
-        return serve.get_replica_context().replica_id.to_full_id_str()
-
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64,
                   logging_config={"enable_access_log": False})
