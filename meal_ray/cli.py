@@ -331,6 +331,20 @@ def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight
              cache_top_k=cache_top_k, authors_d_lr=authors_d_lr, served_arm=served_arm)
 
 
+@main.command()
+@click.option("--output", default="runs/demo", show_default=True,
+              help="The demo directory (the --output the demo and its ablations wrote into).")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
+@friendly_errors
+def ablations(output, tracking_uri):
+    """One table of the paper's claims: every finished demo ablation under --output against MEAL V2, paired by seed
+    (ablations.md, ablations.json, ablations.png there, and an MLflow run)."""
+    from meal_ray.demo.ablations import write_ablations
+
+    write_ablations(output, tracking_uri, log=click.echo)
+
+
 def _seed_list(text: str) -> list:
     try:
         return [int(s) for s in text.split(",") if s.strip()]

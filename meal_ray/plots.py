@@ -123,3 +123,29 @@ def plot_reliability(series: Mapping[str, dict], path: str | Path, title: str = 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+VERDICT_COLORS = {"holds": "#2ca02c", "opposite": "#d62728", "within noise": "#7f7f7f"}
+
+
+def plot_ablations(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """One line per ablation row: each seed's (row - reference) as a dot, the mean with its std as a bar, coloured by
+    the row's verdict; the reference is the vertical line at 0."""
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
+    for y, row in enumerate(reversed(list(rows))):
+        diff, color = row["vs_meal_v2"], VERDICT_COLORS.get(row["verdict"], "#1f77b4")
+        ax.errorbar(diff["mean"], y, xerr=diff["std"], fmt="D", color=color, capsize=4)
+        ax.scatter(diff["per_seed"], [y] * len(diff["per_seed"]), color=color, alpha=0.5, s=18)
+        ax.annotate(row["verdict"], (diff["mean"], y), textcoords="offset points", xytext=(0, 7), ha="center",
+                    fontsize=8, color=color)
+    ax.set_yticks(range(len(rows)), [f"{r['row']} ({r['kind']})" for r in reversed(list(rows))])
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_xlabel("test top-1 difference to MEAL V2 (points)")
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, 70)))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

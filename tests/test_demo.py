@@ -114,8 +114,54 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     relabelled = [line for line in ablation if "(0 already done)" in line]
     assert len(relabelled) == 1 and str(out / "cache-seed0") in relabelled[0]
     assert json.loads(manifest.read_text())["schema_version"] == 2
-    assert json.loads((out / "ablation-no-disc-cache-only" / "results.json").read_text())["ablation"][
-        "no_discriminator"] is True
+    no_disc = json.loads((out / "ablation-no-disc-cache-only" / "results.json").read_text())
+    assert no_disc["ablation"]["no_discriminator"] is True
+
+    # the ablation table: each row paired by seed with the default MEAL V2 row of its arm, into files and MLflow
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.demo.ablations import write_ablations
+
+    def top1(res, model):
+        return {r["model"]: r["top1"] for r in res["runs"][0]["rows"]}[model]
+
+    table = write_ablations(out, uri, log=lambda s: None)
+    rows = {(r["row"], r["kind"]): r for r in table["rows"]}
+    assert set(rows) == {("MEAL V2 (served)", "served"), ("MEAL V2 (cache)", "cache"),
+                         ("control (hard labels)", "served"), ("control (hard labels)", "cache"),
+                         ("no discriminator", "cache")}
+    cached = "MEAL V2 (soft-label cache)"
+    row = rows["no discriminator", "cache"]
+    assert row["vs_meal_v2"]["per_seed"] == [top1(no_disc, cached) - top1(results, cached)]
+    assert row["verdict"] == "one seed: no verdict" and row["report"] == "ablation-no-disc-cache-only"
+    assert rows["control (hard labels)", "served"]["vs_meal_v2"]["per_seed"] == [
+        top1(results, "control (hard labels)") - top1(results, "MEAL V2 (ensemble soft labels)")]
+    assert "no discriminator" not in {m["label"] for m in table["not_run"]} and len(table["not_run"]) == 6
+    text = (out / "ablations.md").read_text()
+    assert "| no discriminator | cache | `--no-discriminator` |" in text
+    assert "`meal-ray demo --weight-decay 1e-4`" in text
+    assert json.loads((out / "ablations.json").read_text())["rows"] == json.loads(json.dumps(table["rows"]))
+    assert (out / "ablations.png").stat().st_size > 0
+    client = MlflowClient(uri)
+    run = client.get_run(table["mlflow_run_id"])
+    assert run.data.metrics["ablation/ablation-no-disc-cache-only/cache/vs_meal_v2"] == pytest.approx(
+        row["vs_meal_v2"]["mean"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"ablations.md", "ablations.json",
+                                                                        "ablations.png"}
+    assert write_ablations(out, uri, log=lambda s: None)["mlflow_run_id"] == run.info.run_id  # reopened, not a new one
+
+
+def test_ablation_verdicts_need_the_seed_spread_and_say_which_way():
+    from meal_ray.demo.ablations import _paired, verdict
+
+    reference = {0: 88.0, 1: 89.0, 2: 88.5}
+    lower = _paired({0: 87.0, 1: 88.2, 2: 87.4}, reference)
+    assert lower["per_seed"] == pytest.approx([-1.0, -0.8, -1.1])
+    assert lower["seed_spread"] == pytest.approx(0.6110, abs=1e-4)  # the row's std (the reference's is 0.5)
+    assert verdict(lower, -1) == "holds" and verdict(lower, +1) == "opposite" and verdict(lower, 0) == "lower"
+    assert verdict(_paired({0: 88.3, 1: 88.9, 2: 88.4}, reference), -1) == "within noise"
+    assert verdict(_paired({0: 87.0}, reference), -1) == "one seed: no verdict"
+    assert _paired({5: 87.0}, reference) is None  # no seed in common: nothing to compare
 
 
 def test_a_finished_stage_is_not_reused_when_its_weights_files_changed(tmp_path):
