@@ -136,7 +136,9 @@ def plot_ablations(rows: Sequence[dict], path: str | Path, title: str = "") -> P
         diff, color = row["vs_meal_v2"], VERDICT_COLORS.get(row["verdict"], "#1f77b4")
         ax.errorbar(diff["mean"], y, xerr=diff["std"], fmt="D", color=color, capsize=4)
         ax.scatter(diff["per_seed"], [y] * len(diff["per_seed"]), color=color, alpha=0.5, s=18)
-        ax.annotate(row["verdict"], (diff["mean"], y), textcoords="offset points", xytext=(0, 7), ha="center",
+        own = row.get("own_gain")  # a claim about the row's own gain over its control (no CutMix): say it
+        text = row["verdict"] + (f" (gain over its own control {own['mean']:+.2f})" if own else "")
+        ax.annotate(text, (diff["mean"], y), textcoords="offset points", xytext=(0, 7), ha="center",
                     fontsize=8, color=color)
     ax.set_yticks(range(len(rows)), [f"{r['row']} ({r['kind']})" for r in reversed(list(rows))])
     ax.axvline(0, color="black", linewidth=1)

@@ -56,6 +56,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# what a store answers when it refuses a record itself (an invalid name or value, a deleted run): sending it again
+# would be refused the same way, so such a record is dropped with a warning instead of kept, where it would hold
+# back every record after it
+REFUSED_CODES = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE")
 PENDING_FILE = "mlflow-pending.jsonl"
 RUN_IDS_FILE = "mlflow-run-ids.json"  # placeholder run id -> MLflow's, for runs created from the spool
 PLACEHOLDER_PREFIX = "pending-"
@@ -108,6 +112,14 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - tracking must never break training
             self._failed(what, e)
             return None
+
+    def _refused(self, what: str, e: Exception) -> bool:
+        """True (with a warning) when the store refused the record itself rather than being away."""
+        if getattr(e, "error_code", None) not in REFUSED_CODES:
+            return False
+        self._log(f"WARNING: MLflow tracking at {self.uri} refused {what} ({e.error_code}: {str(e)[:300]}); "
+                  "that record is dropped (sent again it would be refused again); the run's other records are sent.")
+        return True
 
     def _failed(self, what: str, e: Exception) -> None:
         if self._down_since is None:
@@ -256,6 +268,8 @@ class Tracker:
                 self.flush()
             result = self._send(record)
         except Exception as e:  # noqa: BLE001
+            if self._refused(what, e):
+                return None
             self._failed(what, e)
             self._keep(record)
             return None
@@ -290,7 +304,11 @@ class Tracker:
                 except json.JSONDecodeError:  # a line cut by a crash mid-write: nothing of it was logged
                     sent += 1
                     continue
-                self._send(record)
+                try:
+                    self._send(record)
+                except Exception as e:  # noqa: BLE001
+                    if not self._refused(f"a kept {record.get('kind', 'record')} record", e):
+                        raise
                 sent += 1
         finally:
             rest = lines[sent:]

@@ -144,8 +144,9 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     assert (out / "ablations.png").stat().st_size > 0
     client = MlflowClient(uri)
     run = client.get_run(table["mlflow_run_id"])
-    assert run.data.metrics["ablation/ablation-no-disc-cache-only/cache/vs_meal_v2"] == pytest.approx(
-        row["vs_meal_v2"]["mean"])
+    assert run.data.metrics["vs_meal_v2/cache/no_discriminator"] == pytest.approx(row["vs_meal_v2"]["mean"])
+    assert set(run.data.metrics) == {"vs_meal_v2/served/control_hard_labels", "vs_meal_v2/cache/control_hard_labels",
+                                     "vs_meal_v2/cache/no_discriminator"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"ablations.md", "ablations.json",
                                                                         "ablations.png"}
     assert write_ablations(out, uri, log=lambda s: None)["mlflow_run_id"] == run.info.run_id  # reopened, not a new one

@@ -172,3 +172,27 @@ def test_a_job_run_while_the_server_is_down_is_created_by_tracking_sync_with_eve
         assert client.search_logged_models([run.info.experiment_id])  # the student as an MLflow model
     finally:
         server.stop()
+
+
+def test_a_record_the_store_refuses_is_dropped_and_holds_back_nothing(tmp_path):
+    """A record the store refuses itself (here a metric name that resolves like a path) would be refused again if
+    kept: it is dropped with a warning, and the records after it, kept ones included, are sent."""
+    import json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir, messages = tmp_path / "run", []
+    run_dir.mkdir()
+    tracker = Tracker(uri, log=messages.append, spool_dir=run_dir, retry_after_s=0)
+    run_id = tracker.start("refused", "run", {})
+    tracker.log_metrics({"a/./b": 1.0}, step=0)
+    assert not (run_dir / PENDING_FILE).exists()
+    assert "refused log metrics" in messages[-1] and "INVALID_PARAMETER_VALUE" in messages[-1], messages
+    tracker.log_metrics({"loss": 0.5}, step=0)
+    assert _history(uri, run_id, "loss") == [(0, 0.5)]
+    # one such record already kept (by an older meal-ray) goes at the next send; the one kept after it is sent
+    (run_dir / PENDING_FILE).write_text("".join(
+        json.dumps({"kind": "metrics", "run_id": run_id, "items": [[name, value, 0, 1]]}) + "\n"
+        for name, value in (("a/./b", 1.0), ("loss", 0.4))))
+    tracker.log_metrics({"loss": 0.3}, step=2)
+    assert not (run_dir / PENDING_FILE).exists() and "refused a kept metrics record" in messages[-1], messages
+    assert _history(uri, run_id, "loss") == [(0, 0.5), (1, 0.4), (2, 0.3)]

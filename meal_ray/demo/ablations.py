@@ -6,6 +6,7 @@ the table says what is still to measure."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,11 @@ def format_ablations(table: dict) -> str:
     return "\n".join(lines)
 
 
+def metric_name(row: dict) -> str:
+    """``vs_meal_v2/<arm>/<row>``, e.g. ``vs_meal_v2/cache/no_discriminator``: the row's mean difference in MLflow."""
+    return f"vs_meal_v2/{row['kind']}/{re.sub(r'[^a-z0-9]+', '_', row['row'].lower()).strip('_')}"
+
+
 def write_ablations(demo_dir: str | Path, tracking_uri: Optional[str] = None, log=print) -> dict:
     """Collect the table, write ablations.md / .json / .png into the demo directory (atomically) and log them, with
     each row's difference to MEAL V2 as a metric, to an MLflow run ``demo-ablations`` (reopened on later calls)."""
@@ -205,8 +211,7 @@ def write_ablations(demo_dir: str | Path, tracking_uri: Optional[str] = None, lo
                                            tags={"meal_ray.mode": "demo-ablations"})
     write_text(root / RECORD, json.dumps(table, indent=2))
     write_text(root / TABLE, text + "\n")
-    tracker.log_metrics({f"ablation/{r['report']}/{r['kind']}/vs_meal_v2": r["vs_meal_v2"]["mean"]
-                         for r in table["rows"] if r["vs_meal_v2"]}, step=0)
+    tracker.log_metrics({metric_name(r): r["vs_meal_v2"]["mean"] for r in table["rows"] if r["vs_meal_v2"]}, step=0)
     for path in (root / TABLE, root / RECORD, root / PLOT):
         tracker.log_artifact(path)
     tracker.end()
