@@ -81,7 +81,9 @@ class SessionCluster:
         with self._in_home():
             self.cluster = Cluster(initialize_head=True, head_node_args=dict(
                 num_cpus=self.CPUS["head"], include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0,
-                runtime_env_dir_name="runtime_resources_head"))
+                # its dashboard agent on a free port too (as Cluster gives the other nodes'), not Ray's fixed 52365:
+                # a Ray already running on this machine (a demo) holds that one, and jobs then find "no agent"
+                dashboard_agent_listen_port=None, runtime_env_dir_name="runtime_resources_head"))
         self.nodes = {pool: [] for pool in self.POOLS}
         for pool, count in self.POOLS.items():
             for _ in range(count):
