@@ -67,6 +67,9 @@ def files(tmp_path_factory):
     torch.save(teacher.state_dict(), root / "teacher.pth")
     (root / "cut.pth").write_bytes((root / "teacher.pth").read_bytes()[:5000])
     (root / "not-weights.safetensors").write_text("hello")
+    (root / "empty-demo").mkdir()
+    (root / "cut-demo" / "ablation-no-disc-cache-only").mkdir(parents=True)
+    (root / "cut-demo" / "ablation-no-disc-cache-only" / "results.json").write_text('{"seeds": [0], "summ')
     torch.save({"state_dict": teacher.state_dict(), "payload": Payload()}, root / "pickled.pth")
 
     (root / "bin.yaml").write_bytes(b"\x00\x01\xff\xfe binary")
@@ -203,6 +206,8 @@ def cases(f: Path) -> list:
         ("demo seeds", ["demo", "--seeds", "a,b"], "comma-separated list of integers"),
         ("demo top-k", ["demo", "--cache-top-k", "3"], "--cache-passes"),
         ("demo cache only", ["demo", "--no-served-arm"], "--cache-passes"),
+        ("ablations, no demo there", ["ablations", "--output", str(f / "empty-demo")], "run `meal-ray demo --output"),
+        ("ablations, cut report", ["ablations", "--output", str(f / "cut-demo")], "run that demo command again"),
     ]
 
 
@@ -220,7 +225,7 @@ def test_every_bad_input_is_refused_by_name_and_changes_nothing(files, monkeypat
         if not clear:
             failures.append(f"{what}: exit {res.exit_code}, {type(res.exception).__name__}: {text[-400:]!r}")
     assert not failures, "\n".join(failures)
-    assert len(sweep) == 53  # every kind above ran (the README counts them)
+    assert len(sweep) == 55  # every kind above ran (the README counts them)
     assert checksums(files / "finished") == before  # nothing already written changed
     assert not (files / "nothing-here").exists() and not (files / "cache").exists()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from meal_ray.demo.report import CACHED, CONTROL, MEAL, row_of, write_text
+from meal_ray.demo.report import CACHED, CONTROL, MEAL, paired_difference, row_of, sample_std, write_text
 from meal_ray.errors import ConfigError
 
 TABLE, RECORD, PLOT = "ablations.md", "ablations.json", "ablations.png"
@@ -72,17 +72,11 @@ def _per_seed(results: dict, model: str) -> dict:
 
 
 def _paired(row: dict, reference: dict) -> Optional[dict]:
-    """row - reference on the seeds both have, with the seed-spread bar the demo uses (the larger top-1 std)."""
+    """row - reference on the seeds both have (seed -> top-1 maps), with the demo's seed-spread bar."""
     seeds = sorted(set(row) & set(reference))
     if not seeds:
         return None
-    diffs = [row[s] - reference[s] for s in seeds]
-
-    def spread(values):
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
-    return {"seeds": seeds, "per_seed": diffs, "mean": statistics.mean(diffs), "std": spread(diffs),
-            "seed_spread": max(spread([row[s] for s in seeds]), spread([reference[s] for s in seeds]))}
+    return dict(paired_difference([row[s] for s in seeds], [reference[s] for s in seeds]), seeds=seeds)
 
 
 def verdict(diff: dict, sign: int) -> str:
@@ -97,10 +91,6 @@ def verdict(diff: dict, sign: int) -> str:
     return "holds" if diff["mean"] * sign > 0 else "opposite"
 
 
-def _mean_std(values: list) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def collect(demo_dir: str | Path) -> dict:
     """Every demo report under ``demo_dir`` (its results.json and each ablation*/results.json) as table rows."""
     root = Path(demo_dir).resolve()
@@ -109,7 +99,15 @@ def collect(demo_dir: str | Path) -> dict:
     reports = []
     for path in [root / "results.json"] + sorted(root.glob("ablation*/results.json")):
         if path.is_file():
-            results = json.loads(path.read_text())
+            try:
+                results = json.loads(path.read_text())
+                problem = None if isinstance(results, dict) and {"summary", "seeds"} <= set(results) else \
+                    "no 'summary' and 'seeds'"
+            except ValueError as e:
+                problem = f"not JSON: {e}"
+            if problem:
+                raise ConfigError(f"{path} is not a demo report this meal-ray reads ({problem}); run that demo "
+                                  "command again (its finished stages are reused) or move the folder away.")
             reports.append((path.parent.name if path.parent != root else ".", results))
     if not reports:
         raise ConfigError(f"{root} holds no demo results (results.json); run `meal-ray demo --output {root}` first.")
@@ -153,8 +151,10 @@ def collect(demo_dir: str | Path) -> dict:
 
 def _row(label, flag, expects, sign, report, top1: dict, diff: Optional[dict], kind: str,
          own_gain: Optional[dict] = None) -> dict:
+    values = list(top1.values())
     row = {"row": label, "flag": flag, "kind": kind, "report": report, "seeds": sorted(top1),
-           "top1": _mean_std(list(top1.values())), "top1_per_seed": top1, "expects": expects, "sign": sign,
+           "top1": {"mean": statistics.mean(values), "std": sample_std(values)}, "top1_per_seed": top1,
+           "expects": expects, "sign": sign,
            "vs_meal_v2": diff, "own_gain": own_gain}
     row["verdict"] = verdict(diff, sign) if diff else "reference"
     return row

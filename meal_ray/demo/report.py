@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from meal_ray.config import JobConfig
 from meal_ray.files import write_text_atomic
@@ -97,7 +97,7 @@ def summarize(runs: list) -> list:
         entry = {"model": row["model"], "arch": row["arch"], "params": row["params"], "n": len(runs)}
         for f in SUMMARY_FIELDS:
             values = [r["rows"][i][f] for r in runs]
-            entry[f] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            entry[f] = {"mean": statistics.mean(values), "std": sample_std(values),
                         "min": min(values), "max": max(values), "per_seed": values}
         out.append(entry)
     return out
@@ -220,29 +220,34 @@ def log_demo_run(out: Path, results: dict, tracker) -> None:
     tracker.end()
 
 
+def sample_std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_difference(row: Sequence[float], reference: Sequence[float]) -> dict:
+    """``row`` - ``reference`` seed by seed (same seed order), with the demo's bar for a difference that counts: the
+    seed spread, the larger sample std of the two rows' top-1."""
+    diffs = [r - ref for r, ref in zip(row, reference)]
+    return {"per_seed": diffs, "mean": statistics.mean(diffs), "std": sample_std(diffs),
+            "seed_spread": max(sample_std(row), sample_std(reference))}
+
+
 def gain_over_control(summary: list, arm: str = MEAL) -> dict:
     """An arm's (default: MEAL V2 served) minus the control's top-1 per seed, and whether the mean gain exceeds the
-    seed spread: the larger sample std of the two arms' top-1 (the issue's bar for "beats the control")."""
-    control, meal = row_of(summary, CONTROL)["top1"], row_of(summary, arm)["top1"]
-    gains = [m - c for m, c in zip(meal["per_seed"], control["per_seed"])]
-    spread = max(control["std"], meal["std"])
-    mean = statistics.mean(gains)
-    return {"per_seed": gains, "mean": mean, "std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
-            "seed_spread": spread, "beats_seed_spread": len(gains) > 1 and mean > spread}
+    seed spread (the issue's bar for "beats the control")."""
+    gain = paired_difference(row_of(summary, arm)["top1"]["per_seed"], row_of(summary, CONTROL)["top1"]["per_seed"])
+    return dict(gain, beats_seed_spread=len(gain["per_seed"]) > 1 and gain["mean"] > gain["seed_spread"])
 
 
 def cache_vs_served(summary: list) -> Optional[dict]:
-    """MEAL V2 from the cache minus MEAL V2 served, per seed, against the seed spread of the two (None without a
-    cache arm): "within seed noise" when |mean difference| <= the larger of their top-1 stds."""
+    """MEAL V2 from the cache minus MEAL V2 served, per seed (None without a cache arm): "within seed noise" when
+    |mean difference| <= the seed spread."""
     cached, served = row_of(summary, CACHED), row_of(summary, MEAL)
     if cached is None or served is None:
         return None
-    diffs = [c - s for c, s in zip(cached["top1"]["per_seed"], served["top1"]["per_seed"])]
-    spread = max(cached["top1"]["std"], served["top1"]["std"])
-    mean = statistics.mean(diffs)
-    return {"per_seed": diffs, "mean": mean, "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            "seed_spread": spread, "within_seed_spread": len(diffs) > 1 and abs(mean) <= spread,
-            "beats_control": gain_over_control(summary, CACHED)}
+    diff = paired_difference(cached["top1"]["per_seed"], served["top1"]["per_seed"])
+    return dict(diff, within_seed_spread=len(diff["per_seed"]) > 1 and abs(diff["mean"]) <= diff["seed_spread"],
+                beats_control=gain_over_control(summary, CACHED))
 
 
 def _pm(stat: dict, fmt: str = "{:.2f}", signed: bool = False) -> str:
