@@ -216,8 +216,15 @@ def teachers_down(target: str | Path = DEFAULT_APP_NAME, address: Optional[str] 
         import yaml
 
         names = [a.get("name", "default") for a in (yaml.safe_load(p.read_text()) or {}).get("applications", [])]
+    from ray.exceptions import RayActorError
+
     running = teachers_status(address)
     deleted = [n for n in names if n in running]
     for n in deleted:
-        serve.delete(n)
+        try:
+            serve.delete(n)
+        except RayActorError:
+            # the Serve controller went away while this waited for the deletion to finish: an embedded `teachers up`
+            # saw its apps gone and shut its Serve and Ray down, apps and all; nothing of them is left to delete
+            break
     return deleted
