@@ -1,6 +1,6 @@
 """Measure on one GPU the rates `meal-ray plan` needs for the paper's jobs, and write them as a rates file.
 
-    python bench/gpu_check.py --output gpu-rates.json          # one GPU, sized for < 5 min (not yet run on one)
+    python bench/gpu_check.py --output gpu-rates.json   # one GPU, < 5 min (97 s on an H200: docs/planning.md)
     meal-ray plan --config jobs/imagenet-resnet50-224.yaml --serve-config deployments/imagenet-224.yaml \\
         --rates gpu-rates.json --train-images 1281167
     python bench/gpu_check.py --cpu --output /tmp/cpu-rates.json   # the same code paths on CPU, tiny models
