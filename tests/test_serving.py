@@ -8,6 +8,7 @@ exactly as `meal-ray teachers up` does, and deleted at the end.
 from __future__ import annotations
 
 import glob
+import re
 import threading
 import time
 from pathlib import Path
@@ -82,6 +83,11 @@ def _teacher_handle(name):
     from ray import serve
 
     return serve.get_deployment_handle(name, app_name=APP)
+
+
+def _batching(teacher) -> dict:
+    """The replica's forward-pass counters (passes, crops, largest), as `meal-ray teachers status` reads them."""
+    return teacher.info.remote().result(timeout_s=60)["batching"]
 
 
 def _replica_actors(deployment, app=APP) -> list:
@@ -287,7 +293,7 @@ def test_two_concurrent_clients_are_merged_into_larger_teacher_batches(app):
     from ray import serve
 
     teacher = _teacher_handle("small")
-    seen = len(teacher.batch_sizes.remote().result())
+    before = _batching(teacher)
     errors, replies = [], []
 
     def client(seed):
@@ -307,11 +313,11 @@ def test_two_concurrent_clients_are_merged_into_larger_teacher_batches(app):
         t.join(120)
     assert not errors, errors
     assert replies == [(8, 10)] * 24
-    sizes = teacher.batch_sizes.remote().result()[seen:]
-    assert sum(sizes) == 2 * 3 * 4 * 8  # every crop went through exactly once
-    assert max(sizes) > 8, f"no merged batch: {sizes}"
-    assert max(sizes) <= 64  # max_batch_size counts crops
-    assert len(sizes) < 24  # fewer forward passes than requests
+    after = _batching(teacher)
+    assert after["crops"] - before["crops"] == 2 * 3 * 4 * 8  # every crop went through exactly once
+    passes = after["forward_passes"] - before["forward_passes"]
+    assert passes < 24, f"no merged batch: {passes} forward passes for 24 requests of 8 crops"
+    assert after["largest"] <= 64  # max_batch_size counts crops
 
 
 @pytest.mark.slow
@@ -319,13 +325,14 @@ def test_oversized_request_is_split_at_max_batch_size(app, ensemble):
     from ray import serve
 
     teacher = _teacher_handle("small")
-    seen = len(teacher.batch_sizes.remote().result())
+    before = _batching(teacher)
     crops = _crops(150, seed=7)
     reply = serve.get_app_handle(app).remote(TeacherRequest.from_images(crops)).result(timeout_s=60)
     probs, _ = ensemble(crops)
     torch.testing.assert_close(reply.tensors()[0], probs, atol=2e-3, rtol=0)
-    sizes = teacher.batch_sizes.remote().result()[seen:]
-    assert sum(sizes) == 150 and max(sizes) == 64
+    after = _batching(teacher)
+    assert after["crops"] - before["crops"] == 150 and after["largest"] == 64
+    assert after["forward_passes"] - before["forward_passes"] == 3  # 64 + 64 + 22: split at max_batch_size
 
 
 @pytest.mark.slow
@@ -506,6 +513,11 @@ def test_cli_teachers_status(app):
     result = CliRunner().invoke(main, ["teachers", "status"])
     assert result.exit_code == 0, result.output
     assert f"{app}: RUNNING" in result.output and "small: HEALTHY" in result.output
+    small = next(line for line in result.output.splitlines() if "small: HEALTHY" in line)
+    assert re.search(r"\| batches: (none yet|mean [0-9.]+ crops, largest \d+ of max_batch_size 64, \d+ forward "
+                     r"passes \(one replica\))", small), small
+    ensemble = next(line for line in result.output.splitlines() if "ensemble: HEALTHY" in line)
+    assert "batches" not in ensemble, ensemble  # the ingress runs no forward pass
 
 
 @pytest.mark.slow

@@ -65,7 +65,8 @@ class TeacherModel:
             g = torch.Generator().manual_seed(0)
             self._readout = torch.randn(self.teacher.in_chans, self.teacher.num_classes, generator=g)
         self.autocast = autocast
-        self._batch_sizes: collections.deque = collections.deque(maxlen=10_000)
+        # how full this replica's forward passes are: `meal-ray teachers status` shows it, to tune max_batch_size
+        self.batching = {"forward_passes": 0, "crops": 0, "largest": 0}
         self.dataset, self.data_info = None, None
         if data:  # crop-box requests: this replica reads the training set and renders the boxes itself
             from meal_ray.data.datasets import dataset_fingerprint, load_train_set
@@ -105,7 +106,9 @@ class TeacherModel:
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S,
                  batch_size_fn=_num_samples)  # set per app in __init__ (args.max_batch_size, batch_wait_timeout_s)
     async def infer_batch(self, requests: list) -> list:
-        self._batch_sizes.append(_num_samples(requests))
+        crops = _num_samples(requests)
+        self.batching = {"forward_passes": self.batching["forward_passes"] + 1,
+                         "crops": self.batching["crops"] + crops, "largest": max(self.batching["largest"], crops)}
         # Requests of different crop sizes (two jobs sharing the pool) run as separate forward passes.
         groups: dict = collections.defaultdict(list)
         for i, r in enumerate(requests):
@@ -144,6 +147,8 @@ class TeacherModel:
         return self.teacher(torch.from_numpy(merged)).cpu().numpy().astype(np.float32, copy=False)
 
     def info(self) -> dict:
+        """What this teacher is (architecture, weights, preprocessing, device, batching settings) and how full its
+        forward passes have been on this replica (``batching``: passes, crops, the largest)."""
         t = self.teacher
         return {"name": self.name, "model": self.spec.model, "weights": self.spec.weights,
                 "weights_given": self.weights_given, "pretrained": self.spec.pretrained,
@@ -153,11 +158,7 @@ class TeacherModel:
                 "std": [round(float(v) / 255, 6) for v in t.std.flatten()],
                 "device": str(self.device), "autocast": self.autocast, "description": self.description,
                 "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "data": self.data_info, "emulate": self.emulate}
-
-    def batch_sizes(self) -> list:
-        """Crops per forward pass, one entry per merged batch this replica ran (most recent 10 000)."""
-        return list(self._batch_sizes)
+                "data": self.data_info, "emulate": self.emulate, "batching": dict(self.batching)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64,
@@ -175,6 +176,7 @@ class EnsembleIngress:
     async def _teacher_info(self) -> dict:
         if self._info is None:
             infos = await asyncio.gather(*(self._call(h.info) for h in self.teachers))
+            infos = [{k: v for k, v in i.items() if k != "batching"} for i in infos]  # live counters: not cached
             classes = {i["num_classes"] for i in infos}
             chans = {i["in_chans"] for i in infos}
             if len(classes) != 1:

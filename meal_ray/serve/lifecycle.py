@@ -156,7 +156,9 @@ def config_demands(config) -> list:
 
 
 def teachers_status(address: Optional[str] = None) -> dict:
-    """``{app: {"status", "message", "deployments": {name: {"status", "message", "replicas"}}}}`` of the cluster."""
+    """``{app: {"status", "message", "deployments": {name: {"status", "message", "replicas", "nodes"}}}}`` of the
+    cluster; a healthy meal-ray teacher deployment adds ``batching`` (one replica's forward passes, crops, largest,
+    max_batch_size)."""
     connect(address)
     try:
         apps = serve.status().applications
@@ -165,14 +167,29 @@ def teachers_status(address: Optional[str] = None) -> dict:
     out = {}
     where = replica_nodes()
     for name, app in apps.items():
-        out[name] = {
-            "status": state_name(app.status), "message": app.message or "",
-            "deployments": {d: {"status": state_name(s.status), "message": s.message or "",
-                                "replicas": {state_name(k): v for k, v in (s.replica_states or {}).items()},
-                                "nodes": where.get((name, d), {})}
-                            for d, s in app.deployments.items()},
-        }
+        deployments = {}
+        for d, s in app.deployments.items():
+            deployments[d] = {"status": state_name(s.status), "message": s.message or "",
+                              "replicas": {state_name(k): v for k, v in (s.replica_states or {}).items()},
+                              "nodes": where.get((name, d), {})}
+            if deployments[d]["status"] == "HEALTHY":
+                batching = _teacher_batching(name, d)
+                if batching:
+                    deployments[d]["batching"] = batching
+        out[name] = {"status": state_name(app.status), "message": app.message or "", "deployments": deployments}
     return out
+
+
+def _teacher_batching(app: str, deployment: str, timeout_s: float = 5.0) -> Optional[dict]:
+    """One replica's batching counters when the deployment is a meal-ray teacher; None for anything else (the
+    ensemble ingress, another project's deployment) or a replica that does not answer within ``timeout_s``."""
+    try:
+        info = serve.get_deployment_handle(deployment, app_name=app).info.remote().result(timeout_s=timeout_s)
+    except Exception:  # no info method, or no answer: status still prints what Serve says
+        return None
+    if not isinstance(info, dict) or "batching" not in info:
+        return None
+    return dict(info["batching"], max_batch_size=info.get("max_batch_size"))
 
 
 def replica_nodes() -> dict:
@@ -202,8 +219,17 @@ def format_status(status: dict) -> str:
             replicas = ", ".join(f"{n} {k}" for k, n in s["replicas"].items()) or "no replicas"
             nodes = ", ".join(f"{n} on {node}" for node, n in sorted(s.get("nodes", {}).items()))
             lines.append(f"  {d}: {s['status']} [{replicas}]" + (f" ({nodes})" if nodes else "")
-                         + (f" {s['message']}" if s["message"] else ""))
+                         + (f" {s['message']}" if s["message"] else "") + _format_batching(s.get("batching")))
     return "\n".join(lines)
+
+
+def _format_batching(b: Optional[dict]) -> str:
+    if not b:
+        return ""
+    if not b["forward_passes"]:
+        return f" | batches: none yet (max_batch_size {b['max_batch_size']})"
+    return (f" | batches: mean {b['crops'] / b['forward_passes']:.1f} crops, largest {b['largest']} of "
+            f"max_batch_size {b['max_batch_size']}, {b['forward_passes']} forward passes (one replica)")
 
 
 def teachers_down(target: str | Path = DEFAULT_APP_NAME, address: Optional[str] = None) -> list:
