@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -57,9 +58,25 @@ class ShardLabeler:
             from meal_ray.ensemble import TeacherSet
 
             self.ensemble = TeacherSet.from_config(cfg.teachers).load().to(self.device)
+        # data.loader_workers > 0 (a GPU setting): that many threads decode and render each chunk, and the next
+        # chunk is prepared while the teachers label this one. Records are drawn per chunk from (seed, pass, sample
+        # ids), so the shards are the same bytes either way.
+        threads = cfg.data.loader_workers
+        self._render_pool = ThreadPoolExecutor(threads, thread_name_prefix="render") if threads else None
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="next-chunk") if threads else None
 
     def _image(self, sample_id: int) -> torch.Tensor:
         return sample_by_id(self.train, sample_id)[0]
+
+    def _prepare(self, p, chunk: np.ndarray):
+        """A chunk's crop records and its crops rendered at the student's size (on the render threads if any)."""
+        d = self.cfg.data
+        each = self._render_pool.map if self._render_pool else map
+        images = list(each(self._image, chunk.tolist()))
+        drawn = draw_crop_records(chunk, images, int(p), self.cfg.run.seed, d.crop_scale, d.crop_ratio, self.size,
+                                  self.cutmix, self.all_ids, self._image)
+        pixels = list(each(lambda i: drawn.render(i, images[i], self.size, d.interpolation), range(len(images))))
+        return drawn, torch.stack(pixels)
 
     def _teachers(self, images: torch.Tensor):
         if self.served is not None:
@@ -77,14 +94,15 @@ class ShardLabeler:
             start = time.perf_counter()
             ids = np.asarray(ids, dtype=np.int64)
             records, probs, logits = [], [], []
-            d = self.cfg.data
-            for lo in range(0, len(ids), CHUNK):
-                chunk = ids[lo:lo + CHUNK]
-                images = [self._image(sid) for sid in chunk.tolist()]
-                drawn = draw_crop_records(chunk, images, int(p), self.cfg.run.seed, d.crop_scale, d.crop_ratio,
-                                          self.size, self.cutmix, self.all_ids, self._image)
-                pixels = [drawn.render(i, image, self.size, d.interpolation) for i, image in enumerate(images)]
-                pr, lg = self._teachers(torch.stack(pixels))
+            chunks = [ids[lo:lo + CHUNK] for lo in range(0, len(ids), CHUNK)]
+            pending = self._ahead.submit(self._prepare, p, chunks[0]) if self._ahead and chunks else None
+            for j, chunk in enumerate(chunks):
+                if pending is None:
+                    drawn, pixels = self._prepare(p, chunk)
+                else:
+                    drawn, pixels = pending.result()
+                    pending = self._ahead.submit(self._prepare, p, chunks[j + 1]) if j + 1 < len(chunks) else None
+                pr, lg = self._teachers(pixels)
                 records.append(drawn)
                 probs.append(pr)
                 logits.append(lg)
