@@ -206,6 +206,7 @@ def cases(f: Path) -> list:
         ("demo seeds", ["demo", "--seeds", "a,b"], "comma-separated list of integers"),
         ("demo top-k", ["demo", "--cache-top-k", "3"], "--cache-passes"),
         ("demo cache only", ["demo", "--no-served-arm"], "--cache-passes"),
+        ("demo arm epochs", ["demo", "--arm-epochs", "0"], "--arm-epochs=0 must be >= 1"),
         ("ablations, no demo there", ["ablations", "--output", str(f / "empty-demo")], "run `meal-ray demo --output"),
         ("ablations, cut report", ["ablations", "--output", str(f / "cut-demo")], "run that demo command again"),
     ]
@@ -225,7 +226,7 @@ def test_every_bad_input_is_refused_by_name_and_changes_nothing(files, monkeypat
         if not clear:
             failures.append(f"{what}: exit {res.exit_code}, {type(res.exception).__name__}: {text[-400:]!r}")
     assert not failures, "\n".join(failures)
-    assert len(sweep) == 55  # every kind above ran (the README counts them)
+    assert len(sweep) == 56  # every kind above ran (the README counts them)
     assert checksums(files / "finished") == before  # nothing already written changed
     assert not (files / "nothing-here").exists() and not (files / "cache").exists()
 

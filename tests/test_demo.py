@@ -165,6 +165,48 @@ def test_ablation_verdicts_need_the_seed_spread_and_say_which_way():
     assert _paired({5: 87.0}, reference) is None  # no seed in common: nothing to compare
 
 
+def test_a_patient_run_is_listed_beside_the_ablation_table_never_paired_with_its_rows(tmp_path):
+    """`meal-ray demo --arm-epochs N` reports into ablation-e<N>...; the ablation table keeps one training length
+    (the default report's) and names the other length's report with its own gain over its own control."""
+    from meal_ray.demo.ablations import collect, format_ablations
+    from meal_ray.demo.report import CACHED, CONTROL, gain_over_control
+
+    def report(folder, epochs, meal, control, **ablation):
+        summary = [{"model": m, "top1": {"per_seed": v}} for m, v in ((CACHED, meal), (CONTROL, control))]
+        path = tmp_path / folder / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seeds": [0, 1, 2], "summary": summary, "ablation": ablation,
+                                    "settings": {"arm_epochs": epochs},
+                                    "gain_over_control": gain_over_control(summary, CACHED)}))
+
+    report("ablation-cache-only", 40, [88.9, 88.5, 89.2], [87.9, 87.6, 88.0])
+    report("ablation-hard0.5-cache-only", 40, [88.0, 87.8, 88.4], [87.9, 87.6, 88.0], hard_label_weight=0.5)
+    report("ablation-e160-cache-only", 160, [90.1, 89.9, 90.3], [88.0, 87.9, 88.2])
+    table = collect(tmp_path)
+    assert table["arm_epochs"] == 40
+    assert [r["row"] for r in table["rows"]] == ["MEAL V2 (cache)", "control (hard labels)", "hard-label weight 0.5"]
+    assert table["rows"][0]["top1_per_seed"] == {0: 88.9, 1: 88.5, 2: 89.2}  # the 40-epoch run is the reference
+    (patient,) = table["other_lengths"]
+    assert patient["report"] == "ablation-e160-cache-only" and patient["arm_epochs"] == 160
+    assert patient["gain_over_control"]["per_seed"] == pytest.approx([2.1, 2.0, 2.1])
+    assert ("Not in this table (40 epochs per arm): ablation-e160-cache-only, 160 epochs per arm, seeds 0, 1, 2: "
+            "MEAL V2 - control +2.07 ± 0.06 (its results.md).") in format_ablations(table)
+
+
+def test_demo_arm_epochs_tag_the_arms_and_give_other_cache_lengths_their_own_folder(tmp_path):
+    from meal_ray.demo import run_demo
+    from meal_ray.demo.stages import _length_tags
+    from meal_ray.errors import ConfigError
+
+    assert _length_tags(40, None, 40) == ("", "") and _length_tags(40, 40, 0) == ("", "")  # the default demo's names
+    assert _length_tags(40, 160, 160) == ("-e160", "-p160")  # patient: its own arms, its own 160-pass cache
+    assert _length_tags(40, None, 8) == ("", "-p8")  # a shorter cache never lands in the 40-pass folder
+
+    with pytest.raises(ConfigError, match=r"--arm-epochs=0 must be >= 1 \(default: the preset's 1\)"):
+        run_demo(str(tmp_path / "demo"), preset=TINY, arm_epochs=0)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_a_finished_stage_is_not_reused_when_its_weights_files_changed(tmp_path):
     """A stage records the sha256 of the weights it started from; the same config over a teacher (or init) trained
     again, at the same path with other weights, runs the stage again instead of reusing stale results."""

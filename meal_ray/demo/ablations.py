@@ -111,6 +111,13 @@ def collect(demo_dir: str | Path) -> dict:
             reports.append((path.parent.name if path.parent != root else ".", results))
     if not reports:
         raise ConfigError(f"{root} holds no demo results (results.json); run `meal-ray demo --output {root}` first.")
+    # one training length per table: the default report's (or the most common); a patient run (--arm-epochs) is
+    # listed beside it with its own gain over its own control, never paired with rows of another length
+    lengths = [_length(r) for _, r in reports]
+    length = _length(reports[0][1]) if reports[0][0] == "." else max(lengths, key=lengths.count)
+    other_lengths = [{"report": name, "arm_epochs": _length(r), "seeds": r["seeds"],
+                      "gain_over_control": r.get("gain_over_control")} for name, r in reports if _length(r) != length]
+    reports = [(name, r) for name, r in reports if _length(r) == length]
     defaults = [(name, r) for name, r in reports if not _changed(r)]
     rows, references = [], {}
     for arm in (MEAL, CACHED):  # the reference of each kind: the default row with that arm
@@ -146,7 +153,13 @@ def collect(demo_dir: str | Path) -> dict:
             done.update(c.key for c in changed)
     rows += [row for _, row in sorted(measured, key=lambda m: m[0])]
     missing = [{"label": c.label, "flag": c.flag, "expects": c.expects} for c in CLAIMS if c.key not in done]
-    return {"demo_dir": str(root), "rows": rows, "not_run": missing}
+    return {"demo_dir": str(root), "arm_epochs": length, "rows": rows, "not_run": missing,
+            "other_lengths": other_lengths}
+
+
+def _length(results: dict) -> Optional[int]:
+    """The arms' epochs a report trained (its preset's, or --arm-epochs)."""
+    return results.get("settings", {}).get("arm_epochs")
 
 
 def _row(label, flag, expects, sign, report, top1: dict, diff: Optional[dict], kind: str,
@@ -185,6 +198,11 @@ def format_ablations(table: dict) -> str:
     if table["not_run"]:
         lines.append("Not run yet: " + "; ".join(f"{m['label']} (`meal-ray demo {m['flag']}`)"
                                                  for m in table["not_run"]) + ".")
+    for other in table.get("other_lengths", []):
+        gain = other["gain_over_control"]
+        lines.append(f"Not in this table ({table['arm_epochs']} epochs per arm): {other['report']}, "
+                     f"{other['arm_epochs']} epochs per arm, seeds {', '.join(map(str, other['seeds']))}"
+                     + (f": MEAL V2 - control {_pm(gain, signed=True)}" if gain else "") + " (its results.md).")
     return "\n".join(lines)
 
 

@@ -248,6 +248,14 @@ def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, c
     return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + wd + hard + mix + init
 
 
+def _length_tags(preset_epochs: int, arm_epochs: Optional[int], cache_passes: int) -> tuple:
+    """(stage and report tag, cache folder tag): arms of another length than the preset's are tagged ``-e<N>`` (they
+    never replace the default arms), and a cache of other than one pass per preset epoch ``-p<P>`` (a cache holds a
+    fixed number of passes, so a longer one cannot reuse the default folder)."""
+    return (f"-e{arm_epochs}" if arm_epochs not in (None, preset_epochs) else "",
+            f"-p{cache_passes}" if cache_passes and cache_passes != preset_epochs else "")
+
+
 @dataclass(frozen=True)
 class DemoPlan:
     """What a demo invocation decided before training anything: where it writes, the preset and seeds, the ablation
@@ -269,13 +277,15 @@ class DemoPlan:
     cache_top_k: Optional[int]
     classes: int
     served_arm: bool = True
+    passes_tag: str = ""  # the cache folders' tag when the cache is not one pass per preset epoch
 
 
 def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), no_discriminator: bool = False,
              weight_decay: float = 0.0, hard_label_weight: float = 0.0, student_init: str = "pretrained",
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
              log=print, preset: Optional[dict] = None, cache_passes: int = 0,
-             cache_top_k: Optional[int] = None, authors_d_lr: bool = False, served_arm: bool = True) -> dict:
+             cache_top_k: Optional[int] = None, authors_d_lr: bool = False, served_arm: bool = True,
+             arm_epochs: Optional[int] = None) -> dict:
     """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std.
 
     ``cutmix`` overrides the preset's CutMix in both arms (an ablation); ``preset`` replaces the quick/full
@@ -284,11 +294,17 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     ``cache_top_k`` trains the cache arm on the top k stored probabilities only and reports into ``ablation-top<k>``;
     ``authors_d_lr`` puts MEAL V2's discriminator on the student's schedule, as the authors' code does.
     ``served_arm=False`` (with a cache arm) runs MEAL V2 from the cache alone, no teachers served: the cheap way to
-    an ablation row, reported into its own ``ablation<flags>-cache-only`` folder."""
+    an ablation row, reported into its own ``ablation<flags>-cache-only`` folder. ``arm_epochs`` trains both arms
+    (control and MEAL V2, from the same init) for that many epochs instead of the preset's: patient distillation, in
+    stages and a report tagged ``-e<N>``; give it a cache of as many passes so its crops stay fresh."""
     from meal_ray.cluster import ensure_ray
 
     preset_name = "custom" if preset else "quick" if quick else "full"
     preset = dict(preset or PRESETS[preset_name])
+    if arm_epochs is not None and arm_epochs < 1:
+        raise ConfigError(f"--arm-epochs={arm_epochs} must be >= 1 (default: the preset's {preset['arm_epochs']}).")
+    epochs_tag, passes_tag = _length_tags(preset["arm_epochs"], arm_epochs, cache_passes)
+    preset["arm_epochs"] = arm_epochs or preset["arm_epochs"]
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
@@ -314,6 +330,7 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
                     student_init=student_init, cutmix=None if arm_cutmix == preset_cutmix else arm_cutmix,
                     authors_d_lr=authors_d_lr)
     control_tag, tag = _arm_tags(**ablation)
+    control_tag, tag = control_tag + epochs_tag, tag + epochs_tag
     student_size = preset.get("student_size", DATA["image_size"])
     cache_tag = (f"-top{cache_top_k}" if cache_top_k else "") + ("" if served_arm else "-cache-only")
     parent = open_demo_run(
@@ -326,7 +343,7 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
         plan = DemoPlan(out=out, preset=preset, preset_name=preset_name, seeds=seeds, ablation=ablation,
                         control_tag=control_tag, tag=tag, cache_tag=cache_tag, student_size=student_size,
                         arm_cutmix=arm_cutmix, tracking_uri=tracking_uri, cache_passes=cache_passes,
-                        cache_top_k=cache_top_k, classes=classes, served_arm=served_arm)
+                        cache_top_k=cache_top_k, classes=classes, served_arm=served_arm, passes_tag=passes_tag)
         results = _run_demo(plan, log, parent)
     except BaseException:
         parent.end("FAILED")
@@ -398,7 +415,8 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
                     serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
                     served = True
                 run_stage(meal, log, parent_id, clock)
-            crops_tag = "" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix"
+            crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
+                + plan.passes_tag
             cached = (_cache_arm(meal, out, tag, crops_tag, seed, cache_passes, log, cache_top_k, parent_id, clock)
                       if cache_passes else None)
             log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
