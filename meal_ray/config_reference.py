@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import re
 import tokenize
+from pathlib import Path
 
 from meal_ray import config
 
@@ -32,10 +34,23 @@ SECTIONS = (
 )
 
 
+def _class_source(cls) -> str:
+    """A top-level class statement's lines: from its ``class Name`` line to the first line back at column 0. Not
+    ``inspect.getsource``, which parses the whole module with ``ast``: CPython 3.11 before 3.11.8 can raise a spurious
+    "AST constructor recursion depth mismatch" SystemError there while other threads run (Ray's, in the test suite;
+    CPython issue 106905)."""
+    lines = Path(inspect.getsourcefile(cls)).read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if re.match(rf"class {cls.__name__}\b", line))
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t"):
+        end += 1
+    return "".join(lines[start:end])
+
+
 def field_comments(cls) -> dict:
     """Field name -> the comment beside it in the class body (a trailing comment, continued on comment-only lines
     below it)."""
-    source = inspect.getsource(cls)
+    source = _class_source(cls)
     comments: dict = {}
     continued: set = set()  # comment-only lines indented past the "#" (they continue the comment above them)
     code_lines: set = set()
