@@ -80,10 +80,19 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
         f"[demo] stage {i}/6" for i in range(1, 7)]
     assert sum(line.startswith("[meal-ray] epoch 1/1 | loss") for line in lines) == 6
 
-    # a second run finds every stage finished and trains nothing
+    # every export's test-set figures are kept beside it (and the ensemble's in the demo directory)
+    from meal_ray.demo.report import EVALUATION
+
+    evaluations = sorted(out.glob(f"*/{EVALUATION}")) + [out / f"ensemble-{EVALUATION}"]
+    assert len(evaluations) == 2 + 4 + 1  # the teachers; init, control, both MEAL V2 arms; the ensemble
+    stamps = {p: p.stat().st_mtime_ns for p in evaluations}
+
+    # a second run finds every stage finished and trains nothing, nor evaluates anything again
     again: list = []
     run_demo(str(out), seeds=[0], tracking_uri=uri, log=again.append, preset=TINY, cache_passes=1)
     assert sum("reusing finished stage" in line for line in again) == 2 + 4
+    assert {p: p.stat().st_mtime_ns for p in evaluations} == stamps
+    assert json.loads((out / "results.json").read_text())["runs"][0]["rows"] == saved["runs"][0]["rows"]
     assert not any(line.startswith("[relabel]") for line in again)  # a finished cache arm reads no cache
     assert not any("for 1 epochs" in line for line in again)
 
@@ -163,6 +172,24 @@ def test_ablation_verdicts_need_the_seed_spread_and_say_which_way():
     assert verdict(_paired({0: 88.3, 1: 88.9, 2: 88.4}, reference), -1) == "within noise"
     assert verdict(_paired({0: 87.0}, reference), -1) == "one seed: no verdict"
     assert _paired({5: 87.0}, reference) is None  # no seed in common: nothing to compare
+
+
+def test_test_set_figures_are_computed_once_per_export_content(tmp_path):
+    from meal_ray.demo.report import remembered
+
+    calls: list = []
+
+    def compute():
+        calls.append(1)
+        return {"top1": 88.5, "bins": (1, 2)}
+
+    where = tmp_path / "evaluation.json"
+    first = remembered(where, {"model.safetensors": "a"}, compute)
+    assert first == {"top1": 88.5, "bins": [1, 2]}  # as JSON gives it back, the first time too
+    assert remembered(where, {"model.safetensors": "a"}, compute) == first and len(calls) == 1
+    assert remembered(where, {"model.safetensors": "b"}, compute) == first and len(calls) == 2  # other weights
+    where.write_text("{cut")
+    assert remembered(where, {"model.safetensors": "b"}, compute) == first and len(calls) == 3  # unreadable: again
 
 
 def test_a_patient_run_is_listed_beside_the_ablation_table_never_paired_with_its_rows(tmp_path):

@@ -24,15 +24,46 @@ DATA = dict(dataset="fashion-mnist", image_size=32, crop_scale=[0.85, 1.0], crop
 write_text = write_text_atomic  # results.json / results.md are whole or absent
 
 
-def evaluate_shared(teachers) -> dict:
-    """Test-set rows and per-class accuracy of each teacher and of their ensemble (same for every seed)."""
+EVALUATION = "test-evaluation.json"  # beside a stage's export: its test-set figures, reused while its files are same
+EVALUATION_FORMAT = 1  # bump when the figures kept change
+
+
+def export_key(path: str | Path) -> dict:
+    """What an export's test-set figures depend on: its weights' and its config's (preprocessing's) sha256."""
+    from meal_ray.ensemble import file_sha256
+
+    return {name: file_sha256(Path(path) / name) for name in ("model.safetensors", "config.json")}
+
+
+def remembered(where: Path, key: dict, compute):
+    """``compute()``, or what it gave for the same ``key`` before, kept in ``where`` (JSON): a finished stage that a
+    demo or an ablation reuses is not evaluated on the whole test set again. Returned as JSON gives it back either
+    way, so a first and a later run see the same values."""
+    try:
+        saved = json.loads(where.read_text())
+        if saved.get("format") == EVALUATION_FORMAT and saved.get("key") == key:
+            return saved["value"]
+    except (OSError, ValueError):
+        pass
+    value = json.loads(json.dumps(compute()))
+    write_text(where, json.dumps({"format": EVALUATION_FORMAT, "key": key, "value": value}))
+    return value
+
+
+def evaluate_shared(teachers, out: Optional[Path] = None) -> dict:
+    """Test-set rows and per-class accuracy of each teacher and of their ensemble (same for every seed); the
+    ensemble's figures are kept in ``out`` when given."""
     rows, per_class = [], {}
     reliability = {}
     for t in teachers:
         row, pc, reliability[t["model"]] = evaluate_row(t["model"], t["weights"])
         rows.append(row)
         per_class[t["model"]] = pc
-    ens = evaluate_ensemble(teachers)
+    if out is None:
+        ens = evaluate_ensemble(teachers)
+    else:
+        ens = remembered(Path(out) / f"ensemble-{EVALUATION}", [export_key(t["weights"]) for t in teachers],
+                         lambda: evaluate_ensemble(teachers))
     per_class["teacher ensemble"] = ens["per_class"]
     reliability["teacher ensemble"] = ens["reliability"]
     rows.append(dict(model="teacher ensemble", arch="+".join(t["model"] for t in teachers), top1=ens["top1"],
@@ -41,15 +72,20 @@ def evaluate_shared(teachers) -> dict:
 
 
 def evaluate_row(label: str, path: str) -> tuple[dict, dict, dict]:
-    """An export's table row (top-1/5, NLL, ECE in %, parameters), its per-class accuracy and reliability bins."""
+    """An export's table row (top-1/5, NLL, ECE in %, parameters), its per-class accuracy and reliability bins,
+    computed once per export content (kept beside the export, in its stage's directory)."""
     from meal_ray.evaluation import evaluate_export
     from meal_ray.models import count_parameters, load_export
 
-    result, classes = evaluate_export(path)
-    model = load_export(path)
-    row = dict(model=label, arch=model.pretrained_cfg.get("architecture", ""), top1=result.top1, top5=result.top5,
-               nll=result.nll, ece=100 * result.ece, params=count_parameters(model))
-    return row, dict(zip(classes, result.per_class)), result.reliability
+    def compute() -> dict:
+        result, classes = evaluate_export(path)
+        model = load_export(path)
+        return {"row": dict(arch=model.pretrained_cfg.get("architecture", ""), top1=result.top1, top5=result.top5,
+                            nll=result.nll, ece=100 * result.ece, params=count_parameters(model)),
+                "per_class": dict(zip(classes, result.per_class)), "reliability": result.reliability}
+
+    value = remembered(Path(path).parent / EVALUATION, export_key(path), compute)
+    return dict(model=label, **value["row"]), value["per_class"], value["reliability"]
 
 
 def main_arm(meal) -> str:

@@ -381,7 +381,7 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
                             optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
         run_stage(cfg, log, parent_id, clock)
         teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
-    shared = evaluate_shared(teachers)
+    shared = evaluate_shared(teachers, out)
 
     # 2. per seed: the student's good initialization (hard labels), then two arms from it, same epochs
     arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=weight_decay, cutmix=arm_cutmix)
