@@ -86,7 +86,6 @@ def bytes_per_crop_imagenet(root: Path, k: int = 5, classes: int = 1000, crops: 
 def relabel_at_the_limit(cfg, root: Path, crops: int = 2048) -> dict:
     """2b: crops/s of a relabel actor's loop (ShardLabeler on one shard) and of the same teachers alone on the same
     crops rendered beforehand (batches of relabel's CHUNK), after a warm-up; and the draw + render time alone."""
-    from meal_ray.cache import draw_crop_records
     from meal_ray.train.relabel import CHUNK, ShardLabeler
 
     labeler = ShardLabeler(cfg.to_dict(), str(root / "relabel-limit"), 10)
@@ -96,14 +95,8 @@ def relabel_at_the_limit(cfg, root: Path, crops: int = 2048) -> dict:
     start = time.perf_counter()
     labeler(shard)
     loop = crops / (time.perf_counter() - start)
-    d, start, rendered = labeler.cfg.data, time.perf_counter(), []
-    for lo in range(0, crops, CHUNK):
-        chunk = ids[lo:lo + CHUNK]
-        images = [labeler._image(s) for s in chunk.tolist()]
-        drawn = draw_crop_records(chunk, images, 0, labeler.cfg.run.seed, d.crop_scale, d.crop_ratio, labeler.size,
-                                  labeler.cutmix, labeler.all_ids, labeler._image)
-        rendered.append(torch.stack([drawn.render(i, image, labeler.size, d.interpolation)
-                                     for i, image in enumerate(images)]))
+    start = time.perf_counter()
+    rendered = [labeler._prepare(0, ids[lo:lo + CHUNK])[1] for lo in range(0, crops, CHUNK)]  # the actor's own step
     draw_render = crops / (time.perf_counter() - start)
     labeler._teachers(rendered[0])
     start = time.perf_counter()

@@ -389,7 +389,7 @@ def teachers_status_cmd(address, as_json):
     """Show the Serve applications, their deployments and replicas."""
     from meal_ray.serve.lifecycle import format_status, teachers_status
 
-    status = teachers_status(address)
+    status = teachers_status(address, batching=True)
     click.echo(json.dumps(status, indent=2) if as_json else format_status(status))
 
 

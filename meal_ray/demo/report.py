@@ -50,20 +50,17 @@ def remembered(where: Path, key: dict, compute):
     return value
 
 
-def evaluate_shared(teachers, out: Optional[Path] = None) -> dict:
+def evaluate_shared(teachers, out: Path) -> dict:
     """Test-set rows and per-class accuracy of each teacher and of their ensemble (same for every seed); the
-    ensemble's figures are kept in ``out`` when given."""
+    ensemble's figures are kept in the demo directory ``out``."""
     rows, per_class = [], {}
     reliability = {}
     for t in teachers:
         row, pc, reliability[t["model"]] = evaluate_row(t["model"], t["weights"])
         rows.append(row)
         per_class[t["model"]] = pc
-    if out is None:
-        ens = evaluate_ensemble(teachers)
-    else:
-        ens = remembered(Path(out) / f"ensemble-{EVALUATION}", [export_key(t["weights"]) for t in teachers],
-                         lambda: evaluate_ensemble(teachers))
+    ens = remembered(Path(out) / f"ensemble-{EVALUATION}", [export_key(t["weights"]) for t in teachers],
+                     lambda: evaluate_ensemble(teachers))
     per_class["teacher ensemble"] = ens["per_class"]
     reliability["teacher ensemble"] = ens["reliability"]
     rows.append(dict(model="teacher ensemble", arch="+".join(t["model"] for t in teachers), top1=ens["top1"],

@@ -155,10 +155,11 @@ def config_demands(config) -> list:
     return out
 
 
-def teachers_status(address: Optional[str] = None) -> dict:
+def teachers_status(address: Optional[str] = None, batching: bool = False) -> dict:
     """``{app: {"status", "message", "deployments": {name: {"status", "message", "replicas", "nodes"}}}}`` of the
-    cluster; a healthy meal-ray teacher deployment adds ``batching`` (one replica's forward passes, crops, largest,
-    max_batch_size)."""
+    cluster. With ``batching`` (what `meal-ray teachers status` shows; one call per healthy deployment, so not for the
+    polling loops) a meal-ray teacher deployment adds ``batching``: one replica's forward passes, crops, largest,
+    max_batch_size."""
     connect(address)
     try:
         apps = serve.status().applications
@@ -172,10 +173,9 @@ def teachers_status(address: Optional[str] = None) -> dict:
             deployments[d] = {"status": state_name(s.status), "message": s.message or "",
                               "replicas": {state_name(k): v for k, v in (s.replica_states or {}).items()},
                               "nodes": where.get((name, d), {})}
-            if deployments[d]["status"] == "HEALTHY":
-                batching = _teacher_batching(name, d)
-                if batching:
-                    deployments[d]["batching"] = batching
+            counts = _teacher_batching(name, d) if batching and deployments[d]["status"] == "HEALTHY" else None
+            if counts:
+                deployments[d]["batching"] = counts
         out[name] = {"status": state_name(app.status), "message": app.message or "", "deployments": deployments}
     return out
 

@@ -95,13 +95,11 @@ class ShardLabeler:
             ids = np.asarray(ids, dtype=np.int64)
             records, probs, logits = [], [], []
             chunks = [ids[lo:lo + CHUNK] for lo in range(0, len(ids), CHUNK)]
-            pending = self._ahead.submit(self._prepare, p, chunks[0]) if self._ahead and chunks else None
+            pending = None  # the next chunk, prepared on the ahead thread while the teachers label this one
             for j, chunk in enumerate(chunks):
-                if pending is None:
-                    drawn, pixels = self._prepare(p, chunk)
-                else:
-                    drawn, pixels = pending.result()
-                    pending = self._ahead.submit(self._prepare, p, chunks[j + 1]) if j + 1 < len(chunks) else None
+                drawn, pixels = pending.result() if pending else self._prepare(p, chunk)
+                pending = self._ahead.submit(self._prepare, p, chunks[j + 1]) \
+                    if self._ahead and j + 1 < len(chunks) else None
                 pr, lg = self._teachers(pixels)
                 records.append(drawn)
                 probs.append(pr)
