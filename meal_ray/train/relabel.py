@@ -175,6 +175,10 @@ def _run_shards(cfg: JobConfig, cache: SoftLabelCache, todo: list, k: int, total
         ShardLabeler, batch_size=1, compute=ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"config": cfg.to_dict(), "root": str(cache.root), "k": k},
         num_cpus=cfg.run.cpus_per_worker, num_gpus=1 if cfg.run.use_gpu and cfg.teachers.source == "local" else 0)
+    if "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S" not in os.environ:
+        # One block is a whole shard: slow teachers, or a wait for teacher GPUs, can take longer than Ray Data's
+        # 30-minute no-progress limit. The lines below show progress, and a stopped relabel resumes shard by shard.
+        labelled.context.execution_no_progress_timeout_s = -1
     start, crops, done = time.perf_counter(), 0, total - len(todo)
     for row in labelled.iter_rows():
         cache.add_shard(str(row["name"]), int(row["rows"]))
