@@ -69,7 +69,7 @@ class DataConfig:
     interpolation: str = "bilinear"  # crop resize: bilinear | bicubic | nearest
     train_subset: Optional[int] = None  # first N training samples (stratified), for quick runs
     val_subset: Optional[int] = None  # first N validation samples (stratified), for quick runs
-    loader_workers: int = 0  # DataLoader worker processes per train worker, and relabel's render threads per
+    loader_workers: int = 0  # DataLoader worker processes per train worker, and relabel's render processes per
     #                          actor (GPU: 4-8; CPU: 0 keeps cores for compute)
     pin_memory: bool = False  # GPU: page-locked batches for non-blocking host-to-device copies (ignored on CPU)
 

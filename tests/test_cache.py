@@ -320,10 +320,10 @@ def test_a_killed_relabel_resumes_to_the_same_cache(ray_cluster, tiny_teachers, 
     assert f"({len(before)} already done)" in lines[0]
     resumed = SoftLabelCache(tmp_path / "killed")
     assert all(resumed.shards[n] == e for n, e in before.items())  # finished shards were not redone
-    # the uninterrupted reference, with render threads and the next chunk prepared ahead (data.loader_workers, the
-    # GPU setting): the same bytes as the killed-and-resumed run without them
-    threaded = load_config(data=dict(cfg.to_dict(), data=dict(cfg.to_dict()["data"], loader_workers=2)))
-    relabel(threaded, tmp_path / "whole", passes=2, shard_size=64, actors=1, log=lambda s: None)
+    # the uninterrupted reference, its crops rendered ahead of the teachers by 5 DataLoader worker processes in pieces
+    # of 32 (data.loader_workers, the GPU setting): the same bytes as the killed-and-resumed run without them
+    rendered_ahead = load_config(data=dict(cfg.to_dict(), data=dict(cfg.to_dict()["data"], loader_workers=5)))
+    relabel(rendered_ahead, tmp_path / "whole", passes=2, shard_size=64, actors=1, log=lambda s: None)
     whole = SoftLabelCache(tmp_path / "whole")
     assert resumed.is_finished() and len(resumed.shards) == 16
     assert {n: e["sha256"] for n, e in resumed.shards.items()} == {n: e["sha256"] for n, e in whole.shards.items()}

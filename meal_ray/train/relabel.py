@@ -4,10 +4,11 @@ The driver checks the job and the output (a new cache, or the same one to resume
 shards still missing, and runs them through a Ray Data actor pool: each actor holds the
 dataset and either the job's teachers in-process (``teachers.source: local``, ``num_gpus``
 per actor with ``run.use_gpu``) or a handle to the served teacher application
-(``teachers.source: served``: the shared teacher pool). An actor draws a chunk's crop
-records at once (:func:`meal_ray.cache.draw_crop_records`), renders them, asks the teachers, and
-writes the shard file atomically; the driver alone lists finished shards, with their checksums, in
-the manifest. A killed relabel loses only the shards in flight; rerunning it finishes the rest.
+(``teachers.source: served``: the shared teacher pool). An actor draws crop records a chunk at
+a time (:func:`meal_ray.cache.draw_crop_records`) and renders them on its DataLoader (in worker
+processes with ``data.loader_workers``), asks the teachers, and writes the shard file atomically;
+the driver alone lists finished shards, with their checksums, in the manifest. A killed relabel
+loses only the shards in flight; rerunning it finishes the rest.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from meal_ray.cache import SoftLabelCache, draw_crop_records, encode, shard_name, write_shard_file
 from meal_ray.cluster import ensure_ray
@@ -31,12 +32,42 @@ from meal_ray.source_registry import source_class
 from meal_ray.sources.cache import cutmix_spec, job_cache_spec
 
 DEFAULT_SHARD_SIZE = 8192
-CHUNK = 256  # crops per teacher request inside an actor
+CHUNK = 256  # crops per teacher request inside an actor (a power of two: loader workers render pieces of it)
 
 
 def default_top_k(num_classes: int) -> int:
     """Exact soft labels for small class counts, FKD's top-5 for ImageNet-sized ones."""
     return num_classes if num_classes <= 100 else 5
+
+
+class _RenderedChunks(Dataset):
+    """DataLoader dataset of one labeler: a key ``(pass, sample ids)`` -> those samples' crop records and uint8
+    crops, on the loader's worker processes (forked: the labeler is not pickled)."""
+
+    def __init__(self, labeler: "ShardLabeler"):
+        self.labeler = labeler
+
+    def __getitem__(self, key):
+        drawn, pixels = self.labeler._prepare(*key)
+        drawn.partner_images = {}  # rendered already: not sent back
+        return drawn, pixels
+
+
+class _Keys(Sampler):
+    """The chunks the loader renders next, set before each pass over it (its workers outlive the shard)."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _as_is(item):
+    return item
 
 
 class ShardLabeler:
@@ -58,25 +89,28 @@ class ShardLabeler:
             from meal_ray.ensemble import TeacherSet
 
             self.ensemble = TeacherSet.from_config(cfg.teachers).load().to(self.device)
-        # data.loader_workers > 0 (a GPU setting): that many threads decode and render each chunk, and the next
-        # chunk is prepared while the teachers label this one. Records are drawn per chunk from (seed, pass, sample
-        # ids), so the shards are the same bytes either way.
-        threads = cfg.data.loader_workers
-        self._render_pool = ThreadPoolExecutor(threads, thread_name_prefix="render") if threads else None
-        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="next-chunk") if threads else None
+        # Crops are decoded and rendered by a DataLoader: in this process (data.loader_workers 0), or by that many
+        # worker processes (a GPU setting) that prepare the coming crops while the teachers label these, in pieces of
+        # about CHUNK / workers crops so that all of them start at once. Records are drawn from (seed, pass, sample
+        # id) and the teachers always see CHUNK crops at a time, so the shards are the same bytes whichever way.
+        workers = cfg.data.loader_workers
+        self.piece = max(CHUNK >> max(workers - 1, 0).bit_length(), 1)  # a power of two: CHUNK is a whole number
+        self._keys = _Keys()
+        self._rendered = DataLoader(_RenderedChunks(self), sampler=self._keys, batch_size=None, collate_fn=_as_is,
+                                    num_workers=workers, persistent_workers=workers > 0,
+                                    prefetch_factor=2 if workers else None)
 
     def _image(self, sample_id: int) -> torch.Tensor:
         return sample_by_id(self.train, sample_id)[0]
 
     def _prepare(self, p, chunk: np.ndarray):
-        """A chunk's crop records and its crops rendered at the student's size (on the render threads if any)."""
+        """Crop records of a chunk of samples and their crops rendered at the student's size."""
         d = self.cfg.data
-        each = self._render_pool.map if self._render_pool else map
-        images = list(each(self._image, chunk.tolist()))
+        images = [self._image(i) for i in chunk.tolist()]
         drawn = draw_crop_records(chunk, images, int(p), self.cfg.run.seed, d.crop_scale, d.crop_ratio, self.size,
                                   self.cutmix, self.all_ids, self._image)
-        pixels = list(each(lambda i: drawn.render(i, images[i], self.size, d.interpolation), range(len(images))))
-        return drawn, torch.stack(pixels)
+        return drawn, torch.stack([drawn.render(i, image, self.size, d.interpolation)
+                                   for i, image in enumerate(images)])
 
     def _teachers(self, images: torch.Tensor):
         if self.served is not None:
@@ -88,20 +122,28 @@ class ShardLabeler:
         probs, logits = self.ensemble(images.to(self.device))
         return probs.float().cpu(), logits.float().cpu()
 
+    def _chunks(self, p, ids: np.ndarray):
+        """``(records, crops)`` of CHUNK samples at a time, in order, joined from the loader's pieces."""
+        self._keys.keys = [(int(p), ids[lo:lo + self.piece]) for lo in range(0, len(ids), self.piece)]
+        per_chunk = CHUNK // self.piece
+        pieces: list = []
+        for piece in self._rendered:
+            pieces.append(piece)
+            if len(pieces) == per_chunk:
+                yield pieces
+                pieces = []
+        if pieces:
+            yield pieces
+
     def __call__(self, batch: dict) -> dict:
         names, rows, seconds = [], [], []
         for p, shard, ids in zip(batch["pass"], batch["shard"], batch["ids"]):
             start = time.perf_counter()
             ids = np.asarray(ids, dtype=np.int64)
             records, probs, logits = [], [], []
-            chunks = [ids[lo:lo + CHUNK] for lo in range(0, len(ids), CHUNK)]
-            pending = None  # the next chunk, prepared on the ahead thread while the teachers label this one
-            for j, chunk in enumerate(chunks):
-                drawn, pixels = pending.result() if pending else self._prepare(p, chunk)
-                pending = self._ahead.submit(self._prepare, p, chunks[j + 1]) \
-                    if self._ahead and j + 1 < len(chunks) else None
-                pr, lg = self._teachers(pixels)
-                records.append(drawn)
+            for pieces in self._chunks(p, ids):
+                pr, lg = self._teachers(torch.cat([pixels for _, pixels in pieces]))
+                records.extend(drawn for drawn, _ in pieces)
                 probs.append(pr)
                 logits.append(lg)
             table = encode(ids, *(np.concatenate([getattr(r, f) for r in records])
