@@ -158,6 +158,9 @@ def cluster(tmp_path_factory):
 
     assert maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # sets RAY_AUTH_MODE=token here too
     test_cluster = SessionCluster(tmp_path_factory.mktemp("cluster-home"))
+    # the tests' State API calls (list_actors) ask this cluster, not whichever Ray on this machine Ray's address
+    # discovery finds (a demo running beside the tests, another test session's cluster)
+    os.environ["RAY_API_SERVER_ADDRESS"] = test_cluster.dashboard
     ray.init(address=test_cluster.address, log_to_driver=True,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
     from meal_ray.cluster import start_serve_without_http
