@@ -598,8 +598,8 @@ def test_the_window_asks_for_the_next_epoch_while_this_one_trains_and_a_resume_d
                                                                                                      loader_workers):
     """No refill at an epoch start: the prefetch window requests epoch e+1's first batches while epoch e's last steps
     train. The crops and mixes are drawn on a stream of their own, snapshotted where each epoch's drawing began, so a
-    run resumed from the checkpoint after epoch 1 (student with dropout, CutMix on; crops drawn in this process or in
-    DataLoader worker processes) ends bit-identical to an undisturbed one, and asks for the same batches."""
+    run resumed from the checkpoint a run saved after epoch 1 (student with dropout, CutMix on; crops drawn in this
+    process or in DataLoader worker processes) ends bit-identical to that run, and asks for the same batches."""
     import io
 
     from meal_ray.engine import Engine
@@ -615,22 +615,20 @@ def test_the_window_asks_for_the_next_epoch_while_this_one_trains_and_a_resume_d
         e.source = _WindowedTeachers(ensemble, lambda: e.epoch)
         return e
 
-    undisturbed = engine()
-    undisturbed.fit()
-    steps = len(undisturbed.train_loader)
-    assert (1, 0) in undisturbed.source.requests and (2, 1) in undisturbed.source.requests  # asked a step ahead
-    assert [e for e, _ in undisturbed.source.requests] == [e for e in range(3) for _ in range(steps)]
-
     checkpoint = io.BytesIO()
-    first = engine()
-    first.fit(lambda epoch, m, r: torch.save(first.state_dict(), checkpoint) if epoch == 1 else None)
+    whole = engine()
+    whole.fit(lambda epoch, m, r: torch.save(whole.state_dict(), checkpoint) if epoch == 1 else None)
+    steps = len(whole.train_loader)
+    assert (1, 0) in whole.source.requests and (2, 1) in whole.source.requests  # asked a step ahead
+    assert [e for e, _ in whole.source.requests] == [e for e in range(3) for _ in range(steps)]
+
     checkpoint.seek(0)
     resumed = engine()
     torch.manual_seed(999)  # whatever the process's stream, the checkpoint's are put back
     resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
     resumed.fit()
     for name in ("student_raw", "discriminator_raw"):
-        want, got = getattr(undisturbed, name).state_dict(), getattr(resumed, name).state_dict()
+        want, got = getattr(whole, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(want[k], got[k]) for k in want), name
     assert [e for e, _ in resumed.source.requests] == [1] * steps + [2] * steps
 

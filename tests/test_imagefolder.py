@@ -1,19 +1,15 @@
 """The user's own data: an ImageNet-layout folder of real images (Fashion-MNIST items as PNG and JPEG, some saved as
-RGB) through `meal-ray pretrain`, `meal-ray distill` (local teachers) and `meal-ray evaluate --dataset imagefolder`."""
+RGB), read as the configured channels with the folders' class names. `meal-ray init`, `pretrain`, `distill` and
+`evaluate --dataset imagefolder` on such a folder: test_init.py's README walkthrough."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
-from conftest import json_line, write_fashion_mnist_folder
+from conftest import write_fashion_mnist_folder
 from PIL import Image
 
-from meal_ray.cli import main
 from meal_ray.config import DataConfig
 from meal_ray.data import FASHION_MNIST_CLASSES, ImageFolderUint8, load_datasets
 from meal_ray.errors import DatasetError
@@ -59,51 +55,3 @@ def test_folder_images_are_converted_to_the_configured_channels(image_folder, tm
     (bad / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DatasetError, match="cannot read image .*broken.png"):
         ImageFolderUint8(tmp_path / "bad")[0]
-
-
-def _job(path, mode, model, root, teachers=None, epochs=2):
-    path.write_text(yaml.safe_dump(dict(
-        name=path.stem, mode=mode,
-        data=dict(dataset="imagefolder", root=str(root), image_size=28, crop_scale=[0.6, 1.0], crop_pct=1.0,
-                  mean=[0.2860], std=[0.3530]),
-        student=dict(model=model, num_classes=10),
-        teachers=dict(source="local", models=teachers) if teachers else dict(source="none"),
-        optim=dict(epochs=epochs, batch_size=50, lr=0.05, lr_schedule="cosine"),
-        run=dict(num_workers=1, cpus_per_worker=1, log_every=0))))
-    return str(path)
-
-
-@pytest.mark.slow
-def test_own_folder_pretrain_distill_evaluate_with_the_cli(image_folder, tmp_path, ray_cluster):
-    runner, uri = CliRunner(), f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def cli(*args):
-        result = runner.invoke(main, list(args), catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output
-
-    teacher_job = _job(tmp_path / "teacher.yaml", "pretrain", "resnet10t", image_folder, epochs=3)
-    cli("pretrain", "--config", teacher_job, "--output", str(tmp_path / "teacher"), "--tracking-uri", uri)
-    teacher = {"model": "resnet10t", "weights": str(tmp_path / "teacher" / "student")}
-    student_job = _job(tmp_path / "student.yaml", "distill", "test_efficientnet", image_folder, [teacher])
-    cli("distill", "--config", student_job, "--output", str(tmp_path / "student"), "--tracking-uri", uri)
-
-    for run in ("teacher", "student"):
-        metrics = json.loads((tmp_path / run / "metrics.json").read_text())
-        assert list(metrics["per_class"]) == sorted(FOLDERS) and metrics["count"] == 200  # the folder's class names
-        out = cli("evaluate", "--model", str(tmp_path / run / "student"), "--dataset", "imagefolder",
-                  "--root", str(image_folder), "--json", "--reliability", str(tmp_path / f"{run}.png"))
-        result = json_line(out)
-        assert result["top1"] == pytest.approx(metrics["top1"], abs=1e-9), run
-        # calibration: the export re-evaluated gives the run's own NLL and ECE, and draws its reliability diagram
-        assert (result["nll"], result["ece"]) == pytest.approx((metrics["nll"], metrics["ece"]), rel=1e-4), run
-        assert 0 < result["ece"] < 1 and (tmp_path / f"{run}.png").stat().st_size > 1000
-        assert (result["per_class"] == pytest.approx(metrics["per_class"])
-                and list(result["per_class"]) == sorted(FOLDERS))
-    assert json.loads((tmp_path / "teacher" / "metrics.json").read_text())["top1"] > 50  # it learned from the folder
-    history = json.loads((tmp_path / "student" / "metrics.json").read_text())["history"]
-    assert history[-1]["soft_ce"] < history[0]["soft_ce"] and "disc_loss" in history[0]
-
-    text = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "student" / "student"), "--dataset",
-                                     "imagefolder", "--root", str(tmp_path / "nowhere")]).output
-    assert "DatasetError" in text and "does not exist" in text and "Traceback" not in text

@@ -197,7 +197,7 @@ def test_readme_own_data_walkthrough(image_folder, tmp_path, monkeypatch, ray_cl
     for step in steps:
         args = [a.replace("/data/my-images", str(image_folder)).replace("/models/", f"{models}/") for a in step[1:]]
         if args[0] == "evaluate":
-            args.append("--json")
+            args += ["--json", "--reliability", str(tmp_path / "reliability.png")]
         outputs[args[0]] = _cli(*args, *fast.get(args[0], [])).output
 
     written = yaml.safe_load(Path("myjob/distill.yaml").read_text())
@@ -208,6 +208,12 @@ def test_readme_own_data_walkthrough(image_folder, tmp_path, monkeypatch, ray_cl
     assert result["top1"] == metrics["top1"]  # the exported student gives exactly what the distill run reported
     assert result["per_class"] == metrics["per_class"] and list(result["per_class"]) == FOLDERS
     assert result["count"] == metrics["count"] == 100
+    # calibration: the export re-evaluated gives the run's own NLL and ECE, and draws its reliability diagram
+    assert (result["nll"], result["ece"]) == pytest.approx((metrics["nll"], metrics["ece"]), rel=1e-4)
+    assert 0 < result["ece"] < 1 and (tmp_path / "reliability.png").stat().st_size > 1000
     assert init_top1 > 20 and metrics["top1"] > 20, (init_top1, metrics["top1"])  # learned from the folder (chance 10)
     history = metrics["history"]
     assert "soft_ce" in history[0] and "disc_loss" in history[0]
+    missing = _cli("evaluate", "--model", "myjob/runs/distill/student", "--dataset", "imagefolder", "--root",
+                   tmp_path / "nowhere", ok=False).output
+    assert "DatasetError" in missing and "does not exist" in missing and "Traceback" not in missing
