@@ -1,4 +1,4 @@
-"""MLflow outages lose nothing: a real `mlflow server` stopped mid-run and started again, or started only after the
+"""MLflow outages lose nothing: a real `mlflow server` cut off mid-run and reachable again, or started only after the
 job."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -53,6 +54,55 @@ class Server:
         self.proc.wait(30)
 
 
+class Gate:
+    """A loopback TCP relay in front of a running server. ``close()`` makes the server unreachable as a stopped one
+    is (new connections refused, open ones cut), ``open()`` lets clients through again: an outage without paying
+    for an `mlflow server` start each time it ends."""
+
+    def __init__(self, port: int):
+        self.target, self.port, self.listener, self.links = port, _port(), None, []
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def open(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        return self
+
+    def close(self):
+        for s in [self.listener, *self.links]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.links = []
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.links += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 def _history(uri, run_id, key):
     from mlflow.tracking import MlflowClient
 
@@ -63,44 +113,45 @@ def test_metrics_logged_during_an_outage_reach_the_server_when_it_returns(tmp_pa
     from mlflow.tracking import MlflowClient
 
     server = Server(tmp_path).start()
+    gate = Gate(server.port).open()  # the tracker's way to the server
     run_dir, messages = tmp_path / "run", []
     run_dir.mkdir()
-    tracker = Tracker(server.uri, log=messages.append, spool_dir=run_dir, retry_after_s=0)
+    tracker = Tracker(gate.uri, log=messages.append, spool_dir=run_dir, retry_after_s=0)
     run_id = tracker.start("outage", "run", {"optim": {"lr": 0.1}})
     tracker.log_metrics({"loss": 1.0}, step=0)
     (run_dir / "notes.txt").write_text("epoch 1")
     try:
-        server.stop()
+        gate.close()
         tracker.log_metrics({"loss": 0.9}, step=1)  # the server is away: kept in the run directory
         tracker.log_artifact(run_dir / "notes.txt")
         tracker.log_metrics({"loss": 0.8}, step=2)
         assert (run_dir / PENDING_FILE).exists() and len((run_dir / PENDING_FILE).read_text().splitlines()) == 3
         assert len(messages) == 1 and "kept in" in messages[0] and "meal-ray tracking sync" in messages[0]
-        server.start()
+        gate.open()
         tracker.log_metrics({"loss": 0.7}, step=3)  # back: the kept records go first, in order
         assert not (run_dir / PENDING_FILE).exists() and "is back" in messages[-1]
         assert _history(server.uri, run_id, "loss") == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7)]
         assert [a.path for a in MlflowClient(server.uri).list_artifacts(run_id)] == ["notes.txt"]
 
         # it never comes back during the run: everything stays on disk; one command sends it later
-        server.stop()
+        gate.close()
         tracker.log_metrics({"loss": 0.6}, step=4)
         tracker.end("FINISHED")
-        (run_dir / "run.json").write_text(f'{{"tracking_uri": "{server.uri}"}}')
+        (run_dir / "run.json").write_text(f'{{"tracking_uri": "{gate.uri}"}}')
         from meal_ray.cli import main
 
         res = CliRunner().invoke(main, ["tracking", "sync", str(run_dir)])
         assert res.exit_code == 1 and "still unreachable" in res.output and "Traceback" not in res.output
         assert (run_dir / PENDING_FILE).exists()
-        server.start()
+        gate.open()
         res = CliRunner().invoke(main, ["tracking", "sync", str(run_dir)])
         assert res.exit_code == 0 and "sent 2 kept record(s)" in res.output, res.output
         assert _history(server.uri, run_id, "loss")[-1] == (4, 0.6)
         assert MlflowClient(server.uri).get_run(run_id).info.status == "FINISHED"
         assert not (run_dir / PENDING_FILE).exists()
     finally:
-        if server.proc.poll() is None:
-            server.stop()
+        gate.close()
+        server.stop()
 
 
 def test_a_run_created_while_the_server_is_down_reaches_it_when_it_starts(tmp_path):
