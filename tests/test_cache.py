@@ -288,7 +288,26 @@ def test_a_cache_that_does_not_fit_is_refused_before_training(relabelled, tiny_t
         run_job(no_mix)
 
 
+def test_render_processes_write_the_same_shard_bytes(tiny_teachers, tmp_path):
+    """A relabel actor's crops rendered in its own process (data.loader_workers 0) or by 5 DataLoader worker processes
+    in pieces of 32, joined into the teachers' chunks of 256: the same shard file, byte for byte."""
+    from meal_ray.train.relabel import ShardLabeler
+
+    cfg = _job(tmp_path, tiny_teachers, "local").to_dict()
+    shard = {"pass": [1], "shard": [0], "ids": [list(range(300))]}  # a whole chunk and a part of one
+    files = {}
+    for workers in (0, 5):
+        root = tmp_path / f"workers-{workers}"
+        root.mkdir()
+        labeler = ShardLabeler(dict(cfg, data=dict(cfg["data"], loader_workers=workers)), str(root), 10)
+        assert labeler.piece == (256 if workers == 0 else 32)
+        name = str(labeler(shard)["name"][0])
+        files[workers] = (root / name).read_bytes()
+    assert files[0] == files[5]
+
+
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_killed_relabel_resumes_to_the_same_cache(ray_cluster, tiny_teachers, tmp_path):
     from meal_ray.train.relabel import relabel
 
@@ -321,7 +340,8 @@ def test_a_killed_relabel_resumes_to_the_same_cache(ray_cluster, tiny_teachers, 
     resumed = SoftLabelCache(tmp_path / "killed")
     assert all(resumed.shards[n] == e for n, e in before.items())  # finished shards were not redone
     # the uninterrupted reference, its crops rendered ahead of the teachers by 5 DataLoader worker processes in pieces
-    # of 32 (data.loader_workers, the GPU setting): the same bytes as the killed-and-resumed run without them
+    # of 32 (data.loader_workers, the GPU setting): the same bytes as the killed-and-resumed run without them (one
+    # shard of each: test_render_processes_write_the_same_shard_bytes, in `make test`)
     rendered_ahead = load_config(data=dict(cfg.to_dict(), data=dict(cfg.to_dict()["data"], loader_workers=5)))
     relabel(rendered_ahead, tmp_path / "whole", passes=2, shard_size=64, actors=1, log=lambda s: None)
     whole = SoftLabelCache(tmp_path / "whole")
