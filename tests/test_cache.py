@@ -1,8 +1,9 @@
 """The offline soft-label cache: Parquet shards written by a Ray Data relabel job, read by teachers.source=cache.
 
-Fast tests check the format (exact for k = C, FKD's marginal smoothing below), deterministic crop records, checksums
-and refusals; the slow ones relabel on a real Ray cluster through the served teachers, compare with them, train from
-the cache on Ray Train, and resume a killed relabel."""
+Fast tests check the format (exact for k = C, FKD's marginal smoothing below), deterministic crop records, checksums,
+refusals, and the same shard bytes whether crops are rendered in the actor or by its render processes; the slow ones
+relabel on a real Ray cluster through the served teachers, compare with them, and train from the cache on Ray Train;
+a fault run (`make test-faults`) resumes a killed relabel."""
 
 from __future__ import annotations
 
