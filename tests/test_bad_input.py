@@ -177,6 +177,8 @@ def cases(f: Path) -> list:
                                       f"data.root={f / 'no-val'}"], "val"),
         ("mean vs std", ["pretrain", "--config", INIT, "--set", "data.mean=[0.5,0.5,0.5]", "--set",
                          "data.std=[0.5]"], "data.std has 1"),
+        ("negative loader workers", ["pretrain", "--config", INIT, "--set", "data.loader_workers=-1"],
+         "data.loader_workers=-1 must be >= 0"),
         # output directories (the finished run must come out unchanged)
         ("output holds a run", ["pretrain", "--config", INIT, "--output", str(run)], "--resume"),
         ("resume, other config", ["pretrain", "--config", INIT, "--output", str(run), "--resume", "--set",
@@ -226,7 +228,7 @@ def test_every_bad_input_is_refused_by_name_and_changes_nothing(files, monkeypat
         if not clear:
             failures.append(f"{what}: exit {res.exit_code}, {type(res.exception).__name__}: {text[-400:]!r}")
     assert not failures, "\n".join(failures)
-    assert len(sweep) == 56  # every kind above ran (the README counts them)
+    assert len(sweep) == 57  # every kind above ran (the README counts them)
     assert checksums(files / "finished") == before  # nothing already written changed
     assert not (files / "nothing-here").exists() and not (files / "cache").exists()
 
