@@ -48,7 +48,6 @@ FORMAT = "meal-ray-soft-label-cache"
 SCHEMA_VERSION = 2  # 2: crops drawn from a counter-based stream, all of a chunk at once (v1: one torch stream each)
 CROP_STREAM = 0x4D45414C  # the crop stream's first key, apart from any other use of (seed, pass, sample id)
 MANIFEST = "manifest.json"
-RECOVERY = ("marginal", "renormalize")
 
 
 def schema(k: int) -> pa.Schema:
@@ -334,11 +333,6 @@ class SoftLabelCache:
         entry = self.shards.get(name)
         path = self.root / name
         return bool(entry) and path.is_file() and path.stat().st_size == entry["bytes"]
-
-    def write_shard(self, name: str, table: pa.Table) -> dict:
-        """Write one shard atomically and list it (with its sha256) in the manifest."""
-        write_shard_file(self.root, name, table)
-        return self.add_shard(name, table.num_rows)
 
     def add_shard(self, name: str, rows: int) -> dict:
         """List a shard file (already complete on disk) in the manifest; only one process should do this."""

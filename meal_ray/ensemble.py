@@ -165,22 +165,6 @@ def _set_differences(ours: list, theirs: list, ours_name: str, theirs_name: str,
     return out
 
 
-def describe_differences(ours: Sequence[dict], theirs: Sequence[dict], ours_name: str = "job",
-                         theirs_name: str = "served", autocast: tuple = (None, None)) -> list:
-    """Human-readable differences between two teacher-set descriptions."""
-    out = _set_differences([d["model"] for d in ours], [d["model"] for d in theirs], ours_name, theirs_name, autocast)
-    if len(ours) != len(theirs):
-        return out
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        for key in ("model", "weights", "input_size", "mean", "std", "interpolation"):
-            if a.get(key) != b.get(key):
-                va, vb = a.get(key), b.get(key)
-                if key == "weights":
-                    va, vb = str(va)[:19], str(vb)[:19]
-                out.append(f"teacher {i} {key}: {ours_name} {va}, {theirs_name} {vb}")
-    return out
-
-
 def served_differences(specs: Sequence, served: Sequence[dict], autocast: tuple = (None, None)) -> list:
     """How a job's teachers (TeacherSpecs) differ from what a Serve application reports it serves (its replicas'
     ``info()``), without reading any weights here: the architecture must be the same, and the weights the same by name

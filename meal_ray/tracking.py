@@ -94,7 +94,6 @@ class Tracker:
         self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._client = None
         self.model_uri: Optional[str] = None  # set once the student is logged as an MLflow model
-        self.registered_version: Optional[str] = None
 
     @property
     def client(self):
@@ -166,9 +165,6 @@ class Tracker:
             return self._send_model(record)
         elif kind == "end":
             self.client.set_terminated(record["run_id"], record["status"])
-        elif kind == "tags":
-            for k, v in record["tags"].items():
-                self.client.set_tag(record["run_id"], k, v)
         return None
 
     def _create_run(self, record: dict) -> str:
@@ -252,7 +248,6 @@ class Tracker:
         finally:
             quiet.setLevel(level)
         self.model_uri = info.model_uri
-        self.registered_version = info.registered_model_version
         return info
 
     def _deliver(self, record: dict, what: str):
@@ -386,11 +381,6 @@ class Tracker:
             return None
         exp_id = self._safe("get run", lambda: self.client.get_run(self.run_id).info.experiment_id)
         return run_url(self.uri, exp_id, self.run_id) if exp_id else None
-
-    def set_tags(self, tags: dict) -> None:
-        if self.run_id:
-            self._deliver({"kind": "tags", "run_id": self.run_id, "tags": {k: str(v)[:5000] for k, v in tags.items()}},
-                          "set tags")
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:

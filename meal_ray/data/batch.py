@@ -38,15 +38,6 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def crop_params(self, i: int) -> CropParams:
-        return CropParams.from_tensor(self.crops[i])
-
-    def mix_params(self, i: int) -> Optional[MixParams]:
-        if self.mix_ids is None or int(self.mix_ids[i]) < 0:
-            return None
-        return MixParams(int(self.mix_ids[i]), CropParams.from_tensor(self.mix_crops[i]),
-                         tuple(int(v) for v in self.mix_boxes[i]))
-
     def render(self, dataset, size: int, interpolation: str = "bilinear") -> torch.Tensor:
         """This batch's uint8 images, rendered again from ``dataset`` and the records alone."""
         return render_batch(dataset, self.indices, self.crops, size, interpolation,

@@ -12,7 +12,7 @@ saw. A :class:`CropSampler` decides the crops: :class:`RandomCropSampler` draws 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -64,9 +64,6 @@ class MixParams:
     partner_id: int
     partner_crop: CropParams
     box: tuple
-
-    def as_tensors(self) -> tuple[int, torch.Tensor, torch.Tensor]:
-        return self.partner_id, self.partner_crop.as_tensor(), torch.tensor(self.box, dtype=torch.int64)
 
 
 def _hw(size) -> list:
@@ -218,16 +215,6 @@ class ReplayedCropSampler:
     def __init__(self, record: Mapping[tuple, CropParams], passes: Optional[int] = None):
         self.record = dict(record)
         self.passes = passes or (1 + max((p for p, _ in self.record), default=0))
-
-    @classmethod
-    def from_batches(cls, batches_per_pass: Sequence[Iterable]) -> "ReplayedCropSampler":
-        """Record the crops of already-drawn batches (anything with ``indices`` and ``crops``), one list per pass."""
-        record = {}
-        for p, batches in enumerate(batches_per_pass):
-            for batch in batches:
-                for sid, crop in zip(batch.indices.tolist(), batch.crops):
-                    record[(p, int(sid))] = CropParams.from_tensor(crop)
-        return cls(record, len(batches_per_pass))
 
     def sample(self, image: torch.Tensor, sample_id: int, epoch: int = 0) -> CropParams:
         key = (epoch % self.passes, int(sample_id))
