@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,18 @@ def test_plan_measures_writes_a_valid_serve_config_and_refuses_impossible_inputs
     planned = yaml.safe_load((tmp_path / "planned.yaml").read_text())
     ServeDeploySchema.model_validate(planned)
     deployments = {d["name"]: d for d in planned["applications"][0]["deployments"]}
-    assert deployments["small"]["num_replicas"] >= 1 and "autoscaling_config" not in deployments["tiny10t"]
+    assert "autoscaling_config" not in deployments["tiny10t"]
+    # each teacher's replicas, as printed and as written, are the fewest at most 80% busy (headroom 1.25) at the
+    # printed rates (rounded to whole numbers: 1% slack)
+    demand = float(re.search(r"= (\d+) crops/s to every teacher", res.output).group(1))
+    rows = re.findall(r"^\| (\S+) \| \S+ \| (\d+) \| measured \| (\d+) \| (\d+)% \|$", res.output, re.M)
+    assert sorted(r[0] for r in rows) == ["small", "tiny10t"], res.output
+    for name, rate, replicas, busy in rows:
+        rate, replicas = float(rate), int(replicas)
+        assert deployments[name]["num_replicas"] == replicas
+        assert replicas * rate >= 0.99 * 1.25 * demand
+        assert replicas == 1 or (replicas - 1) * rate < 1.01 * 1.25 * demand
+        assert abs(int(busy) - 100 * demand / (replicas * rate)) <= 1
     # given throughputs: nothing is timed, the numbers decide; --autoscale writes bounds
     res = runner.invoke(main, ["plan", "--config", str(job), "--serve-config", str(serve_path), "--autoscale",
                                "--teacher-throughput", "small=300", "--teacher-throughput", "tiny10t=2000",
