@@ -91,7 +91,7 @@ class DataConfig:
             raise ConfigError(f"data.interpolation={self.interpolation!r}: use bilinear, bicubic or nearest.")
         if self.loader_workers < 0:
             raise ConfigError(f"data.loader_workers={self.loader_workers} must be >= 0 (0: load in the worker itself; "
-                              f"GPU: 4-8).")
+                              "GPU: 4-8).")
 
     @property
     def in_chans(self) -> int:
