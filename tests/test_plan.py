@@ -18,12 +18,14 @@ from meal_ray.errors import ConfigError
 from meal_ray.serve.app import resolve_teachers
 from meal_ray.serve.rates import Rate, read_rates_file, shipped_table, write_rates_file
 from meal_ray.train.plan import (
+    TeacherPlan,
     TimingProgress,
     format_bill,
     job_costs,
     known_rates,
     one_worker_job,
     plan_replicas,
+    predict_served,
     teacher_input_size,
 )
 
@@ -63,6 +65,16 @@ def test_replicas_keep_every_teacher_below_the_headroom():
         plan_replicas(1000, {"a": 500}, headroom=0.9)
     with pytest.raises(ConfigError, match="demand must be positive"):
         plan_replicas(0, {"a": 500})
+
+
+def test_the_served_model_goes_at_the_slower_of_the_students_served_pace_and_the_teachers_capacity():
+    plans = [TeacherPlan("a", "a", 400.0, "given", 2, 0.0), TeacherPlan("b", "b", 1000.0, "given", 1, 0.0)]
+    assert predict_served(1000, plans) == (800, {"a": 1.0, "b": 0.8})  # a's 2 replicas: the bottleneck
+    # the served client's own cost (ceiling 0.7) slows the students below a's capacity: both teachers idle more
+    pace, busy = predict_served(1000, plans, ceiling=0.7)
+    assert pace == pytest.approx(700) and busy == pytest.approx({"a": 700 / 800, "b": 0.7})
+    with pytest.raises(ConfigError, match="ceiling must be a ratio"):
+        predict_served(1000, plans, ceiling=0)
 
 
 def test_plan_measures_writes_a_valid_serve_config_and_refuses_impossible_inputs(tmp_path, tiny_teachers):

@@ -193,11 +193,15 @@ def plan_replicas(demand: float, rates: dict, headroom: float = 1.25, names: Opt
     return plans
 
 
-def predict_served(demand: float, plans: list) -> tuple[float, dict]:
-    """The planner's model of a served run with these replica counts: the students go at their hard-label pace
-    (``demand`` img/s, all workers) unless a teacher's replicas answer fewer crops/s, then at the slowest teacher's
-    capacity; each teacher is busy that pace over its capacity. (``bench/bench_plan_model.py`` checks it.)"""
-    pace = min([demand] + [p.replicas * p.crops_per_s for p in plans])
+def predict_served(demand: float, plans: list, ceiling: float = 1.0) -> tuple[float, dict]:
+    """The planner's model of a served run with these replica counts: the students go at their served-path pace
+    (``demand`` img/s, all workers, at hard labels, times ``ceiling``: the served client's own cost on the students'
+    cores, measured as served img/s from teachers that answer at once over hard-label img/s; 1 where nothing is
+    measured) unless a teacher's replicas answer fewer crops/s, then at the slowest teacher's capacity; each teacher
+    is busy that pace over its capacity. (``bench/bench_plan_model.py`` checks it.)"""
+    if not 0 < ceiling <= 1.5:
+        raise ConfigError(f"the served path's ceiling must be a ratio of img/s in (0, 1.5], got {ceiling}.")
+    pace = min([demand * ceiling] + [p.replicas * p.crops_per_s for p in plans])
     return pace, {p.name: pace / (p.replicas * p.crops_per_s) for p in plans}
 
 
