@@ -1,6 +1,6 @@
 """Teachers and students on separate nodes, measured in one run: does separation give the student its hard-label pace?
 
-    .venv/bin/python bench/bench_cluster.py            # ~6 min on 2 cores
+    .venv/bin/python bench/bench_cluster.py            # over 12 min on 2 cores
     .venv/bin/python bench/bench_cluster.py --quick    # a smoke run (small epochs; ratios are noisy)
     .venv/bin/python bench/bench_cluster.py --inline-requests  # requests passed inside the call (see --help)
 
