@@ -309,9 +309,12 @@ def main(argv=None) -> int:
               f"{scale[2]['img_s'] / scale[1]['img_s']:.2f}x (goal >= 1.8x)")
         print("3. the planner's model (demand: the hard-label run above), emulated teachers at known rates:")
 
+        runs = iter(range(100))  # the ceiling is measured twice: every run gets an output dir of its own
+
         def measure(rate: float, replicas: int) -> dict:
             deploy(root, models, replicas, {"crops_per_s": rate})
-            return trained(job(root, f"plan-{rate:.0f}-{replicas}", subset, "served", models, prefetch=8))
+            return trained(job(root, f"plan-{next(runs)}-{rate:.0f}-{replicas}", subset, "served", models,
+                               prefetch=8))
 
         check_plan_model(hard["img_s"], models, measure)
         print(f"where things ran (Ray's actor table): {placements()}")
