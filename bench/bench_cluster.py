@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
               f"{scale[2]['img_s'] / scale[1]['img_s']:.2f}x (goal >= 1.8x)")
         print("3. the planner's model (demand: the hard-label run above), emulated teachers at known rates:")
 
-        runs = iter(range(100))  # the ceiling is measured twice: every run gets an output dir of its own
+        runs = itertools.count()  # the ceiling is measured twice: every run gets an output dir of its own
 
         def measure(rate: float, replicas: int) -> dict:
             deploy(root, models, replicas, {"crops_per_s": rate})
