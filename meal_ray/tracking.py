@@ -327,12 +327,16 @@ class Tracker:
     def start(self, experiment: str, run_name: str, params: dict, tags: Optional[dict] = None,
               parent_run_id: Optional[str] = None, datasets: Sequence[dict] = ()) -> Optional[str]:
         """Create (or, with self.run_id set, reopen) the run and log params; ``parent_run_id`` nests it under that
-        run (as ``mlflow.start_run(nested=True)`` does); ``datasets`` (:func:`dataset_input`) become run inputs.
+        run (as ``mlflow.start_run(nested=True)`` does; a reopened run too: a demo stage resumed by a later demo moves
+        under that demo's run); ``datasets`` (:func:`dataset_input`) become run inputs.
         With the store away and a spool, the creation is kept like any record and the run goes by a placeholder id
         until it is sent. Returns the run's id (None when nothing can be tracked)."""
         if self.run_id:
             if not self.run_id.startswith(PLACEHOLDER_PREFIX):  # a placeholder's creation is still in the spool
                 self._safe("reopen run", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+                parent = parent_run_id and self.resolve(parent_run_id)
+                if parent and not parent.startswith(PLACEHOLDER_PREFIX):  # a resumed demo stage: under the demo
+                    self._safe("nest run", lambda: self.client.set_tag(self.run_id, PARENT_RUN_TAG, parent))
             return self.run_id
         record = {"kind": "start", "experiment": experiment, "run_name": run_name, "tags": dict(tags or {}),
                   "parent_run_id": parent_run_id, "datasets": list(datasets),

@@ -223,6 +223,44 @@ def test_killed_driver_then_resume_ends_with_the_undisturbed_weights(tmp_path, u
 
 
 @fault_run
+def test_demo_stage_stopped_midway_resumes_its_checkpoint_and_ends_with_the_undisturbed_weights(
+        tmp_path, undisturbed, tiny_teachers, ray_cluster):
+    """A demo stopped mid-stage (the process running the stage SIGKILLed mid-epoch 2): the next demo resumes that
+    stage from epoch 1's checkpoint instead of training it again, continues its MLflow run under the new demo's run,
+    and ends with the undisturbed weights."""
+    from mlflow import MlflowClient
+
+    from meal_ray.demo.stages import run_stage
+    from meal_ray.tracking import PARENT_RUN_TAG
+
+    cfg = job(tmp_path, "stage-stopped", tiny_teachers)
+    config = tmp_path / "stage.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    code = ("import sys; from meal_ray.config import load_config; from meal_ray.demo.stages import run_stage; "
+            "run_stage(load_config(sys.argv[1]), print)")
+    demo = subprocess.Popen([sys.executable, "-c", code, str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address))
+    with mid_epoch_2(cfg.output_dir, kill(pid=demo.pid)) as killed:
+        demo.wait(timeout=600)
+    assert killed and demo.returncode == -signal.SIGKILL, "the stage finished before it could be stopped"
+    for pid in processes(b"ray::PlacementGroupCleaner"):  # as in the killed-driver test
+        os.kill(pid, signal.SIGKILL)
+    stopped_run = json.loads((cfg.output_dir / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(cfg.run.tracking_uri)
+    next_demo = client.create_run(client.get_experiment_by_name(cfg.run.experiment).experiment_id,
+                                  run_name="demo").info.run_id
+    said = []
+    result = run_stage(cfg, said.append, parent_run_id=next_demo)
+    assert any(line.endswith("(resuming its last checkpoint)") for line in said), said
+    assert any(line.startswith("[meal-ray] resumed from checkpoint at epoch 1") for line in said), said
+    assert [h["epoch"] for h in result["history"]] == list(range(1, EPOCHS + 1))
+    assert_same_weights(final_state(cfg.output_dir), undisturbed[0])
+    assert result["mlflow_run_id"] == stopped_run
+    assert client.get_run(stopped_run).data.tags[PARENT_RUN_TAG] == next_demo
+
+
+@fault_run
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(undisturbed, tiny_teachers):
     """Item 5: the newest checkpoint cut short on disk; --resume says so, continues from the one before and still
     ends with the undisturbed weights. (Runs last on the reference's directory: it retrains epoch 3 there.)"""

@@ -1,6 +1,7 @@
 """`meal-ray demo` stages: MEAL V2's claims end to end on Fashion-MNIST, on one machine.
 
-Stages (each reused from the output directory when already finished): two hard-label
+Stages (each reused from the output directory when already finished, resumed from its last checkpoint when
+stopped midway): two hard-label
 teachers, a hard-label student initialization, then two arms from that same initialization
 for the same number of epochs: a hard-label control and MEAL V2 (served-ensemble soft labels +
 discriminator, no hard labels). Everything is evaluated on the 10000-image test set.
@@ -77,16 +78,32 @@ def _stage_config(name: str, mode: str, out: Path, model: str, epochs: int, pres
 
 
 def _reusable(cfg: JobConfig) -> bool:
-    """A finished stage (metrics + export) whose saved config equals ``cfg`` up to the tracking URI and the demo
-    directory's location (a moved demo keeps its stages), and that started
+    """A finished stage (metrics + export) of this very config: :func:`_same_stage`."""
+    from meal_ray.models import is_export_dir
+
+    out = cfg.output_dir
+    return ((out / "metrics.json").is_file() and is_export_dir(out / "student") and _same_stage(cfg))
+
+
+def _resumable(cfg: JobConfig) -> bool:
+    """An unfinished stage of this very config (:func:`_same_stage`, in the same place) with a checkpoint: a demo
+    stopped mid-stage (Ctrl-C, a lost machine) continues from its last epoch, and ends with the weights an
+    uninterrupted stage would have (the engine restores every random stream), instead of training it again."""
+    out = cfg.output_dir
+    checkpoints = [p for p in (out / "ray" / "train").glob("checkpoint_*") if p.is_dir()]
+    return bool(checkpoints) and not (out / "metrics.json").is_file() and _same_stage(cfg, moved=False)
+
+
+def _same_stage(cfg: JobConfig, moved: bool = True) -> bool:
+    """The stage recorded in ``cfg.output_dir/run.json`` is ``cfg``: its saved config equals ``cfg`` up to the
+    tracking URI and (``moved``) the demo directory's location (a moved demo keeps its stages), and it started
     from the same weights files' contents (a teacher or student init trained again elsewhere has the same path but
     other weights). The saved config is read back through today's config classes, so a stage finished before a
     setting existed (it takes its default) is still reused."""
-    from meal_ray.models import is_export_dir
     from meal_ray.train.driver import input_digests
 
     out = cfg.output_dir
-    if not ((out / "metrics.json").is_file() and is_export_dir(out / "student") and (out / "run.json").is_file()):
+    if not (out / "run.json").is_file():
         return False
     try:
         record = json.loads((out / "run.json").read_text())
@@ -97,6 +114,8 @@ def _reusable(cfg: JobConfig) -> bool:
         return False
     moved_from, moved_to = Path(saved["run"]["output"]).parent, out.parent
     if moved_from != moved_to:  # the demo directory was moved or copied: its stages name their inputs under it
+        if not moved:  # Ray Train's checkpoint records name the old place
+            return False
         saved = _rebased(saved, str(moved_from), str(moved_to))
     return not config_differences(saved, cfg.to_dict(), ignore=["run.tracking_uri"])
 
@@ -148,8 +167,9 @@ class DemoClock:
 
 
 def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: Optional[DemoClock] = None) -> dict:
-    """Train a stage, or reuse it when finished; either way its MLflow run is nested under the demo's run
-    ``parent_run_id`` (a reused stage as a short run that names the run which trained it)."""
+    """Train a stage, resume it from its checkpoint when it was stopped midway, or reuse it when finished; either
+    way its MLflow run is nested under the demo's run ``parent_run_id`` (a reused stage as a short run that names the
+    run which trained it)."""
     from meal_ray.train.driver import run_job
 
     clock = clock or DemoClock([])
@@ -159,8 +179,11 @@ def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: O
         link_reused_stage(cfg, parent_run_id)
         clock.finish(trained=False)
         return json.loads((cfg.output_dir / "metrics.json").read_text())
-    log(f"[demo] {which}: {cfg.name}, {cfg.mode} {cfg.student.model} for {cfg.optim.epochs} epochs")
-    result = run_job(cfg, overwrite=True, log=log, parent_run_id=parent_run_id, tags={"meal_ray.stage": cfg.name},
+    resume = _resumable(cfg)
+    log(f"[demo] {which}: {cfg.name}, {cfg.mode} {cfg.student.model} for {cfg.optim.epochs} epochs"
+        + (" (resuming its last checkpoint)" if resume else ""))
+    result = run_job(cfg, resume=resume, overwrite=not resume, log=log, parent_run_id=parent_run_id,
+                     tags={"meal_ray.stage": cfg.name},
                      progress_suffix=clock.suffix)
     clock.finish(trained=True)
     return result
