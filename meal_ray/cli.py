@@ -249,6 +249,10 @@ def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, a
 @click.option("--passes", type=int, default=1, show_default=True,
               help="Passes of crops the bill's cache way relabels (1: relabel once and replay; the bill says up to "
                    "how many passes the cache still costs less than serving).")
+@click.option("--served-ceiling", type=float, default=1.0, show_default=True, metavar="RATIO",
+              help="The students' served img/s with teachers that answer at once / their hard-label img/s, measured "
+                   "on your student nodes (the served client's own work on their cores; bench/bench_cluster.py "
+                   "prints it): the replicas are sized for, and the served way billed at, that pace.")
 @click.option("--headroom", type=float, default=1.25, show_default=True,
               help="Teacher capacity / student demand (1.25: replicas at most 80%% busy).")
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="How long to time each teacher.")
@@ -259,7 +263,7 @@ def relabel(config_path, overrides, passes, output, top_k, shard_size, actors, a
                    "the job (written to <config>-planned.yaml) on meal-ray.io/pool=students.")
 @friendly_errors
 def plan(config_path, serve_config, overrides, teacher_throughput, student_throughput, rates_file, time_here,
-         train_images, passes, headroom, seconds, autoscale, output, pools):
+         train_images, passes, served_ceiling, headroom, seconds, autoscale, output, pools):
     """How many replicas each teacher needs for this job (a table, and a Serve config with them), and the job's bill
     run three ways: the authors' (teachers on every student GPU), served, and relabelled once into a cache."""
     from meal_ray.config import load_config
@@ -268,7 +272,7 @@ def plan(config_path, serve_config, overrides, teacher_throughput, student_throu
     cfg = load_config(config_path, list(overrides))
     plan_job(cfg, serve_config, teacher_throughput, student_throughput, headroom, seconds, output, autoscale,
              log=click.echo, pools=pools, job_config_path=config_path, rates_file=rates_file, time_here=time_here,
-             train_images=train_images, passes=passes)
+             train_images=train_images, passes=passes, served_ceiling=served_ceiling)
 
 
 @main.group()

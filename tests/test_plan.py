@@ -73,7 +73,7 @@ def test_the_served_model_goes_at_the_slower_of_the_students_served_pace_and_the
     # the served client's own cost (ceiling 0.7) slows the students below a's capacity: both teachers idle more
     pace, busy = predict_served(1000, plans, ceiling=0.7)
     assert pace == pytest.approx(700) and busy == pytest.approx({"a": 700 / 800, "b": 0.7})
-    with pytest.raises(ConfigError, match="ceiling must be a ratio"):
+    with pytest.raises(ConfigError, match="ceiling is a ratio"):
         predict_served(1000, plans, ceiling=0)
 
 
@@ -139,10 +139,16 @@ def test_plan_measures_writes_a_valid_serve_config_and_refuses_impossible_inputs
     res = runner.invoke(main, ["plan", "--config", str(job), "--serve-config", str(emulated),
                                "--student-throughput", "400", "--output", str(tmp_path / "emu.yaml")])
     assert res.exit_code == 0 and "| 500 | emulated | 2 | 80% |" in res.output, res.output
+    # a measured served ceiling: 2 workers ask 400 x 0.6 crops/s each, 480 * 1.25 / 500 -> 2 replicas, 48% busy
+    res = runner.invoke(main, ["plan", "--config", str(job), "--serve-config", str(emulated), "--served-ceiling",
+                               "0.6", "--student-throughput", "400", "--output", str(tmp_path / "emu.yaml")])
+    assert res.exit_code == 0 and "400 img/s x served ceiling 0.6 = 480 crops/s" in res.output, res.output
+    assert "| 500 | emulated | 2 | 48% |" in res.output, res.output
     bad = [(["--teacher-throughput", "nosuch=10"], "does not deploy; its teachers: small, tiny10t"),
            (["--teacher-throughput", "small=fast"], "must look like NAME=CROPS_PER_S"),
            (["--student-throughput", "-5"], "must be a positive number"),
-           (["--headroom", "0.5"], "must be >= 1")]
+           (["--headroom", "0.5"], "must be >= 1"),
+           (["--served-ceiling", "0"], "--served-ceiling=0.0: the served path's ceiling is a ratio of img/s")]
     if not torch.cuda.is_available():  # a GPU job is never timed on this machine's CPU: the rates must be given
         bad.append((["--set", "run.use_gpu=true", "--teacher-throughput", "small=300"],
                     "cannot be timed here: a CPU timing is no plan for a GPU cluster; the table shipped with "
@@ -182,6 +188,14 @@ def test_the_bill_three_ways_against_hand_arithmetic():
     text = format_bill(bill)
     assert "| served (the replicas planned above) | 7 | 2 | 0.0028 | 0.025 |" in text
     assert "up to 3 passes" in text
+    # the students measured at 0.8x their hard-label pace on the served path (the same replicas): 12.5 s on 9 devices,
+    # the teachers 57% busy; the cache's 2 * (12.5 P + 10) device-seconds reach serving's 112.5 at P = 3.7
+    slower = job_costs(1000, 2, 2, 100, plans, passes=3, served_ceiling=0.8)
+    served_slower = slower.ways[1]
+    assert served_slower.wall_h * 3600 == pytest.approx(12.5) and served_slower.device_h * 3600 == pytest.approx(112.5)
+    assert "teachers 57% busy" in served_slower.where and "students at 0.8x their hard-label" in served_slower.where
+    assert slower.break_even_passes == pytest.approx(3.7)
+    assert slower.ways[0] == bill.ways[0] and slower.ways[2] == bill.ways[2]  # the other ways do not serve
 
 
 def _rates_file(path, teachers=(), students=()):

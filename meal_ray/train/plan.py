@@ -193,14 +193,19 @@ def plan_replicas(demand: float, rates: dict, headroom: float = 1.25, names: Opt
     return plans
 
 
+def check_ceiling(ceiling: float, name: str = "the served path's ceiling") -> None:
+    if not 0 < ceiling <= 1.5:
+        raise ConfigError(f"{name}={ceiling}: the served path's ceiling is a ratio of img/s in (0, 1.5] (served "
+                          "img/s from teachers that answer at once / hard-label img/s; 1 when not measured).")
+
+
 def predict_served(demand: float, plans: list, ceiling: float = 1.0) -> tuple[float, dict]:
     """The planner's model of a served run with these replica counts: the students go at their served-path pace
     (``demand`` img/s, all workers, at hard labels, times ``ceiling``: the served client's own cost on the students'
     cores, measured as served img/s from teachers that answer at once over hard-label img/s; 1 where nothing is
     measured) unless a teacher's replicas answer fewer crops/s, then at the slowest teacher's capacity; each teacher
     is busy that pace over its capacity. (``bench/bench_plan_model.py`` checks it.)"""
-    if not 0 < ceiling <= 1.5:
-        raise ConfigError(f"the served path's ceiling must be a ratio of img/s in (0, 1.5], got {ceiling}.")
+    check_ceiling(ceiling)
     pace = min([demand * ceiling] + [p.replicas * p.crops_per_s for p in plans])
     return pace, {p.name: pace / (p.replicas * p.crops_per_s) for p in plans}
 
@@ -283,14 +288,16 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
              output: Optional[str] = None, autoscale: bool = False, log=print, pools: bool = False,
              job_config_path: Optional[str] = None, job_output: Optional[str] = None,
              rates_file: Optional[str] = None, time_here: bool = False, train_images: Optional[int] = None,
-             passes: int = DEFAULT_PASSES) -> dict:
+             passes: int = DEFAULT_PASSES, served_ceiling: float = 1.0) -> dict:
     """Take (or measure) supply and demand, print the replica table and the job's bill three ways, write the planned
     Serve config (and, with ``pools``, the job planned onto the student pool: ``<job>-planned.yaml``). Returns the
-    plan."""
+    plan. ``served_ceiling`` (:func:`predict_served`) is the students' served pace over their hard-label pace with
+    teachers that answer at once: the replicas are sized for, and the served way billed at, that pace."""
     if headroom < 1:
         raise ConfigError(f"--headroom={headroom} must be >= 1 (1.25: replicas at most 80% busy).")
     if passes < 1:
         raise ConfigError(f"--passes={passes} must be >= 1 (passes of crops relabelled into the cache).")
+    check_ceiling(served_ceiling, "--served-ceiling")
     if train_images is not None and train_images < 1:
         raise ConfigError(f"--train-images={train_images} must be >= 1 (ImageNet-1k: {IMAGENET_TRAIN_IMAGES}).")
     raw = read_yaml(serve_config_path, "Serve config", "deployments/")
@@ -343,15 +350,16 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
             log(f"  measured on {table.device} ({table.where}): the student on served teachers sharing that one "
                 f"device {run.get('samples_per_s')} img/s, hard labels {run.get('hard_samples_per_s')}; the authors' "
                 f"way on one device from that file's figures {run.get('authors_one_device_samples_per_s')}")
-    demand = student.value * cfg.run.num_workers
+    demand = student.value * cfg.run.num_workers * served_ceiling
     plans = plan_replicas(demand, {n: r.value for n, r in teachers.items()}, headroom,
                           {s["name"]: s["model"] for s in specs}, {n: r.source for n, r in teachers.items()})
     planned = apply_plan(raw, serve_config_path, plans, autoscale, pools)
     out = Path(output or planned_path(serve_config_path))
     header = (f"# Planned by `meal-ray plan` for job {cfg.name!r}: {cfg.run.num_workers} worker(s) x "
-              f"{student.value:.0f} img/s = {demand:.0f} crops/s per teacher, headroom {headroom:g}\n")
+              f"{student.value:.0f} img/s{_times(served_ceiling)} = {demand:.0f} crops/s per teacher, "
+              f"headroom {headroom:g}\n")
     write_text_atomic(out, header + yaml.safe_dump(planned, sort_keys=False))
-    log(format_plan(plans, demand, cfg.run.num_workers, student.value))
+    log(format_plan(plans, demand, cfg.run.num_workers, student.value, served_ceiling))
     log(f"[plan] wrote {out} (deploy: `serve deploy {out}` or `meal-ray teachers up --config {out}`)")
     result = {"demand": demand, "student_rate": student.value, "plans": plans, "serve_config": str(out),
               "rates": {"student": student, "teachers": teachers}, "costs": None}
@@ -361,7 +369,8 @@ def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[lis
         log(f"[plan] the bill needs the training set's size: give --train-images N (ImageNet-1k: "
             f"{IMAGENET_TRAIN_IMAGES}); an image folder is not counted here.")
     else:
-        result["costs"] = job_costs(images, cfg.optim.epochs, cfg.run.num_workers, student.value, plans, passes, unit)
+        result["costs"] = job_costs(images, cfg.optim.epochs, cfg.run.num_workers, student.value, plans, passes, unit,
+                                    served_ceiling)
         log(format_bill(result["costs"]))
     if pools:  # the other side: the job's workers on the student pool
         job = cfg.to_dict()
@@ -438,13 +447,14 @@ class JobBill:
 
 
 def job_costs(images: int, epochs: int, workers: int, student_rate: float, plans: list, passes: int = DEFAULT_PASSES,
-              unit: str = "GPU") -> JobBill:
+              unit: str = "GPU", served_ceiling: float = 1.0) -> JobBill:
     """The job (``epochs`` x ``images``) run three ways from the same per-device rates, every device busy from start
     to end (data loading, start-up and evaluation left out):
 
     - the authors': each of the ``workers`` student devices also runs every teacher on its own batch, so a device's
       img/s is ``1 / (1/student + sum_t 1/teacher_t)``;
-    - served: the students at their hard-label pace beside the planned replicas (one device each);
+    - served: the students at their hard-label pace (times ``served_ceiling``) beside the planned replicas (one
+      device each);
     - cache: ``passes`` passes of crops relabelled on ``workers`` devices (each runs every teacher on its crops: the
       teachers' forward passes only; `meal-ray relabel` runs ``run.num_workers`` actors), then distilled at the
       hard-label pace.
@@ -454,23 +464,27 @@ def job_costs(images: int, epochs: int, workers: int, student_rate: float, plans
     student_s = 1.0 / student_rate
     total = epochs * images
     authors_wall = total * (student_s + teacher_s) / workers
-    student_wall = total * student_s / workers  # served, and the cache's distillation
+    student_wall = total * student_s / workers  # the cache's distillation
+    served_wall = student_wall / served_ceiling
     replicas = sum(p.replicas for p in plans)
-    busy = workers * student_rate * teacher_s / replicas  # the replicas' mean utilization
+    busy = workers * student_rate * served_ceiling * teacher_s / replicas  # the replicas' mean utilization
     relabel_wall = passes * images * teacher_s / workers
     each = ", ".join(f"{p.name} {100 * p.utilization:.0f}%" for p in plans)
     ways = [
         WayCost(f"authors' (every student {unit} runs every teacher)", 0, workers, authors_wall / hour,
                 workers * authors_wall / hour,
                 f"teacher forwards take {100 * teacher_s / (student_s + teacher_s):.0f}% of each {unit}'s time"),
-        WayCost("served (the replicas planned above)", replicas, workers, student_wall / hour,
-                (workers + replicas) * student_wall / hour, f"teachers {100 * busy:.0f}% busy ({each})"),
+        WayCost("served (the replicas planned above)", replicas, workers, served_wall / hour,
+                (workers + replicas) * served_wall / hour, f"teachers {100 * busy:.0f}% busy ({each})"
+                + (f"; students at {served_ceiling:g}x their hard-label pace" if served_ceiling != 1 else "")),
         WayCost(f"cache ({passes} pass{'es' if passes > 1 else ''} relabelled, then distilled)", workers, workers,
                 (relabel_wall + student_wall) / hour, workers * (relabel_wall + student_wall) / hour,
                 f"relabel {_hours(relabel_wall / hour)} h, then distil {_hours(student_wall / hour)} h"),
     ]
-    # served minus distilling = the replicas' hours = epochs / busy passes of relabelling
-    return JobBill(images, epochs, passes, unit, ways, epochs / busy)
+    # passes at which the cache's hours (relabel + distil) reach the served way's; with the ceiling at 1, served
+    # minus distilling = the replicas' hours = epochs / busy passes of relabelling
+    break_even = epochs * student_s * ((workers + replicas) / served_ceiling - workers) / (workers * teacher_s)
+    return JobBill(images, epochs, passes, unit, ways, break_even)
 
 
 def _hours(h: float) -> str:
@@ -486,7 +500,7 @@ def format_bill(bill: JobBill) -> str:
     lines += [f"| {w.way} | {w.teacher_devices} | {w.student_devices} | {_hours(w.wall_h)} | {_hours(w.device_h)} | "
               f"{w.where} |" for w in bill.ways]
     lines.append(f"\nThe cache costs fewer {unit}-hours than serving up to {bill.break_even_passes:.0f} passes "
-                 f"(epochs / the replicas' utilization); relabelling all {bill.epochs} passes costs what the authors' "
+                 f"(where the cache's {unit}-hours reach the served way's); relabelling all {bill.epochs} passes costs what the authors' "
                  f"way does. --passes {bill.passes} prices the cache; it does not say that "
                  f"{bill.passes} pass{'es' if bill.passes > 1 else ''} of crops replayed "
                  f"distil{'' if bill.passes > 1 else 's'} as well as fresh crops every epoch.")
@@ -498,8 +512,13 @@ def planned_path(path: str) -> Path:
     return Path(path).with_name(Path(path).stem + "-planned.yaml")
 
 
-def format_plan(plans: list, demand: float, workers: int, student_rate: float) -> str:
-    lines = [f"students: {workers} worker(s) x {student_rate:.0f} img/s = {demand:.0f} crops/s to every teacher", "",
+def _times(ceiling: float) -> str:
+    return "" if ceiling == 1 else f" x served ceiling {ceiling:g}"
+
+
+def format_plan(plans: list, demand: float, workers: int, student_rate: float, served_ceiling: float = 1.0) -> str:
+    lines = [f"students: {workers} worker(s) x {student_rate:.0f} img/s{_times(served_ceiling)} = {demand:.0f} crops/s "
+             "to every teacher", "",
              "| teacher | model | crops/s per replica | from | replicas | utilization |",
              "|---|---|---:|---|---:|---:|"]
     for p in plans:
