@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_cluster.py            # over 12 min on 2 cores
     .venv/bin/python bench/bench_cluster.py --quick    # a smoke run (small epochs; ratios are noisy)
+    .venv/bin/python bench/bench_cluster.py --rounds 3 --subset 20000  # sections 0-1 three times, medians (~40 min)
     .venv/bin/python bench/bench_cluster.py --inline-requests  # requests passed inside the call (see --help)
 
 Starts the cluster shape meal-ray is for on this one machine, each node a `ray start` under `taskset` so its
@@ -34,6 +35,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -236,6 +238,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", type=int, default=6000, help="training images per epoch")
     parser.add_argument("--quick", action="store_true", help="1024 images: a smoke run, noisy ratios")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the hard-label, ceiling, served and crop-box arms this many times, in turn, and "
+                        "print each round's ratios and their medians (sections 2-3 take the median hard-label pace): "
+                        "on a shared VM one arm's img/s can move 5-10%% between identical runs")
     parser.add_argument("--inline-requests", action="store_true",
                         help="start the nodes with RAY_max_direct_call_object_size=4000000, so a batch's pixels go to "
                         "the ingress inside the call (gRPC) instead of through both nodes' object stores")
@@ -277,29 +283,45 @@ def main(argv=None) -> int:
         ensure_ray(cluster.address)  # sends ~/.ray/auth_token, as the nodes started with RAY_AUTH_MODE=token expect
         wait_nodes(3)
 
-        hard = trained(job(root, "hard", subset, "none", models))
-        print(f"hard labels (teachers.source none): {hard['img_s']:.0f} img/s on the student node")
         local_hard = in_process(job(root, "local-hard", subset, "none", models), free=False)
         local_free = in_process(job(root, "local-free", subset, "local", models), free=True)
         print(f"0. the same student in one process on the student node (no Ray Train): hard {local_hard:.0f} img/s, "
               f"soft labels that cost nothing {local_free:.0f} -> MEAL V2's own price (loss + discriminator): "
               f"free / hard = {local_free / local_hard:.2f}")
-        deploy(root, models, emulate={"crops_per_s": 1e9})
-        instant = trained(job(root, "served-instant", subset, "served", models))
-        print(f"   served, emulated teachers that answer at once: {instant['img_s']:.0f} img/s, wait "
-              f"{100 * instant['wait']:.1f}% -> served / hard = {instant['img_s'] / hard['img_s']:.2f} (the served "
-              "path's ceiling on this node)")
-        deploy(root, models)
-        real = trained(job(root, "served-real", subset, "served", models))
-        print(f"1. served, real teachers on the teacher node (capacity {capacity:.0f} crops/s = "
-              f"{capacity / hard['img_s']:.2f}x the demand): {real['img_s']:.0f} img/s, teacher wait "
-              f"{100 * real['wait']:.1f}% (goal < 3%) -> served / hard = {real['img_s'] / hard['img_s']:.2f} "
-              "(goal >= 0.95)")
-        deploy(root, models, data=True)
-        crops = trained(job(root, "served-crops", subset, "served", models, request="crops"))
-        print(f"   same with crop-box requests (teachers.request: crops; the replicas render the crops): "
-              f"{crops['img_s']:.0f} img/s, teacher wait {100 * crops['wait']:.1f}% -> served / hard = "
-              f"{crops['img_s'] / hard['img_s']:.2f}")
+        ratios: dict = {"ceiling": [], "real": [], "crops": []}
+        hards = []
+        for r in range(args.rounds):
+            tag = f"-{r}" if r else ""  # every run gets an output dir of its own
+            if args.rounds > 1:
+                print(f"round {r + 1}/{args.rounds}:")
+            hard = trained(job(root, f"hard{tag}", subset, "none", models))
+            hards.append(hard["img_s"])
+            print(f"   hard labels (teachers.source none): {hard['img_s']:.0f} img/s on the student node")
+            deploy(root, models, emulate={"crops_per_s": 1e9})
+            instant = trained(job(root, f"served-instant{tag}", subset, "served", models))
+            ratios["ceiling"].append(instant["img_s"] / hard["img_s"])
+            print(f"   served, emulated teachers that answer at once: {instant['img_s']:.0f} img/s, wait "
+                  f"{100 * instant['wait']:.1f}% -> served / hard = {ratios['ceiling'][-1]:.2f} (the served "
+                  "path's ceiling on this node)")
+            deploy(root, models)
+            real = trained(job(root, f"served-real{tag}", subset, "served", models))
+            ratios["real"].append(real["img_s"] / hard["img_s"])
+            print(f"1. served, real teachers on the teacher node (capacity {capacity:.0f} crops/s = "
+                  f"{capacity / hard['img_s']:.2f}x the demand): {real['img_s']:.0f} img/s, teacher wait "
+                  f"{100 * real['wait']:.1f}% (goal < 3%) -> served / hard = {ratios['real'][-1]:.2f} "
+                  "(goal >= 0.95)")
+            deploy(root, models, data=True)
+            crops = trained(job(root, f"served-crops{tag}", subset, "served", models, request="crops"))
+            ratios["crops"].append(crops["img_s"] / hard["img_s"])
+            print(f"   same with crop-box requests (teachers.request: crops; the replicas render the crops): "
+                  f"{crops['img_s']:.0f} img/s, teacher wait {100 * crops['wait']:.1f}% -> served / hard = "
+                  f"{ratios['crops'][-1]:.2f}")
+        hard = {"img_s": statistics.median(hards)}
+        if args.rounds > 1:
+            print(f"medians over {args.rounds} rounds (each ratio within its round): hard {hard['img_s']:.0f} img/s, "
+                  f"ceiling {statistics.median(ratios['ceiling']):.2f}, served with real teachers "
+                  f"{statistics.median(ratios['real']):.2f} (goal >= 0.95), crop-box requests "
+                  f"{statistics.median(ratios['crops']):.2f}")
         rate = 0.4 * hard["img_s"]
         scale = {}
         for replicas in (1, 2):
