@@ -500,8 +500,8 @@ def format_bill(bill: JobBill) -> str:
     lines += [f"| {w.way} | {w.teacher_devices} | {w.student_devices} | {_hours(w.wall_h)} | {_hours(w.device_h)} | "
               f"{w.where} |" for w in bill.ways]
     lines.append(f"\nThe cache costs fewer {unit}-hours than serving up to {bill.break_even_passes:.0f} passes "
-                 f"(where the cache's {unit}-hours reach the served way's); relabelling all {bill.epochs} passes costs what the authors' "
-                 f"way does. --passes {bill.passes} prices the cache; it does not say that "
+                 f"(where the cache's {unit}-hours reach the served way's); relabelling all {bill.epochs} passes "
+                 f"costs what the authors' way does. --passes {bill.passes} prices the cache; it does not say that "
                  f"{bill.passes} pass{'es' if bill.passes > 1 else ''} of crops replayed "
                  f"distil{'' if bill.passes > 1 else 's'} as well as fresh crops every epoch.")
     return "\n".join(lines)
