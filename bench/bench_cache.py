@@ -83,35 +83,70 @@ def bytes_per_crop_imagenet(root: Path, k: int = 5, classes: int = 1000, crops: 
     return path.stat().st_size / crops
 
 
-def relabel_at_the_limit(cfg, root: Path, crops: int = 2048) -> dict:
+def relabel_at_the_limit(cfg, root: Path, crops: int = 2048, rounds: int = 5) -> dict:
     """2b: crops/s of a relabel actor's loop (ShardLabeler on one shard) and of the same teachers alone on the same
-    crops rendered beforehand (batches of relabel's CHUNK), after a warm-up; and the draw + render time alone."""
+    crops rendered beforehand (batches of relabel's CHUNK), in ``rounds`` alternating rounds after a warm-up (each
+    ratio from one round, then medians: a shared machine's drift hits both sides of a ratio alike); and the draw +
+    render rate alone, with the chunk's crops rendered together (relabel's way) and one by one (its earlier way)."""
+    from meal_ray.cache import draw_crop_records
     from meal_ray.train.relabel import CHUNK, ShardLabeler
 
     labeler = ShardLabeler(cfg.to_dict(), str(root / "relabel-limit"), 10)
     ids = labeler.all_ids[:crops]
     shard = {"pass": [0], "shard": [0], "ids": [ids.tolist()]}
+    chunks = [ids[lo:lo + CHUNK] for lo in range(0, crops, CHUNK)]
     labeler(shard)  # warm-up: threads, allocator, the teachers' first calls
-    start = time.perf_counter()
-    labeler(shard)
-    loop = crops / (time.perf_counter() - start)
-    start = time.perf_counter()
-    rendered = [labeler._prepare(0, ids[lo:lo + CHUNK])[1] for lo in range(0, crops, CHUNK)]  # the actor's own step
-    draw_render = crops / (time.perf_counter() - start)
+    rendered = [labeler._prepare(0, chunk)[1] for chunk in chunks]
     labeler._teachers(rendered[0])
-    start = time.perf_counter()
-    for batch in rendered:
-        labeler._teachers(batch)
-    teachers = crops / (time.perf_counter() - start)
-    return {"loop": loop, "teachers": teachers, "draw_render": draw_render}
+
+    def rate(step) -> float:
+        start = time.perf_counter()
+        step()
+        return crops / (time.perf_counter() - start)
+
+    def one_by_one():  # the same records, each crop rendered on its own
+        d = cfg.data
+        for chunk in chunks:
+            images = [labeler._image(i) for i in chunk.tolist()]
+            drawn = draw_crop_records(chunk, images, 0, cfg.run.seed, d.crop_scale, d.crop_ratio, labeler.size,
+                                      labeler.cutmix, labeler.all_ids, labeler._image)
+            torch.stack([drawn.render(i, image, labeler.size, d.interpolation) for i, image in enumerate(images)])
+
+    runs: dict = {"loop": [], "teachers": [], "ratio": [], "draw_render": [], "draw_render_one_by_one": []}
+    for _ in range(rounds):
+        runs["loop"].append(rate(lambda: labeler(shard)))
+        runs["teachers"].append(rate(lambda: [labeler._teachers(batch) for batch in rendered]))
+        runs["ratio"].append(runs["loop"][-1] / runs["teachers"][-1])
+        runs["draw_render"].append(rate(lambda: [labeler._prepare(0, chunk) for chunk in chunks]))
+        runs["draw_render_one_by_one"].append(rate(one_by_one))
+    return {**{k: statistics.median(v) for k, v in runs.items()}, "rounds": runs}
+
+
+def print_limit(limit: dict) -> None:
+    print(f"2b. one relabel actor's loop      {limit['loop']:7.0f} crops/s; the same teachers alone on the same crops, "
+          f"rendered beforehand, batches of 256: {limit['teachers']:.0f} crops/s -> relabel / teachers "
+          f"{limit['ratio']:.2f} (target >= 0.9; medians of {len(limit['rounds']['ratio'])} alternating rounds, per "
+          f"round {', '.join(f'{r:.2f}' for r in limit['rounds']['ratio'])})")
+    print(f"    drawing + rendering alone: {limit['draw_render']:.0f} crops/s "
+          f"({1000 / limit['draw_render']:.3f} ms per crop, each box size resized once per chunk) against the "
+          f"teachers' {1000 / limit['teachers']:.3f}; one by one (relabel before 2026-12-05) "
+          f"{limit['draw_render_one_by_one']:.0f} crops/s ({1000 / limit['draw_render_one_by_one']:.3f} ms)")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--limit-only", action="store_true", help="only 2b, relabel at the limit (no Ray)")
+    parser.add_argument("--rounds", type=int, default=5, help="2b's alternating rounds")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    if args.limit_only:
+        root = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+        print(f"machine: {_machine()}")
+        print_limit(relabel_at_the_limit(_config(root, _teachers(root), "local", args.subset, args.epochs), root,
+                                         rounds=args.rounds))
+        return 0
 
     import ray
     from ray import serve
@@ -152,7 +187,7 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
 
-    limit = relabel_at_the_limit(local, root)
+    limit = relabel_at_the_limit(local, root, rounds=args.rounds)
     cache_cfg = _config(root, teachers, "cache", args.subset, args.epochs)
     cache = SoftLabelCache(root / "cache")
     hard = epoch_times(_config(root, teachers, "none", args.subset, args.epochs), epochs=args.epochs)
@@ -180,11 +215,7 @@ def main(argv=None) -> int:
     print(f"2. relabel (Ray Data, 2 actors)   {relabel_rate:7.0f} crops/s  (start-up of the actors included)")
     print(f"   served teachers (prefetch 4)   {served_rate:7.0f} crops/s")
     print(f"   relabel / served               {relabel_rate / served_rate:7.2f}")
-    print(f"2b. one relabel actor's loop      {limit['loop']:7.0f} crops/s; the same teachers alone on the same crops, "
-          f"rendered beforehand, batches of 256: {limit['teachers']:.0f} crops/s -> relabel / teachers "
-          f"{limit['loop'] / limit['teachers']:.2f} (target >= 0.9); drawing + rendering alone "
-          f"{limit['draw_render']:.0f} crops/s ({1000 / limit['draw_render']:.3f} ms per crop against the teachers' "
-          f"{1000 / limit['teachers']:.3f})")
+    print_limit(limit)
     print(f"3. bytes per crop on disk: this cache (k = C = 10) {disk:.1f} B; ImageNet-shaped shard (k = 5 of 1000, "
           f"8192 crops) {imagenet:.1f} B (target <= 64)")
     return 0

@@ -17,10 +17,14 @@ from meal_ray.config import TeacherSpec, load_config
 from meal_ray.data import (
     CropParams,
     FashionMNIST,
+    MixParams,
     RandomCropSampler,
     TrainView,
     read_idx,
     render_crop,
+    render_crops,
+    render_sample,
+    render_samples,
     stratified_indices,
 )
 from meal_ray.ensemble import TeacherEnsemble
@@ -174,6 +178,34 @@ def test_recorded_crop_rerenders_identically():
         assert torch.equal(render_crop(base.images[i], p, 32), crop)
         assert p.height * p.width <= 28 * 28
     assert flips == {True, False}  # both branches exercised
+
+
+@pytest.mark.parametrize("channels,interpolation,size", [(1, "bilinear", 32), (3, "bilinear", (24, 40)),
+                                                          (3, "bicubic", 32), (1, "bicubic", 28)])
+def test_crops_rendered_together_are_the_pixels_of_each_rendered_alone(channels, interpolation, size):
+    """render_crops / render_samples group crops by box size (one resize per size): the same bytes as render_crop /
+    render_sample one by one, for boxes of shared and distinct sizes, the output's own size, flips, a box reaching
+    outside its image (padded) and CutMix partners."""
+    g = torch.Generator().manual_seed(channels)
+    images = [torch.randint(0, 256, (channels, 28 + i % 3, 30), dtype=torch.uint8, generator=g) for i in range(40)]
+    boxes = [(i % 4, i % 5, 20 + i % 3, 18 + i % 4, i % 2) for i in range(30)]  # few sizes: shared resizes
+    boxes += [(0, 0, 28, 28, 1), (0, 1, 28, 28, 0), (3, 2, 7, 11, 1), (-2, 5, 20, 20, 0), (10, 10, 25, 25, 1)]
+    boxes += [(1, 1, 24 + i, 17 + i, 0) for i in range(5)]
+    crops = torch.tensor(boxes)
+    def one(i: int, crop) -> torch.Tensor:
+        return render_crop(images[i], CropParams.from_tensor(crop), size, interpolation)
+
+    alone = torch.stack([one(i, c) for i, c in enumerate(crops)])
+    assert torch.equal(render_crops(images, crops, size, interpolation), alone)
+    mix_ids = torch.tensor([(i * 7) % 40 if i % 3 else -1 for i in range(40)])
+    mix_crops, mix_boxes = crops.flip(0), torch.tensor([(i % 6, i % 5, 3 + i % 9, 4 + i % 7) for i in range(40)])
+    samples = [one(i, crops[i]) if mix_ids[i] < 0 else render_sample(
+        images[i], CropParams.from_tensor(crops[i]), size, interpolation,
+        MixParams(int(mix_ids[i]), CropParams.from_tensor(mix_crops[i]), tuple(mix_boxes[i].tolist())),
+        images[int(mix_ids[i])]) for i in range(40)]
+    together = render_samples(images, crops, size, interpolation, mix_ids, mix_crops, mix_boxes, images.__getitem__)
+    assert torch.equal(together, torch.stack(samples))
+    assert not torch.equal(together, alone)  # the partners were pasted
 
 
 def test_missing_and_truncated_dataset_files_get_clear_errors(tmp_path):

@@ -18,7 +18,9 @@ from meal_ray.data.crops import (
     ReplayedCropSampler,
     interpolation_mode,
     render_crop,
+    render_crops,
     render_sample,
+    render_samples,
 )
 from meal_ray.data.datasets import (
     FASHION_MNIST_CLASSES,
@@ -39,7 +41,8 @@ from meal_ray.data.loaders import EvalView, Normalize, TrainView, build_loaders,
 __all__ = [
     "Batch", "batches_from_loader", "cutmix", "render_batch",
     "INTERPOLATIONS", "CropParams", "CropSampler", "EvalTransform", "MixParams", "RandomCropSampler",
-    "ReplayedCropSampler", "interpolation_mode", "render_crop", "render_sample",
+    "ReplayedCropSampler", "interpolation_mode", "render_crop", "render_crops", "render_sample",
+    "render_samples",
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FashionMNIST", "ImageFolderUint8",
     "download_fashion_mnist", "find_fashion_mnist", "load_datasets", "read_idx", "sample_ids", "stratified_indices",
     "verify_fashion_mnist",

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from meal_ray.data.crops import CropParams, MixParams, cutmix_box, render_sample
+from meal_ray.data.crops import cutmix_box, render_samples
 from meal_ray.data.datasets import sample_by_id
 
 
@@ -64,15 +64,9 @@ def render_batch(dataset, ids: torch.Tensor, crops: torch.Tensor, size: int, int
                  mix_ids: Optional[torch.Tensor] = None, mix_crops: Optional[torch.Tensor] = None,
                  mix_boxes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 [B, C, size, size] from sample ids + crops (+ CutMix records), looked up in ``dataset`` by sample id."""
-    images = []
-    for i, sid in enumerate(ids.tolist()):
-        mix = partner = None
-        if mix_ids is not None and int(mix_ids[i]) >= 0:
-            mix = MixParams(int(mix_ids[i]), CropParams.from_tensor(mix_crops[i]), tuple(int(v) for v in mix_boxes[i]))
-            partner = sample_by_id(dataset, mix.partner_id)[0]
-        image = sample_by_id(dataset, sid)[0]
-        images.append(render_sample(image, CropParams.from_tensor(crops[i]), size, interpolation, mix, partner))
-    return torch.stack(images)
+    images = [sample_by_id(dataset, sid)[0] for sid in ids.tolist()]
+    return render_samples(images, crops, size, interpolation, mix_ids, mix_crops, mix_boxes,
+                          lambda sid: sample_by_id(dataset, sid)[0])
 
 
 def beta_sample(beta: float, generator: Optional[torch.Generator] = None) -> float:

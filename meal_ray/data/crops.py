@@ -11,6 +11,7 @@ saw. A :class:`CropSampler` decides the crops: :class:`RandomCropSampler` draws 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Optional, Protocol, Sequence
 
@@ -34,7 +35,8 @@ def interpolation_mode(name: str) -> InterpolationMode:
 
 __all__ = ["CROP_UNIFORMS", "INTERPOLATIONS", "CropParams", "CropSampler", "EvalTransform", "MixParams",
            "RandomCropSampler", "ReplayedCropSampler", "cutmix_box", "cutmix_boxes", "interpolation_mode",
-           "random_resized_crops", "render_crop", "render_sample", "scale_boxes", "stream_uniforms"]
+           "random_resized_crops", "render_crop", "render_crops", "render_sample", "render_samples", "scale_boxes",
+           "stream_uniforms"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,50 @@ def render_sample(image: torch.Tensor, crop: CropParams, size, interpolation: st
     out = out.clone()
     out[:, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
     return out
+
+
+def render_crops(images: Sequence[torch.Tensor], crops, size, interpolation: str = "bilinear") -> torch.Tensor:
+    """:func:`render_crop` of N crops at once (``crops`` [N, 5]: top, left, height, width, flip; ``images[i]`` the
+    source of crop i): the same pixels, with one resize per box size instead of one per crop, since torchvision's
+    per-call work costs more than a small crop's resize. A box reaching outside its image (padded) goes alone."""
+    crops = np.asarray(crops, np.int64).reshape(-1, 5)
+    hw = _hw(size)
+    if not len(crops):
+        return torch.empty((0, 0, *hw), dtype=torch.uint8)
+    out = torch.empty((len(crops), images[0].shape[0], *hw), dtype=images[0].dtype)
+    by_box = defaultdict(list)
+    for i, (top, left, height, width, flip) in enumerate(crops.tolist()):
+        image_height, image_width = images[i].shape[-2:]
+        if top >= 0 and left >= 0 and top + height <= image_height and left + width <= image_width:
+            by_box[height, width].append(i)
+        else:
+            out[i] = render_crop(images[i], CropParams(top, left, height, width, bool(flip)), size, interpolation)
+    for (height, width), group in by_box.items():
+        cut = torch.stack([images[i][:, top:top + height, left:left + width]
+                           for i, (top, left) in zip(group, crops[group, :2].tolist())])
+        out[group] = TF.resize_image(cut, hw, interpolation=_INTERP[interpolation], antialias=True)
+    flipped = [i for group in by_box.values() for i in group if crops[i, 4]]
+    if flipped:
+        out[flipped] = TF.horizontal_flip_image(out[flipped])
+    return out
+
+
+def render_samples(images: Sequence[torch.Tensor], crops, size, interpolation: str = "bilinear", mix_ids=None,
+                   mix_crops=None, mix_boxes=None, partner_of=None) -> torch.Tensor:
+    """:func:`render_sample` of N samples at once: crops as :func:`render_crops`, and where ``mix_ids[i] >= 0`` the
+    partner's crop ``mix_crops[i]`` (of the image ``partner_of(mix_ids[i])``) pasted into ``mix_boxes[i]``."""
+    crops = np.asarray(crops, np.int64).reshape(-1, 5)
+    mixed = [] if mix_ids is None else np.flatnonzero(np.asarray(mix_ids, np.int64) >= 0).tolist()
+    sources = list(images)
+    if mixed:
+        sources += [partner_of(int(mix_ids[i])) for i in mixed]
+        crops = np.concatenate([crops, np.asarray(mix_crops, np.int64).reshape(-1, 5)[mixed]])
+    out = render_crops(sources, crops, size, interpolation)
+    pixels = out[:len(images)]
+    for i, partner in zip(mixed, out[len(images):]):
+        top, left, height, width = (int(v) for v in mix_boxes[i])
+        pixels[i, :, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
+    return pixels
 
 
 def scale_boxes(boxes: torch.Tensor, drawn_size: int, size) -> torch.Tensor:

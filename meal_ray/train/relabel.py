@@ -109,8 +109,7 @@ class ShardLabeler:
         images = [self._image(i) for i in chunk.tolist()]
         drawn = draw_crop_records(chunk, images, int(p), self.cfg.run.seed, d.crop_scale, d.crop_ratio, self.size,
                                   self.cutmix, self.all_ids, self._image)
-        return drawn, torch.stack([drawn.render(i, image, self.size, d.interpolation)
-                                   for i, image in enumerate(images)])
+        return drawn, drawn.render_all(images, self.size, d.interpolation)
 
     def _teachers(self, images: torch.Tensor):
         if self.served is not None:
