@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -62,11 +63,23 @@ def _config(root: Path, teachers: list, source: str, subset: int, epochs: int, c
         run=dict(num_workers=1, cpus_per_worker=2, seed=0, log_every=0)))
 
 
-def epoch_times(cfg, source=None, crop_sampler=None, epochs: int = 2) -> list:
-    from meal_ray.engine import Engine
+def epoch_times(engines: dict, rounds: int) -> dict:
+    """Epoch seconds of each named engine, one epoch each in turn for ``rounds`` rounds after a warm-up epoch each
+    (first-use costs: imports, the cache's first read), so a slow spell of this shared machine hits every arm alike.
+    A cache engine past its passes replays them, as a long job does."""
+    for engine in engines.values():
+        engine.train_epoch()
+    times = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            times[name].append(engine.train_epoch()["epoch_time_s"])
+    return times
 
-    engine = Engine.for_job(cfg, source=source, log=lambda s: None, crop_sampler=crop_sampler)
-    return [engine.train_epoch()["epoch_time_s"] for _ in range(epochs)]
+
+def epoch_ratio(times: dict, num: str, den: str) -> tuple:
+    """(median of the per-round ratios num / den, the per-round ratios)."""
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    return statistics.median(ratios), ratios
 
 
 def bytes_per_crop_imagenet(root: Path, k: int = 5, classes: int = 1000, crops: int = 8192) -> float:
@@ -138,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--subset", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--limit-only", action="store_true", help="only 2b, relabel at the limit (no Ray)")
-    parser.add_argument("--rounds", type=int, default=5, help="2b's alternating rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of 1's epochs and of 2b")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if args.limit_only:
@@ -188,30 +201,32 @@ def main(argv=None) -> int:
         ray.shutdown()
 
     limit = relabel_at_the_limit(local, root, rounds=args.rounds)
-    cache_cfg = _config(root, teachers, "cache", args.subset, args.epochs)
+    from meal_ray.engine import Engine
+
+    def engine(cutmix: bool, cache: Optional[str]):  # a warm-up epoch and one per round
+        if cache is None:
+            return Engine.for_job(_config(root, teachers, "none", args.subset, args.rounds + 1, cutmix=cutmix),
+                                  log=lambda s: None)
+        cfg = _config(root, teachers, "cache", args.subset, args.rounds + 1, cutmix=cutmix, cache=cache)
+        return Engine.for_job(cfg, source=CachedSoftLabels.from_config(cfg), log=lambda s: None,
+                              crop_sampler=CacheReplaySampler(SoftLabelCache(root / cache)))
+
+    times = epoch_times({"hard": engine(True, None), "cache": engine(True, "cache"),
+                         "hard_plain": engine(False, None), "cache_plain": engine(False, "cache-no-mix")},
+                        args.rounds)
     cache = SoftLabelCache(root / "cache")
-    hard = epoch_times(_config(root, teachers, "none", args.subset, args.epochs), epochs=args.epochs)
-    cached = epoch_times(cache_cfg, CachedSoftLabels.from_config(cache_cfg), CacheReplaySampler(cache), args.epochs)
-    hard2 = epoch_times(_config(root, teachers, "none", args.subset, args.epochs), epochs=args.epochs)  # noise check
-    plain_cfg = _config(root, teachers, "cache", args.subset, args.epochs, cutmix=False, cache="cache-no-mix")
-    plain_cache = SoftLabelCache(root / "cache-no-mix")
-    hard_plain = epoch_times(_config(root, teachers, "none", args.subset, args.epochs, cutmix=False),
-                             epochs=args.epochs)
-    cached_plain = epoch_times(plain_cfg, CachedSoftLabels.from_config(plain_cfg), CacheReplaySampler(plain_cache),
-                               args.epochs)
     disk = sum(e["bytes"] for e in cache.shards.values()) / sum(e["rows"] for e in cache.shards.values())
     imagenet = bytes_per_crop_imagenet(root)
 
-    hard_t, cache_t = statistics.median(hard + hard2), statistics.median(cached)
     print(f"machine: {_machine()}")
     print(f"config: Fashion-MNIST {args.subset} images at 32 px, mobilenetv3_small_050 student, batch 128, CutMix, "
-          f"teachers resnet18 + resnet10t, {args.epochs} epochs / passes")
-    print(f"1. epoch time, hard labels        {hard_t:7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in hard + hard2)})")
-    print(f"   epoch time, from the cache     {cache_t:7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in cached)})")
-    print(f"   cache / hard labels            {cache_t / hard_t:7.3f}   (target <= 1.05; a replayed mix renders its "
-          "partner's crop too)")
-    hp, cp = statistics.median(hard_plain), statistics.median(cached_plain)
-    print(f"   without CutMix: hard {hp:.2f} s, cache {cp:.2f} s, cache / hard labels {cp / hp:.3f}")
+          f"teachers resnet18 + resnet10t, {args.epochs} passes; epochs in {args.rounds} alternating rounds after a "
+          "warm-up epoch each, medians")
+    for label, hard, cached in (("CutMix on ", "hard", "cache"), ("CutMix off", "hard_plain", "cache_plain")):
+        ratio, ratios = epoch_ratio(times, cached, hard)
+        print(f"1. {label}: epoch time from the cache / hard labels {ratio:.3f} (target <= 1.05; "
+              f"{statistics.median(times[cached]):.2f} s vs {statistics.median(times[hard]):.2f} s; per round "
+              f"{', '.join(f'{r:.3f}' for r in ratios)})")
     print(f"2. relabel (Ray Data, 2 actors)   {relabel_rate:7.0f} crops/s  (start-up of the actors included)")
     print(f"   served teachers (prefetch 4)   {served_rate:7.0f} crops/s")
     print(f"   relabel / served               {relabel_rate / served_rate:7.2f}")

@@ -49,8 +49,12 @@ class CropParams:
     width: int
     flip: bool
 
+    def as_list(self) -> list:
+        """[top, left, height, width, flip] as ints: a row of a batch's crop tensor, built in one call."""
+        return [self.top, self.left, self.height, self.width, int(self.flip)]
+
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.top, self.left, self.height, self.width, int(self.flip)], dtype=torch.int64)
+        return torch.tensor(self.as_list(), dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "CropParams":
@@ -135,9 +139,12 @@ def render_samples(images: Sequence[torch.Tensor], crops, size, interpolation: s
         crops = np.concatenate([crops, np.asarray(mix_crops, np.int64).reshape(-1, 5)[mixed]])
     out = render_crops(sources, crops, size, interpolation)
     pixels = out[:len(images)]
-    for i, partner in zip(mixed, out[len(images):]):
-        top, left, height, width = (int(v) for v in mix_boxes[i])
-        pixels[i, :, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
+    if mixed:  # every paste at once: a mask of each box
+        boxes = torch.as_tensor(np.asarray(mix_boxes, np.int64).reshape(-1, 4)[mixed])
+        rows, cols = torch.arange(pixels.shape[-2]), torch.arange(pixels.shape[-1])
+        inside = (((rows >= boxes[:, :1]) & (rows < boxes[:, :1] + boxes[:, 2:3]))[:, :, None]
+                  & ((cols >= boxes[:, 1:2]) & (cols < boxes[:, 1:2] + boxes[:, 3:4]))[:, None, :])
+        pixels[mixed] = torch.where(inside[:, None], out[len(images):], pixels[mixed])
     return pixels
 
 
