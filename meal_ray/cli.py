@@ -270,9 +270,10 @@ def plan(config_path, serve_config, overrides, teacher_throughput, student_throu
     from meal_ray.train.plan import plan_job
 
     cfg = load_config(config_path, list(overrides))
-    plan_job(cfg, serve_config, teacher_throughput, student_throughput, headroom, seconds, output, autoscale,
-             log=click.echo, pools=pools, job_config_path=config_path, rates_file=rates_file, time_here=time_here,
-             train_images=train_images, passes=passes, served_ceiling=served_ceiling)
+    plan_job(cfg, serve_config, teacher_rates=teacher_throughput, student_rate=student_throughput, headroom=headroom,
+             seconds=seconds, output=output, autoscale=autoscale, log=click.echo, pools=pools,
+             job_config_path=config_path, rates_file=rates_file, time_here=time_here, train_images=train_images,
+             passes=passes, served_ceiling=served_ceiling)
 
 
 @main.group()

@@ -283,7 +283,7 @@ def training_images(cfg: JobConfig, given: Optional[int]) -> Optional[int]:
     return cfg.data.train_subset
 
 
-def plan_job(cfg: JobConfig, serve_config_path: str, teacher_rates: Optional[list] = None,
+def plan_job(cfg: JobConfig, serve_config_path: str, *, teacher_rates: Optional[list] = None,
              student_rate: Optional[float] = None, headroom: float = 1.25, seconds: float = 3.0,
              output: Optional[str] = None, autoscale: bool = False, log=print, pools: bool = False,
              job_config_path: Optional[str] = None, job_output: Optional[str] = None,
