@@ -153,6 +153,9 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-only", action="store_true", help="only 2b, relabel at the limit (no Ray)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of 1's epochs and of 2b")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.epochs < 1:
+        parser.error(f"--rounds={args.rounds} and --epochs={args.epochs} must be >= 1 (medians need a round; the "
+                     "cache a pass)")
     torch.set_num_threads(2)
     if args.limit_only:
         root = Path(tempfile.mkdtemp(prefix="bench-cache-"))
