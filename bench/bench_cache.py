@@ -121,8 +121,9 @@ def relabel_at_the_limit(cfg, root: Path, crops: int = 2048, rounds: int = 5) ->
         d = cfg.data
         for chunk in chunks:
             images = [labeler._image(i) for i in chunk.tolist()]
-            drawn = draw_crop_records(chunk, images, 0, cfg.run.seed, d.crop_scale, d.crop_ratio, labeler.size,
-                                      labeler.cutmix, labeler.all_ids, labeler._image)
+            drawn = draw_crop_records(chunk, images, 0, seed=cfg.run.seed, scale=d.crop_scale, ratio=d.crop_ratio,
+                                      image_size=labeler.size, cutmix=labeler.cutmix, partner_ids=labeler.all_ids,
+                                      image_of=labeler._image)
             torch.stack([drawn.render(i, image, labeler.size, d.interpolation) for i, image in enumerate(images)])
 
     runs: dict = {"loop": [], "teachers": [], "ratio": [], "draw_render": [], "draw_render_one_by_one": []}

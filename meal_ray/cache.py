@@ -163,7 +163,7 @@ class CropRecords:
         return crop, mix, self.partner_images[partner]
 
 
-def draw_crop_records(sample_ids: np.ndarray, images: list, pass_index: int, seed: int, scale, ratio,
+def draw_crop_records(sample_ids: np.ndarray, images: list, pass_index: int, *, seed: int, scale, ratio,
                       image_size: int, cutmix: dict, partner_ids: np.ndarray,
                       image_of: Callable[[int], torch.Tensor]) -> CropRecords:
     """The crop records of ``sample_ids`` (their uint8 CHW ``images``) in one pass: RandomResizedCrop + flip by

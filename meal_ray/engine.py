@@ -86,7 +86,7 @@ class Engine:
     :meth:`for_job` builds both from the job's data config, as a caller usually wants.
     """
 
-    def __init__(self, cfg: JobConfig, train_loader, val_loader, classes: Sequence[str], source=None,
+    def __init__(self, cfg: JobConfig, train_loader, val_loader, classes: Sequence[str], *, source=None,
                  device: torch.device | str = "cpu",
                  wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
                  log: Callable[[str], None] = print):
@@ -129,7 +129,7 @@ class Engine:
         self._attached_epoch = -1
 
     @classmethod
-    def for_job(cls, cfg: JobConfig, source=None, device: torch.device | str = "cpu",
+    def for_job(cls, cfg: JobConfig, *, source=None, device: torch.device | str = "cpu",
                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
                 log: Callable[[str], None] = print, crop_sampler: Optional[CropSampler] = None) -> "Engine":
         """An engine on this rank's shard of the job's data (random crops unless ``crop_sampler`` says otherwise)."""
@@ -137,7 +137,8 @@ class Engine:
         train_loader, val_loader, classes = build_loaders(
             cfg.data, cfg.student.num_classes, cfg.optim.batch_size // world_size, rank, world_size, cfg.run.seed,
             crop_sampler)
-        return cls(cfg, train_loader, val_loader, classes, source, device, wrap_model, log)
+        return cls(cfg, train_loader, val_loader, classes, source=source, device=device, wrap_model=wrap_model,
+                   log=log)
 
     # ------------------------------------------------------------------ checkpoint state
     def _augmentation_streams(self) -> dict:

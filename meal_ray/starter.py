@@ -281,7 +281,7 @@ def _flow(value) -> str:
     return json.dumps(value)
 
 
-def _job_text(kind: str, name: str, stats: FolderStats, student: str, student_init: str, teachers: list,
+def _job_text(kind: str, *, name: str, stats: FolderStats, student: str, student_init: str, teachers: list,
               out: Path, source: str, app_name: str, cpus: int, pools: bool = False) -> str:
     d = data_section(stats)
     small = stats.median_side < SMALL_IMAGES
@@ -412,8 +412,9 @@ def init_job(data: str, teachers: list, output: str, *, student: str = "mobilene
             t.weights = str(out / "teachers" / t.name)
     app_name = f"{name}-teachers"
     cpus = max(1, min(os.cpu_count() or 1, 8))
-    texts = {f: _job_text(f.split(".")[0], name, stats, student, student_init, entries, out, source, app_name, cpus,
-                          pools) for f in files if f != "serve.yaml"}
+    texts = {f: _job_text(f.split(".")[0], name=name, stats=stats, student=student, student_init=student_init,
+                          teachers=entries, out=out, source=source, app_name=app_name, cpus=cpus, pools=pools)
+             for f in files if f != "serve.yaml"}
     for f, text in texts.items():  # what the user will run must load as written
         try:
             load_config(data=yaml.safe_load(text))

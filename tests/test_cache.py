@@ -83,8 +83,9 @@ def test_crop_records_depend_only_on_seed_pass_and_sample():
 
     def records(sids, p=0, cutmix=mix):
         sids = np.asarray(list(sids))
-        return draw_crop_records(sids, [full.images[s] for s in sids], p, 7, (0.3, 1.0), (3 / 4, 4 / 3), 32, cutmix,
-                                 ids, lambda i: full.images[i])
+        return draw_crop_records(sids, [full.images[s] for s in sids], p, seed=7, scale=(0.3, 1.0),
+                                 ratio=(3 / 4, 4 / 3), image_size=32, cutmix=cutmix, partner_ids=ids,
+                                 image_of=lambda i: full.images[i])
 
     forward, backward, alone = records(range(20)), records(reversed(range(20))), [records([s]) for s in range(20)]
     for field in ("crops", "mix_ids", "mix_crops", "mix_boxes"):

@@ -23,11 +23,9 @@ def state_name(state) -> str:
 
 
 def app_status(app_name: str):
-    """The application's Serve status object, or None when it (or Serve) is not there."""
-    try:
-        return serve.status().applications.get(app_name)
-    except Exception:  # no Serve controller on this cluster
-        return None
+    """The application's Serve status object, or None when it (or Serve) is not there: with no Serve controller on
+    the cluster, ``serve.status()`` is an empty status (Ray's documented behaviour), not an error."""
+    return serve.status().applications.get(app_name)
 
 
 def _last_line(message: str) -> str:
@@ -161,10 +159,7 @@ def teachers_status(address: Optional[str] = None, batching: bool = False) -> di
     polling loops) a meal-ray teacher deployment adds ``batching``: one replica's forward passes, crops, largest,
     max_batch_size."""
     connect(address)
-    try:
-        apps = serve.status().applications
-    except Exception:
-        return {}
+    apps = serve.status().applications  # empty when Serve is not running
     out = {}
     where = replica_nodes()
     for name, app in apps.items():

@@ -43,7 +43,7 @@ class ServedSoftLabels:
 
     name = "served"
 
-    def __init__(self, app_name: str = DEFAULT_APP_NAME, prefetch: int = 4, address: Optional[str] = None,
+    def __init__(self, app_name: str = DEFAULT_APP_NAME, *, prefetch: int = 4, address: Optional[str] = None,
                  timeout_s: Optional[float] = 600.0, request: str = "pixels", client: str = "ingress",
                  retry_s: float = 60.0, reply_top_k: Optional[int] = None, recovery: str = "marginal"):
         from ray import serve

@@ -107,8 +107,9 @@ class ShardLabeler:
         """Crop records of a chunk of samples and their crops rendered at the student's size."""
         d = self.cfg.data
         images = [self._image(i) for i in chunk.tolist()]
-        drawn = draw_crop_records(chunk, images, int(p), self.cfg.run.seed, d.crop_scale, d.crop_ratio, self.size,
-                                  self.cutmix, self.all_ids, self._image)
+        drawn = draw_crop_records(chunk, images, int(p), seed=self.cfg.run.seed, scale=d.crop_scale,
+                                  ratio=d.crop_ratio, image_size=self.size, cutmix=self.cutmix,
+                                  partner_ids=self.all_ids, image_of=self._image)
         return drawn, drawn.render_all(images, self.size, d.interpolation)
 
     def _teachers(self, images: torch.Tensor):
