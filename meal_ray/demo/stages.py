@@ -222,7 +222,7 @@ def open_demo_run(tracking_uri: Optional[str], name: str, params: dict, tags: di
     return tracker
 
 
-def _cache_arm(meal: JobConfig, out: Path, tag: str, crops_tag: str, seed: int, passes: int, log,
+def _cache_arm(meal: JobConfig, out: Path, *, tag: str, crops_tag: str, seed: int, passes: int, log,
                top_k: Optional[int] = None, parent_run_id: Optional[str] = None,
                clock: Optional[DemoClock] = None) -> JobConfig:
     """Relabel the MEAL V2 arm's crops once (in-process teachers in a Ray Data actor; resumed or reused when the
@@ -375,61 +375,70 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
 
 
 def _run_demo(plan: DemoPlan, log, parent) -> dict:
+    """The stages in order (teachers, then each seed's init and arms), then the report."""
+    preset, cache_passes = plan.preset, plan.cache_passes
+    # each stage's work in the order they run, for the whole demo's ETA: teachers, then per seed init, control,
+    # MEAL V2 and the cache arm
+    images = preset["subset"] or 60000
+    per_seed = ([preset["init_epochs"] * images] if plan.ablation["student_init"] == "pretrained" else []) \
+        + [preset["arm_epochs"] * images] * (1 + plan.served_arm + bool(cache_passes))
+    clock = DemoClock([preset["teacher_epochs"] * (preset.get("teacher_subset", preset["subset"]) or 60000)]
+                      * len(preset["teachers"]) + per_seed * len(plan.seeds))
+    teachers = _train_teachers(plan, log, parent.run_id, clock)
+    runs = _run_seeds(plan, teachers, log, parent.run_id, clock)
+    return _report(plan, runs, log, parent)
+
+
+def _train_teachers(plan: DemoPlan, log, parent_id: str, clock: DemoClock) -> list:
+    """The teachers, each pretrained with hard labels on its own seed (every demo seed distills from the same
+    ensemble); reused when finished. Returns their serve-config entries."""
+    preset, teachers = plan.preset, []
+    for i, arch in enumerate(preset["teachers"]):
+        cfg = _stage_config(f"teacher-{arch}", "pretrain", plan.out, arch, preset["teacher_epochs"], preset, i,
+                            plan.tracking_uri, train_subset=preset.get("teacher_subset", preset["subset"]),
+                            optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
+        run_stage(cfg, log, parent_id, clock)
+        teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
+    return teachers
+
+
+def _run_seeds(plan: DemoPlan, teachers: list, log, parent_id: str, clock: DemoClock) -> list:
+    """Per seed: the student's good initialization (hard labels), then the arms from it with the same epochs (the
+    control, MEAL V2 from the served teachers, MEAL V2 from the cache), each evaluated on the test set. The teachers
+    are served only while a served arm still has to train."""
     from ray import serve
 
     from meal_ray.cluster import start_serve_without_http
     from meal_ray.serve.app import build_app
 
-    out, preset, preset_name, seeds, ablation = plan.out, plan.preset, plan.preset_name, plan.seeds, plan.ablation
-    control_tag, tag, cache_tag = plan.control_tag, plan.tag, plan.cache_tag
-    student_size, arm_cutmix, tracking_uri = plan.student_size, plan.arm_cutmix, plan.tracking_uri
-    cache_passes, cache_top_k, classes = plan.cache_passes, plan.cache_top_k, plan.classes
-    parent_id = parent.run_id
-    no_discriminator, weight_decay, hard_label_weight, student_init = (
-        ablation[k] for k in ("no_discriminator", "weight_decay", "hard_label_weight", "student_init"))
-
-    # each stage's work in the order they run, for the whole demo's ETA: teachers, then per seed init, control,
-    # MEAL V2 and the cache arm
-    images = preset["subset"] or 60000
-    per_seed = ([preset["init_epochs"] * images] if student_init == "pretrained" else []) \
-        + [preset["arm_epochs"] * images] * (1 + plan.served_arm + bool(cache_passes))
-    clock = DemoClock([preset["teacher_epochs"] * (preset.get("teacher_subset", preset["subset"]) or 60000)]
-                      * len(preset["teachers"]) + per_seed * len(seeds))
-
-    # 1. teachers (fixed seeds: every demo seed distills from the same ensemble), reused when finished
-    teachers = []
-    for i, arch in enumerate(preset["teachers"]):
-        cfg = _stage_config(f"teacher-{arch}", "pretrain", out, arch, preset["teacher_epochs"], preset, i,
-                            tracking_uri, train_subset=preset.get("teacher_subset", preset["subset"]),
-                            optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-        run_stage(cfg, log, parent_id, clock)
-        teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
+    out, preset, ablation, tracking_uri = plan.out, plan.preset, plan.ablation, plan.tracking_uri
     shared = evaluate_shared(teachers, out)
-
-    # 2. per seed: the student's good initialization (hard labels), then two arms from it, same epochs
-    arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=weight_decay, cutmix=arm_cutmix)
+    arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=ablation["weight_decay"],
+                     cutmix=plan.arm_cutmix)
+    crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
+        + plan.passes_tag
     runs, served = [], False
     try:
-        for n, seed in enumerate(seeds):
-            log(f"[demo] seed {seed} ({n + 1}/{len(seeds)})")
+        for n, seed in enumerate(plan.seeds):
+            log(f"[demo] seed {seed} ({n + 1}/{len(plan.seeds)})")
             init_weights = None
-            if student_init == "pretrained":
+            if ablation["student_init"] == "pretrained":
                 cfg = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"],
-                                    preset["init_epochs"], preset, seed, tracking_uri, image_size=student_size,
+                                    preset["init_epochs"], preset, seed, tracking_uri, image_size=plan.student_size,
                                     optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
                 run_stage(cfg, log, parent_id, clock)
                 init_weights = str(cfg.output_dir / "student")
-            control = _stage_config(f"control{control_tag}-seed{seed}", "pretrain", out, preset["student"],
+            control = _stage_config(f"control{plan.control_tag}-seed{seed}", "pretrain", out, preset["student"],
                                     preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
-                                    image_size=student_size, optim=arm_optim)
+                                    image_size=plan.student_size, optim=arm_optim)
             meal = _stage_config(
-                f"meal-v2{tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset, seed,
-                tracking_uri, weights=init_weights, image_size=student_size,
+                f"meal-v2{plan.tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset,
+                seed, tracking_uri, weights=init_weights, image_size=plan.student_size,
                 optim=dict(arm_optim, d_lr_schedule="student" if ablation["authors_d_lr"] else "constant"),
                 teachers=dict(source="served", app_name=DEMO_APP,
                               models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
-                loss=dict(discriminator="off" if no_discriminator else "reference",
-                          hard_label_weight=hard_label_weight))
+                loss=dict(discriminator="off" if ablation["no_discriminator"] else "reference",
+                          hard_label_weight=ablation["hard_label_weight"]))
             run_stage(control, log, parent_id, clock)
             if plan.served_arm:
                 if not served and not _reusable(meal):
@@ -438,10 +447,9 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
                     serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
                     served = True
                 run_stage(meal, log, parent_id, clock)
-            crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
-                + plan.passes_tag
-            cached = (_cache_arm(meal, out, tag, crops_tag, seed, cache_passes, log, cache_top_k, parent_id, clock)
-                      if cache_passes else None)
+            cached = (_cache_arm(meal, out, tag=plan.tag, crops_tag=crops_tag, seed=seed, passes=plan.cache_passes,
+                                 log=log, top_k=plan.cache_top_k, parent_run_id=parent_id, clock=clock)
+                      if plan.cache_passes else None)
             log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
             runs.append(evaluate_seed(seed, shared, init_weights, control, meal if plan.served_arm else None,
                                       cached))
@@ -449,21 +457,24 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
     finally:
         if served:
             serve.delete(DEMO_APP)
+    return runs
 
-    # 3. results.json, exports (first seed), plots, tables; an ablation reports into its own folder so the
-    # default run's results are never replaced
+
+def _report(plan: DemoPlan, runs: list, log, parent) -> dict:
+    """results.json, the exports (the first seed's arms), plots, tables and the demo's MLflow run; an ablation
+    reports into its own folder so the default run's results are never replaced."""
     first = runs[0]
     arm = main_arm(first["meal"])
-    report = out / f"ablation{tag}{cache_tag}" if tag or cache_tag else out
+    report = plan.out / f"ablation{plan.tag}{plan.cache_tag}" if plan.tag or plan.cache_tag else plan.out
     report.mkdir(exist_ok=True)
     for name, cfg in (("student", first["meal"] or first["cached"]), ("control", first["control"])):
         shutil.rmtree(report / name, ignore_errors=True)
         shutil.copytree(cfg.output_dir / "student", report / name)
     summary = summarize(runs)
     results = {
-        "preset": preset_name, "settings": dict(preset, cutmix=arm_cutmix, cache_passes=cache_passes,
-                                                            cache_top_k=cache_top_k), "seeds": seeds,
-        "ablation": ablation, "served_arm": plan.served_arm,
+        "preset": plan.preset_name, "settings": dict(plan.preset, cutmix=plan.arm_cutmix,
+                                                     cache_passes=plan.cache_passes, cache_top_k=plan.cache_top_k),
+        "seeds": plan.seeds, "ablation": plan.ablation, "served_arm": plan.served_arm,
         "summary": summary,
         "gain_over_control": gain_over_control(summary, arm),
         "cache_vs_served": cache_vs_served(summary),
@@ -473,11 +484,11 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
     }
     write_text(report / "results.json", json.dumps(results, indent=2))
     plot_demo(report, runs)
-    tables = format_summary(summary, results["gain_over_control"], seeds, arm) + "\n\n" + format_table(
+    tables = format_summary(summary, results["gain_over_control"], plan.seeds, arm) + "\n\n" + format_table(
         first["rows"], first["per_class"], title=f"Seed {first['seed']} (the exports in student/ and control/)")
-    if cache_top_k:
-        tables = (f"Cache arm: the top {cache_top_k} of {classes} teacher probabilities per crop, the rest spread "
-                  "evenly over the other classes (FKD's marginal smoothing)\n\n" + tables)
+    if plan.cache_top_k:
+        tables = (f"Cache arm: the top {plan.cache_top_k} of {plan.classes} teacher probabilities per crop, the rest "
+                  "spread evenly over the other classes (FKD's marginal smoothing)\n\n" + tables)
     write_text(report / "results.md", tables + "\n")
     log(tables)
     log_demo_run(report, results, parent)

@@ -293,13 +293,8 @@ def plan_job(cfg: JobConfig, serve_config_path: str, *, teacher_rates: Optional[
     Serve config (and, with ``pools``, the job planned onto the student pool: ``<job>-planned.yaml``). Returns the
     plan. ``served_ceiling`` (:func:`predict_served`) is the students' served pace over their hard-label pace with
     teachers that answer at once: the replicas are sized for, and the served way billed at, that pace."""
-    if headroom < 1:
-        raise ConfigError(f"--headroom={headroom} must be >= 1 (1.25: replicas at most 80% busy).")
-    if passes < 1:
-        raise ConfigError(f"--passes={passes} must be >= 1 (passes of crops relabelled into the cache).")
-    check_ceiling(served_ceiling, "--served-ceiling")
-    if train_images is not None and train_images < 1:
-        raise ConfigError(f"--train-images={train_images} must be >= 1 (ImageNet-1k: {IMAGENET_TRAIN_IMAGES}).")
+    _check_plan_options(headroom=headroom, passes=passes, served_ceiling=served_ceiling, train_images=train_images,
+                        student_rate=student_rate)
     raw = read_yaml(serve_config_path, "Serve config", "deployments/")
     app_raw = meal_ray_app(raw, serve_config_path)
     app = load_app_config(app_raw.get("args"))
@@ -309,8 +304,6 @@ def plan_job(cfg: JobConfig, serve_config_path: str, *, teacher_rates: Optional[
     if unknown:
         raise ConfigError(f"--teacher-throughput names {sorted(unknown)}, which the Serve config does not deploy; "
                           f"its teachers: {', '.join(s['name'] for s in specs)}.")
-    if student_rate is not None and student_rate <= 0:
-        raise ConfigError(f"--student-throughput={student_rate} must be a positive number (img/s per worker).")
     device = "cuda" if cfg.run.use_gpu else "cpu"
     tables = ([read_rates_file(rates_file)] if rates_file else []) + (
         [shipped_table()] if cfg.run.use_gpu and not time_here else [])  # the shipped figures are GPU figures
@@ -329,21 +322,8 @@ def plan_job(cfg: JobConfig, serve_config_path: str, *, teacher_rates: Optional[
             "--set run.use_gpu=false.")
     if any(r is None for r in teachers.values()):
         specs = resolve_teachers(app, base_dir=str(Path.cwd()))  # teachers to time here: their weights must exist
-    progress = TimingProgress(len(to_time), log)
-    if student is None:
-        batch = cfg.optim.batch_size // cfg.run.num_workers
-        progress.begin(f"the student {cfg.student.model} ({device}, batch {batch} per worker): 24 training steps")
-        value = measure_student(cfg, device=device, progress=progress.left)
-        progress.end(f"{value:.0f} img/s")
-        student = Rate(value, "measured", f"this machine's {device}, batch {batch}")
-    for s in specs:
-        if teachers[s["name"]] is None:
-            progress.begin(f"one {s['model']} replica ({device}, batch {app.max_batch_size}): a warm-up batch, then "
-                           f"{seconds:g} s and at least one batch")
-            value = measure_teacher(teacher_spec(s), cfg.data.image_size, cfg.data.in_chans, app.max_batch_size,
-                                    app.autocast, seconds, device, progress.left)
-            progress.end(f"{value:.0f} crops/s")
-            teachers[s["name"]] = Rate(value, "measured", f"this machine's {device}, batch {app.max_batch_size}")
+    student = _time_missing_rates(cfg, app, specs, student, teachers, device=device, seconds=seconds,
+                                  progress=TimingProgress(len(to_time), log))
     log(describe_rates(cfg, app, specs, sizes, student, teachers))
     for table in tables:
         for run in table.served_for(cfg.student.model, cfg.data.image_size):
@@ -373,15 +353,55 @@ def plan_job(cfg: JobConfig, serve_config_path: str, *, teacher_rates: Optional[
                                     served_ceiling)
         log(format_bill(result["costs"]))
     if pools:  # the other side: the job's workers on the student pool
-        job = cfg.to_dict()
-        job["run"]["label_selector"] = {POOL_LABEL: STUDENT_POOL}
-        job_out = Path(job_output or planned_path(job_config_path or f"{cfg.name}.yaml"))
-        write_text_atomic(job_out, f"# Planned by `meal-ray plan` with the Serve config {out}: the train workers on "
-                                   f"the student pool ({POOL_LABEL}={STUDENT_POOL}), the teachers on "
-                                   f"{POOL_LABEL}={TEACHER_POOL}\n" + yaml.safe_dump(job, sort_keys=False))
-        log(f"[plan] wrote {job_out} (run it: `meal-ray distill --config {job_out}`)")
-        result["job_config"] = str(job_out)
+        result["job_config"] = _write_planned_job(cfg, out, Path(job_output or planned_path(
+            job_config_path or f"{cfg.name}.yaml")), log)
     return result
+
+
+def _check_plan_options(*, headroom: float, passes: int, served_ceiling: float, train_images: Optional[int],
+                        student_rate: Optional[float]) -> None:
+    """The plan's own options, refused by name before anything is read or timed."""
+    if headroom < 1:
+        raise ConfigError(f"--headroom={headroom} must be >= 1 (1.25: replicas at most 80% busy).")
+    if passes < 1:
+        raise ConfigError(f"--passes={passes} must be >= 1 (passes of crops relabelled into the cache).")
+    check_ceiling(served_ceiling, "--served-ceiling")
+    if train_images is not None and train_images < 1:
+        raise ConfigError(f"--train-images={train_images} must be >= 1 (ImageNet-1k: {IMAGENET_TRAIN_IMAGES}).")
+    if student_rate is not None and student_rate <= 0:
+        raise ConfigError(f"--student-throughput={student_rate} must be a positive number (img/s per worker).")
+
+
+def _time_missing_rates(cfg: JobConfig, app, specs: list, student: Optional[Rate], teachers: dict, *, device: str,
+                        seconds: float, progress: TimingProgress) -> Rate:
+    """Time here what no option or rate table gave: the student (returned) and each teacher whose rate is None (filled
+    into ``teachers``)."""
+    if student is None:
+        batch = cfg.optim.batch_size // cfg.run.num_workers
+        progress.begin(f"the student {cfg.student.model} ({device}, batch {batch} per worker): 24 training steps")
+        value = measure_student(cfg, device=device, progress=progress.left)
+        progress.end(f"{value:.0f} img/s")
+        student = Rate(value, "measured", f"this machine's {device}, batch {batch}")
+    for s in specs:
+        if teachers[s["name"]] is None:
+            progress.begin(f"one {s['model']} replica ({device}, batch {app.max_batch_size}): a warm-up batch, then "
+                           f"{seconds:g} s and at least one batch")
+            value = measure_teacher(teacher_spec(s), cfg.data.image_size, cfg.data.in_chans, app.max_batch_size,
+                                    app.autocast, seconds, device, progress.left)
+            progress.end(f"{value:.0f} crops/s")
+            teachers[s["name"]] = Rate(value, "measured", f"this machine's {device}, batch {app.max_batch_size}")
+    return student
+
+
+def _write_planned_job(cfg: JobConfig, serve_config: Path, job_out: Path, log) -> str:
+    """The job with its train workers on the student pool, beside the planned Serve config; returns its path."""
+    job = cfg.to_dict()
+    job["run"]["label_selector"] = {POOL_LABEL: STUDENT_POOL}
+    write_text_atomic(job_out, f"# Planned by `meal-ray plan` with the Serve config {serve_config}: the train workers "
+                               f"on the student pool ({POOL_LABEL}={STUDENT_POOL}), the teachers on "
+                               f"{POOL_LABEL}={TEACHER_POOL}\n" + yaml.safe_dump(job, sort_keys=False))
+    log(f"[plan] wrote {job_out} (run it: `meal-ray distill --config {job_out}`)")
+    return str(job_out)
 
 
 def table_coverage(table: RateTable) -> str:
