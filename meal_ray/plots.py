@@ -1,7 +1,7 @@
 """PNG plots for runs and the demo: training curves and per-class accuracy bars.
 
 Epoch axes have whole-number ticks; a series (a model, an arm) has one colour in every plot (``colors``, else one
-picked from its name), and per-class plots keep the dataset's class order.
+picked from its name), and per-class plots keep the dataset's class order (up to ``MAX_CLASS_BARS`` classes).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PALETTE = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+MAX_CLASS_BARS = 40  # per-class plots of more classes show the weakest and strongest half of this each
 
 
 def color_of(name: str, colors: Optional[Mapping[str, str]] = None) -> str:
@@ -54,10 +55,21 @@ def plot_training_curves(history: Sequence[dict], path: str | Path, title: str =
 def plot_per_class(classes: Sequence[str], series: dict, path: str | Path, title: str = "Per-class accuracy",
                    colors: Optional[Mapping[str, str]] = None) -> Path:
     """Grouped bars: one group per class in ``classes``' order, one bar per named series (e.g. control vs MEAL V2).
-    A series is a list in ``classes``' order or a ``{class: accuracy}`` mapping (put in that order here)."""
+    A series is a list in ``classes``' order or a ``{class: accuracy}`` mapping (put in that order here). Beyond
+    ``MAX_CLASS_BARS`` classes (ImageNet's 1000 would make a figure ~100 000 px wide, unreadable and seconds to draw)
+    the plot shows the first series' weakest and strongest classes, ranked, and says so in its title."""
     import numpy as np
 
     series = {name: [v[c] for c in classes] if isinstance(v, Mapping) else list(v) for name, v in series.items()}
+    if len(classes) > MAX_CLASS_BARS:
+        first_name, first = next(iter(series.items()))
+        ranked = sorted(range(len(classes)), key=lambda i: (first[i], i))
+        half = MAX_CLASS_BARS // 2
+        shown = ranked[:half] + ranked[-half:]
+        title = (f"{title}: the {half} lowest and {half} highest of {len(classes)} classes by {first_name}'s "
+                 "accuracy")
+        classes = [classes[i] for i in shown]
+        series = {name: [values[i] for i in shown] for name, values in series.items()}
     x = np.arange(len(classes))
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(8, len(classes) * 0.9), 4.5))

@@ -226,6 +226,19 @@ def test_plots_whole_epochs_one_class_order_and_one_colour_per_series(tmp_path, 
     loss_lines = {line.get_label(): list(line.get_ydata()) for line in figures[1].axes[1].get_lines()}
     assert loss_lines == {CONTROL: [1.0, 0.5, 1 / 3], MEAL: [1.0, 0.5, 1 / 3]}  # the training loss beside top-1
     assert plots.color_of("resnet18") == plots.color_of("resnet18")  # unnamed series: a fixed colour from the name
+
+    # ImageNet's 1000 classes: the first series' 20 weakest and 20 strongest classes, ranked, the other series beside
+    many = [f"n{c:08d}" for c in range(1000)]
+    first = [float((c * 7919) % 1000) / 10 for c in range(1000)]  # each class its own accuracy, in no order
+    plots.plot_per_class(many, {MEAL: first, CONTROL: [100 - v for v in first]}, tmp_path / "many.png")
+    ax = figures[-1].axes[0]
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    ranked = sorted(many, key=lambda c: first[many.index(c)])
+    assert shown == ranked[:20] + ranked[-20:]
+    assert [p.get_height() for p in ax.containers[0].patches] == [first[many.index(c)] for c in shown]
+    assert [p.get_height() for p in ax.containers[1].patches] == [100 - first[many.index(c)] for c in shown]
+    assert f"the 20 lowest and 20 highest of 1000 classes by {MEAL}'s accuracy" in ax.get_title()
+    assert figures[-1].get_size_inches()[0] * 110 < 4000  # a figure one can open: 40 groups, not 1000
     plt.close("all")
 
 
