@@ -1,9 +1,10 @@
 """The paper's own configs on the session's cluster, so that they cannot rot: deployments/imagenet-{224,380}.yaml serve
 the paper's teachers (real architectures, random weights: `pretrained: false`, no hub download here; CPU instead of
 GPUs) on the teacher nodes, and jobs/imagenet-resnet50-{224,380}.yaml distil a few steps from them through
-`ray job submit` on the student node. Overridden: only what this machine cannot hold (the data: a tiny synthetic
-1000-class ImageNet-layout folder; GPUs, batch, workers, and where the run stops). The schedule, the discriminator, the
-crops and the teacher set stay the configs' own.
+`ray job submit` on the student node, both ensembles and both jobs at once. Overridden: only what this machine cannot
+hold (the data: a tiny synthetic 1000-class ImageNet-layout folder; GPUs, batch, workers, and where the run stops), and
+each application's name (its size: both configs name theirs meal-ray-teachers, one ensemble per cluster). The schedule,
+the discriminator, the crops and the teacher set stay the configs' own.
 """
 
 from __future__ import annotations
@@ -52,19 +53,25 @@ def write_imagenet_folder(root: Path, size: int) -> Path:
     return root
 
 
-def rehearsal_serve_config(size: int, data_root: Path, out: Path) -> Path:
-    """The paper's Serve config with random-init teachers, CPUs instead of GPUs, and the synthetic folder to render
-    crop-box requests from; its deployments, batching, autoscaling and teacher-pool labels unchanged."""
+def rehearsal_app(size: int, data_root: Path) -> dict:
+    """The paper's Serve application with random-init teachers, CPUs instead of GPUs, and the synthetic folder to
+    render crop-box requests from; its deployments, batching, autoscaling and teacher-pool labels unchanged. Both
+    ensembles are served at once here, so each application is named by its size (the configs both say
+    meal-ray-teachers: a cluster serves one of them)."""
     config = yaml.safe_load((ROOT / "deployments" / PAPER[size][0]).read_text())
-    app = config["applications"][0]
+    (app,) = config["applications"]
+    app["name"] = app_name(size)
     app["args"]["teachers"] = [dict(t, pretrained=False) for t in app["args"]["teachers"]]
     app["args"]["data"] = {"dataset": "imagefolder", "root": str(data_root)}
     for d in app["deployments"]:
         options = d["ray_actor_options"]
         options.pop("num_gpus", None)
         options["num_cpus"] = 0 if d["name"] == "ensemble" else 1
-    out.write_text(yaml.safe_dump(config, sort_keys=False))
-    return out
+    return app
+
+
+def app_name(size: int) -> str:
+    return f"meal-ray-teachers-{size}"
 
 
 def replica_footprint(cluster, app: str, handle, deployment: str, image: np.ndarray) -> dict:
@@ -89,80 +96,115 @@ def replica_footprint(cluster, app: str, handle, deployment: str, image: np.ndar
             "latency_ms": round(1000 * statistics.median(latencies))}
 
 
-@pytest.mark.parametrize("size", sorted(PAPER))
-def test_paper_teachers_serve_and_the_paper_job_distils_from_them_through_ray_job_submit(cluster, tmp_path, size):
-    from mlflow.tracking import MlflowClient
+def test_paper_teachers_serve_and_the_paper_jobs_distil_from_them_through_ray_job_submit(cluster, tmp_path):
+    """Both paper ensembles deployed together (one Serve config, each application on the teacher pool), every replica
+    checked against the same network built here, then both paper jobs submitted at once, as two users of one cluster
+    submit theirs, each to SUCCEEDED on the student pool."""
+    from meal_ray.config import load_config
+    from meal_ray.serve.lifecycle import teachers_down, teachers_up
+
+    sizes = sorted(PAPER)
+    roots = {size: write_imagenet_folder(tmp_path / f"imagenet-{size}", size) for size in sizes}
+    jobs = {size: load_config(ROOT / "jobs" / PAPER[size][1], overrides=[*job_overrides(size, roots[size])])
+            for size in sizes}
+    serve_file = tmp_path / "paper-teachers.yaml"
+    both = yaml.safe_load((ROOT / "deployments" / PAPER[sizes[0]][0]).read_text())
+    both["applications"] = [rehearsal_app(size, roots[size]) for size in sizes]
+    serve_file.write_text(yaml.safe_dump(both, sort_keys=False))
+    status = teachers_up(serve_file, log=lambda s: None)
+    submitted: dict = {}
+    try:
+        for size in sizes:
+            assert status[app_name(size)]["status"] == "RUNNING", status
+            # two teachers + ingress, all on the teacher pool
+            assert sorted(cluster.actor_pools(f"ServeReplica:{app_name(size)}:")) == ["teachers"] * 3
+            check_replicas(cluster, size, roots[size], jobs[size])
+        submitted = {size: submit(cluster, tmp_path / f"job-{size}", size, roots[size]) for size in sizes}
+        finished = {size: (proc.communicate(timeout=900)[0], proc.returncode) for size, proc in submitted.items()}
+    finally:
+        for size in sizes:
+            teachers_down(app_name(size))
+        for proc in submitted.values():
+            if proc.poll() is None:
+                proc.kill()
+    for size in sizes:
+        stdout, code = finished[size]
+        assert code == 0 and "succeeded" in stdout, f"{size} px:\n{stdout[-4000:]}"
+        check_job(size, stdout, tmp_path / f"job-{size}", jobs[size])
+
+
+def job_overrides(size: int, data_root: Path) -> list:
+    return [f"data.root={data_root}", f"teachers.app_name={app_name(size)}", *JOB_OVERRIDES]
+
+
+def check_replicas(cluster, size: int, data_root: Path, job) -> None:
+    """Every teacher replica of the ``size`` px ensemble built its architecture and its own timm preprocessing, and
+    answers a pixel request and a crop-box request with what the same network built here answers."""
     from ray import serve
     from timm.data import resolve_data_config
     from timm.models import get_pretrained_cfg
 
-    from meal_ray.config import TeacherSpec, load_config
+    from meal_ray.config import TeacherSpec
     from meal_ray.data.datasets import load_train_set
     from meal_ray.ensemble import load_teacher
-    from meal_ray.serve.lifecycle import teachers_down, teachers_up
     from meal_ray.serve.protocol import CropRequest, TeacherRequest
 
-    serve_file, job_file = PAPER[size]
-    data_root = write_imagenet_folder(tmp_path / "imagenet", size)
-    job = load_config(ROOT / "jobs" / job_file, overrides=[f"data.root={data_root}", *JOB_OVERRIDES])
-    app_name = job.teachers.app_name
-    status = teachers_up(rehearsal_serve_config(size, data_root, tmp_path / serve_file), log=lambda s: None)
-    try:
-        assert status[app_name]["status"] == "RUNNING", status
-        assert sorted(cluster.actor_pools(f"ServeReplica:{app_name}:")) == ["teachers"] * 3  # two teachers + ingress
+    dataset = load_train_set("imagefolder", str(data_root), 3)
+    batch = recorded_batch(dataset, 2, size=job.data.image_size, scale=job.data.crop_scale, seed=size)
+    teachers = yaml.safe_load((ROOT / "deployments" / PAPER[size][0]).read_text())["applications"][0]["args"][
+        "teachers"]
+    assert [t["model"] for t in teachers] == [t.model for t in job.teachers.models]
+    footprint = {}
+    for t in teachers:
+        handle = serve.get_deployment_handle(t["name"], app_name=app_name(size))
+        info = handle.info.remote().result(timeout_s=120)
+        timm_cfg = resolve_data_config(pretrained_cfg=get_pretrained_cfg(t["model"]).to_dict())
+        assert (info["model"], info["pretrained"], info["num_classes"]) == (t["model"], False, CLASSES)
+        assert info["input_size"] == [3, size, size] == list(timm_cfg["input_size"]), info
+        assert info["interpolation"] == timm_cfg["interpolation"] == "bicubic"
+        np.testing.assert_allclose(info["mean"], timm_cfg["mean"], atol=1e-6)
+        np.testing.assert_allclose(info["std"], timm_cfg["std"], atol=1e-6)
+        local = load_teacher(TeacherSpec(model=t["model"]))(batch.images).numpy()
+        from_pixels = handle.remote(TeacherRequest.from_images(batch.images)).result(timeout_s=300)
+        from_boxes = handle.remote(CropRequest.from_batch(batch)).result(timeout_s=300)
+        assert from_pixels.shape == (2, CLASSES)
+        np.testing.assert_allclose(from_pixels, local, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(from_boxes, local, atol=1e-4, rtol=0)
+        footprint[t["model"]] = replica_footprint(cluster, app_name(size), handle, t["name"],
+                                                  batch.images[0].numpy())
+    print(f"\n[paper {size} px] one replica on this machine's CPU: {json.dumps(footprint)}")
 
-        # every teacher replica built its architecture and its own timm preprocessing, and answers a pixel request
-        # and a crop-box request with what the same network built here answers
-        dataset = load_train_set("imagefolder", str(data_root), 3)
-        batch = recorded_batch(dataset, 2, size=job.data.image_size, scale=job.data.crop_scale, seed=size)
-        serve_config = yaml.safe_load((ROOT / "deployments" / serve_file).read_text())
-        teachers = serve_config["applications"][0]["args"]["teachers"]
-        assert [t["model"] for t in teachers] == [t.model for t in job.teachers.models]
-        footprint = {}
-        for t in teachers:
-            handle = serve.get_deployment_handle(t["name"], app_name=app_name)
-            info = handle.info.remote().result(timeout_s=120)
-            timm_cfg = resolve_data_config(pretrained_cfg=get_pretrained_cfg(t["model"]).to_dict())
-            assert (info["model"], info["pretrained"], info["num_classes"]) == (t["model"], False, CLASSES)
-            assert info["input_size"] == [3, size, size] == list(timm_cfg["input_size"]), info
-            assert info["interpolation"] == timm_cfg["interpolation"] == "bicubic"
-            np.testing.assert_allclose(info["mean"], timm_cfg["mean"], atol=1e-6)
-            np.testing.assert_allclose(info["std"], timm_cfg["std"], atol=1e-6)
-            local = load_teacher(TeacherSpec(model=t["model"]))(batch.images).numpy()
-            from_pixels = handle.remote(TeacherRequest.from_images(batch.images)).result(timeout_s=300)
-            from_boxes = handle.remote(CropRequest.from_batch(batch)).result(timeout_s=300)
-            assert from_pixels.shape == (2, CLASSES)
-            np.testing.assert_allclose(from_pixels, local, atol=1e-4, rtol=0)
-            np.testing.assert_allclose(from_boxes, local, atol=1e-4, rtol=0)
-            footprint[t["model"]] = replica_footprint(cluster, app_name, handle, t["name"], batch.images[0].numpy())
-        print(f"\n[paper {size} px] one replica on this machine's CPU: {json.dumps(footprint)}")
 
-        # the paper's job, submitted as a user submits it
-        work = tmp_path / "work"
-        (work / "jobs").mkdir(parents=True)
-        shutil.copy(ROOT / "jobs" / job_file, work / "jobs" / job_file)
-        out = tmp_path / "run"
-        sets = " ".join(f"--set {s}" for s in [f"data.root={data_root}", *JOB_OVERRIDES])
-        command = (f"{BIN}/ray job submit --working-dir {work} -- meal-ray distill --config jobs/{job_file} {sets} "
-                   f"--output {out} --tracking-uri sqlite:///{tmp_path / 'mlflow.db'}")
-        env = dict(os.environ, RAY_ADDRESS=cluster.dashboard, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-                   RAY_AUTH_MODE="token")
-        r = subprocess.run(command.split(), env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0 and "succeeded" in r.stdout, f"{r.stdout[-4000:]}\n{r.stderr[-3000:]}"
-    finally:
-        teachers_down(app_name)
+def submit(cluster, work: Path, size: int, data_root: Path) -> subprocess.Popen:
+    """The paper's job, submitted as a user submits it (`ray job submit`, which follows the job to its end)."""
+    job_file, repo = PAPER[size][1], work / "repo"
+    (repo / "jobs").mkdir(parents=True)
+    shutil.copy(ROOT / "jobs" / job_file, repo / "jobs" / job_file)
+    sets = " ".join(f"--set {s}" for s in job_overrides(size, data_root))
+    command = (f"{BIN}/ray job submit --working-dir {repo} -- meal-ray distill --config jobs/{job_file} {sets} "
+               f"--output {work / 'run'} --tracking-uri sqlite:///{work / 'mlflow.db'}")
+    env = dict(os.environ, RAY_ADDRESS=cluster.dashboard, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+               RAY_AUTH_MODE="token")
+    return subprocess.Popen(command.split(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    assert "[meal-ray] epoch 1/180 | loss" in r.stdout and "done: top-1" in r.stdout, r.stdout[-4000:]
+
+def check_job(size: int, stdout: str, work: Path, job) -> None:
+    """What the job wrote: one rehearsal epoch of the paper's schedule from the served ensemble, the discriminator's
+    paper widths, and the config's own settings in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from meal_ray.train.worker import load_state
+
+    out = work / "run"
+    assert "[meal-ray] epoch 1/180 | loss" in stdout and "done: top-1" in stdout, stdout[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and metrics["count"] == 8 and metrics["history"][0]["teacher_latency_ms"] > 0
     served = json.loads((out / "run.json").read_text())["served_teacher_set"]
     assert [t["model"] for t in served["teachers"]] == [t.model for t in job.teachers.models]
-    from meal_ray.train.worker import load_state
-
     state = load_state(max(p for p in (out / "ray" / "train").glob("checkpoint_*") if p.is_dir()))
     widths = [tuple(state["discriminator"][f"net.{i}.weight"].shape) for i in (0, 2, 4)]
     assert widths == [(125, 1000), (15, 125), (2, 15)], widths  # 1000 -> 125 -> 15 -> 2
-    params = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+    params = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}").get_run(
         metrics["mlflow_run_id"]).data.params
     config_own = {"optim.epochs": "180", "optim.lr": "0.01", "optim.lr_milestones": "[100]", "optim.d_lr": "0.0001",
                   "data.image_size": str(size), "data.crop_scale": "[0.08, 1.0]", "data.crop_pct": "0.875",
