@@ -24,7 +24,7 @@ def state_name(state) -> str:
 
 def app_status(app_name: str):
     """The application's Serve status object, or None when it (or Serve) is not there: with no Serve controller on
-    the cluster, ``serve.status()`` is an empty status (Ray's documented behaviour), not an error."""
+    the cluster, ``serve.status()`` is an empty status (what Ray 2.60's source does), not an error."""
     return serve.status().applications.get(app_name)
 
 
