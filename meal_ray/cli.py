@@ -323,20 +323,25 @@ def tracking_sync(run_dir, tracking_uri):
 @click.option("--arm-epochs", type=int, default=None,
               help="Patient distillation: both arms (control and MEAL V2, same init) train this many epochs instead of "
                    "the preset's (full: 40); stages and report tagged -e<N>. Pair it with --cache-passes N.")
+@click.option("--teachers", default=None,
+              help="Comma-separated timm names replacing the preset's teacher ensemble (full: resnet18,resnet10t), "
+                   "e.g. resnet18,resnet10t,regnety_004 for a third teacher; the MEAL V2 arms and their cache are "
+                   "tagged -teachers-<a>+<b>..., the control and init are shared with the default run.")
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")
 @verbose_option
 @friendly_errors
 def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, cutmix, cache_passes,
-         cache_top_k, authors_d_lr, served_arm, arm_epochs, tracking_uri, address):
+         cache_top_k, authors_d_lr, served_arm, arm_epochs, teachers, tracking_uri, address):
     """Reproduce MEAL V2's claims on Fashion-MNIST: teachers, student init, control vs MEAL V2, table + plots."""
     from meal_ray.demo import run_demo
 
     run_demo(output, quick=quick, seeds=_seed_list(seeds), no_discriminator=no_discriminator, weight_decay=weight_decay,
              hard_label_weight=hard_label_weight, student_init=student_init, cutmix=cutmix,
              tracking_uri=tracking_uri, address=address, cache_passes=cache_passes,
-             cache_top_k=cache_top_k, authors_d_lr=authors_d_lr, served_arm=served_arm, arm_epochs=arm_epochs)
+             cache_top_k=cache_top_k, authors_d_lr=authors_d_lr, served_arm=served_arm, arm_epochs=arm_epochs,
+             teachers=None if teachers is None else teachers.split(","))
 
 
 @main.command()

@@ -145,7 +145,7 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     assert row["verdict"] == "one seed: no verdict" and row["report"] == "ablation-no-disc-cache-only"
     assert rows["control (hard labels)", "served"]["vs_meal_v2"]["per_seed"] == [
         top1(results, "control (hard labels)") - top1(results, "MEAL V2 (ensemble soft labels)")]
-    assert "no discriminator" not in {m["label"] for m in table["not_run"]} and len(table["not_run"]) == 6
+    assert "no discriminator" not in {m["label"] for m in table["not_run"]} and len(table["not_run"]) == 7
     text = (out / "ablations.md").read_text()
     assert "| no discriminator | cache | `--no-discriminator` |" in text
     assert "`meal-ray demo --weight-decay 1e-4`" in text
@@ -280,3 +280,40 @@ def test_a_finished_stage_is_not_reused_when_its_weights_files_changed(tmp_path)
     assert _reusable(load_config(data=at_new_place))
     at_new_place["optim"]["epochs"] += 1  # a real difference still runs the stage again
     assert not _reusable(load_config(data=at_new_place))
+
+
+def test_demo_teachers_tag_only_the_meal_v2_arms_and_their_cache_and_bad_names_are_refused(tmp_path):
+    """`meal-ray demo --teachers a,b,c`: the preset's teachers keep their stages, the MEAL V2 arms (and, in
+    _run_seeds, their cache) are tagged by the ensemble, the control and init are the default run's; a report of
+    other teachers is a row of the ablation table, never its reference."""
+    from meal_ray.demo import run_demo
+    from meal_ray.demo.ablations import collect
+    from meal_ray.demo.report import CACHED, CONTROL
+    from meal_ray.demo.stages import _arm_tags, _check_teachers
+    from meal_ray.errors import ConfigError
+
+    flags = dict(no_discriminator=False, weight_decay=0.0, hard_label_weight=0.0, student_init="pretrained")
+    assert _check_teachers(None, ("resnet18", "resnet10t")) is None
+    assert _check_teachers(["resnet18", " resnet10t"], ("resnet18", "resnet10t")) is None  # the preset's own
+    three = _check_teachers(["resnet18", "resnet10t", "regnety_004"], ("resnet18", "resnet10t"))
+    assert _arm_tags(**flags, teachers=three) == ("", "-teachers-resnet18+resnet10t+regnety_004")
+    for bad, message in (([""], "needs at least one timm model name"),
+                         (["resnet18", "resnet18"], "names resnet18 twice"),
+                         (["resnet18", "resnet1O"], r"--teachers: unknown timm model 'resnet1O'"),
+                         (["hf-hub:timm/resnet18.a1_in1k"], "not an architecture name")):
+        with pytest.raises(ConfigError, match=message):
+            run_demo(str(tmp_path / "demo"), preset=TINY, teachers=bad)
+    assert not (tmp_path / "demo").exists()  # refused before anything was written or Ray started
+
+    def report(folder, meal, **ablation):
+        summary = [{"model": m, "top1": {"per_seed": v}} for m, v in ((CACHED, meal), (CONTROL, [87.9, 87.6]))]
+        path = tmp_path / "d" / folder / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"seeds": [0, 1], "summary": summary, "ablation": ablation,
+                                    "settings": {"arm_epochs": 40}}))
+
+    report("ablation-teachers-resnet18+resnet10t+regnety_004-cache-only", [89.4, 89.0], teachers=three)
+    report("ablation-cache-only", [88.9, 88.5])
+    rows = {r["row"]: r for r in collect(tmp_path / "d")["rows"]}
+    assert rows["MEAL V2 (cache)"]["top1_per_seed"] == {0: 88.9, 1: 88.5}
+    assert rows["other teachers"]["vs_meal_v2"]["per_seed"] == pytest.approx([0.5, 0.5])

@@ -36,7 +36,7 @@ from meal_ray.demo.report import (
     summarize,
     write_text,
 )
-from meal_ray.errors import ConfigError
+from meal_ray.errors import ConfigError, ModelNotFoundError
 from meal_ray.progress import format_duration
 
 DEMO_APP = "meal-ray-demo-teachers"
@@ -258,17 +258,44 @@ def _cache_schema(root: Path) -> Optional[int]:
 
 
 def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, cutmix=None,
-              authors_d_lr=False) -> tuple:
+              authors_d_lr=False, teachers=None) -> tuple:
     """Stage-name suffixes (control, MEAL V2) for non-default ablation flags, so ablation arms never replace the
     default ones. The control is tagged only by the flags that change it (weight decay, random init, CutMix other
-    than the preset's): a ``--no-discriminator``, ``--hard-label-weight`` or ``--authors-d-lr`` ablation reuses the
-    default control."""
+    than the preset's): a ``--no-discriminator``, ``--hard-label-weight``, ``--authors-d-lr`` or ``--teachers``
+    ablation reuses the default control."""
     wd = f"-wd{weight_decay:g}" if weight_decay else ""
     init = "-random-init" if student_init == "random" else ""
     hard = f"-hard{hard_label_weight:g}" if hard_label_weight else ""
     mix = "" if cutmix is None else "-cutmix" if cutmix else "-no-cutmix"
     d_lr = "-authors-dlr" if authors_d_lr else ""
-    return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + wd + hard + mix + init
+    others = f"-teachers-{'+'.join(teachers)}" if teachers else ""
+    return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + others + wd + hard + mix + init
+
+
+def _check_teachers(teachers: Optional[Sequence[str]], preset_teachers: Sequence[str]) -> Optional[list]:
+    """``--teachers`` as a list of known timm names, or None when it is the preset's own ensemble (same stages,
+    same names); refused before any training when empty, repeated or unknown."""
+    from meal_ray.models import check_model_name
+
+    if teachers is None:
+        return None
+    names = [t.strip() for t in teachers if t.strip()]
+    if not names:
+        raise ConfigError("--teachers needs at least one timm model name, e.g. --teachers "
+                          f"{','.join(preset_teachers)},regnety_004")
+    repeated = sorted({t for t in names if names.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"--teachers names {', '.join(repeated)} twice; each teacher is one architecture (its stage "
+                          "is teacher-<name>), so list each once.")
+    for name in names:
+        if ":" in name or "/" in name:
+            raise ConfigError(f"--teachers: {name!r} is not an architecture name; the demo trains its teachers from "
+                              "scratch on Fashion-MNIST, so give timm names such as resnet18 or regnety_004.")
+        try:
+            check_model_name(name)
+        except ModelNotFoundError as e:
+            raise ConfigError(f"--teachers: {e}") from None
+    return None if tuple(names) == tuple(preset_teachers) else names
 
 
 def _length_tags(preset_epochs: int, arm_epochs: Optional[int], cache_passes: int) -> tuple:
@@ -308,7 +335,7 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
              log=print, preset: Optional[dict] = None, cache_passes: int = 0,
              cache_top_k: Optional[int] = None, authors_d_lr: bool = False, served_arm: bool = True,
-             arm_epochs: Optional[int] = None) -> dict:
+             arm_epochs: Optional[int] = None, teachers: Optional[Sequence[str]] = None) -> dict:
     """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std.
 
     ``cutmix`` overrides the preset's CutMix in both arms (an ablation); ``preset`` replaces the quick/full
@@ -319,7 +346,10 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     ``served_arm=False`` (with a cache arm) runs MEAL V2 from the cache alone, no teachers served: the cheap way to
     an ablation row, reported into its own ``ablation<flags>-cache-only`` folder. ``arm_epochs`` trains both arms
     (control and MEAL V2, from the same init) for that many epochs instead of the preset's: patient distillation, in
-    stages and a report tagged ``-e<N>``; give it a cache of as many passes so its crops stay fresh."""
+    stages and a report tagged ``-e<N>``; give it a cache of as many passes so its crops stay fresh. ``teachers``
+    (timm names) replaces the preset's ensemble: a third teacher or a stronger one; the preset's teachers keep their
+    stages (teacher ``i`` trains on seed ``i``), the MEAL V2 arms and their cache are tagged ``-teachers-<a>+<b>...``,
+    and the control and init (no teachers in them) are shared with the default run."""
     from meal_ray.cluster import ensure_ray
 
     preset_name = "custom" if preset else "quick" if quick else "full"
@@ -328,6 +358,8 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
         raise ConfigError(f"--arm-epochs={arm_epochs} must be >= 1 (default: the preset's {preset['arm_epochs']}).")
     epochs_tag, passes_tag = _length_tags(preset["arm_epochs"], arm_epochs, cache_passes)
     preset["arm_epochs"] = arm_epochs or preset["arm_epochs"]
+    teachers = _check_teachers(teachers, preset["teachers"])
+    preset["teachers"] = tuple(teachers or preset["teachers"])
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
@@ -351,7 +383,7 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     arm_cutmix = preset_cutmix if cutmix is None else bool(cutmix)
     ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay, hard_label_weight=hard_label_weight,
                     student_init=student_init, cutmix=None if arm_cutmix == preset_cutmix else arm_cutmix,
-                    authors_d_lr=authors_d_lr)
+                    authors_d_lr=authors_d_lr, teachers=teachers)
     control_tag, tag = _arm_tags(**ablation)
     control_tag, tag = control_tag + epochs_tag, tag + epochs_tag
     student_size = preset.get("student_size", DATA["image_size"])
@@ -416,7 +448,7 @@ def _run_seeds(plan: DemoPlan, teachers: list, log, parent_id: str, clock: DemoC
     arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=ablation["weight_decay"],
                      cutmix=plan.arm_cutmix)
     crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
-        + plan.passes_tag
+        + (f"-teachers-{'+'.join(ablation['teachers'])}" if ablation["teachers"] else "") + plan.passes_tag
     runs, served = [], False
     try:
         for n, seed in enumerate(plan.seeds):
