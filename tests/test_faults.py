@@ -432,7 +432,8 @@ TEACHERS, STUDENTS = {POOL_LABEL: "teachers"}, {POOL_LABEL: "students"}
 
 def pool_serve_config(teachers: list, replicas: int = 1, autoscaling: Optional[dict] = None) -> dict:
     """The tiny teachers placed as deployments/fashion-mnist-pools.yaml places its own: every replica (and the
-    ingress) on a teacher node, a replica leaving drains its batches first."""
+    ingress) on a teacher node, a replica leaving drains its batches first. ``autoscaling`` gives the teachers an
+    ``autoscaling_config`` instead of ``num_replicas`` (``min_replicas == max_replicas`` for a fixed count)."""
     deployments = []
     for name in ("teacher0", "teacher1"):
         d = {"name": name, "max_ongoing_requests": 16, "graceful_shutdown_timeout_s": 20,
@@ -454,6 +455,16 @@ def serve_deploy(cluster, config: dict, path: Path) -> None:
     r = subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path)], capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, RAY_DASHBOARD_ADDRESS=cluster.dashboard))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def replica_ids(deployment: str, running: bool = True) -> set:
+    """The ids of the pool app's RUNNING replicas of ``deployment`` (``running=False``: in any state)."""
+    from meal_ray.cluster import serve_details
+
+    app = serve_details().get("applications", {}).get(POOL_APP) or {}
+    d = (app.get("deployments") or {}).get(deployment) or {}  # none while the app is being built
+    return {r["replica_id"] for r in d.get("replicas") or []
+            if not running or str(r.get("state")).endswith("RUNNING")}
 
 
 def replica_pools(cluster, deployment: Optional[str] = None) -> list:
@@ -610,34 +621,50 @@ def test_no_node_left_for_the_students_stops_the_job_within_the_placement_timeou
 def test_teacher_pool_rescaled_and_autoscaled_while_jobs_run_changes_no_result(tmp_path, tiny_teachers, cluster,
                                                                               pool_teachers):
     """While a served job trains on the student node: `serve deploy` of the same app with 2 replicas per teacher,
-    then 1 again (the leaving replicas drain their batches), then with an autoscaling config as a second job
-    arrives, so Serve adds replicas on the teacher nodes. Neither job stops or loses a request, and both end with
-    the weights of the same job run alone."""
+    then 1 again (the leaving replicas drain their batches), then with autoscaling bounds as a second job arrives,
+    so Serve adds replicas on the teacher nodes. Neither job stops or loses a request, no replica that stays is
+    restarted, and both jobs end with the weights of the same job run alone.
+
+    The teachers are in the autoscaling form throughout (``min_replicas == max_replicas`` for a fixed count), as
+    docs/cluster.md advises: Ray 2.60 counts a deployment's autoscaling policy in the application's code version,
+    so switching from ``num_replicas`` to ``autoscaling_config`` rebuilds the app and replaces every replica, the
+    ingress included (a request in flight then can be lost with its replica and is asked again; the weights are
+    still the same, as test_replica_killed_with_requests_executing... shows). Within one form each deploy is a
+    lightweight update."""
     from meal_ray.train import run_job
 
     long = dict(epochs=6, train_subset=4096)
     reference = pool_job(tmp_path, "alone", tiny_teachers, **long)
     run_job(reference, log=lambda s: None)
 
+    def fixed(n):
+        return {"min_replicas": n, "max_replicas": n}
+
     def start(name):
         cfg = pool_job(tmp_path, name, tiny_teachers, **long)
         return cfg, distill_in_background(cfg, tmp_path, cluster)
 
+    def teachers_at(n, what):  # n RUNNING replicas per teacher and none starting or stopping
+        wait_for(lambda: all(len(replica_ids(d)) == len(replica_ids(d, running=False)) == k
+                             for d, k in (("teacher0", n), ("teacher1", n), ("ensemble", 1))), what)
+
+    serve_deploy(cluster, pool_serve_config(tiny_teachers, autoscaling=fixed(1)), pool_teachers)  # the form to scale
+    teachers_at(1, "the autoscaling form's replicas")
+    kept = {d: replica_ids(d) for d in ("teacher0", "teacher1", "ensemble")}
     first, first_driver = start("rescaled")
     wait_for(lambda: (first.output_dir / "progress.json").is_file(), "the first job to train")
-    config = pool_serve_config(tiny_teachers, replicas=2)
-    serve_deploy(cluster, config, pool_teachers)
-    wait_for(lambda: len(replica_pools(cluster, "teacher0")) == 2 and len(replica_pools(cluster, "teacher1")) == 2,
-             "2 replicas per teacher")
-    serve_deploy(cluster, pool_serve_config(tiny_teachers, replicas=1), pool_teachers)
-    wait_for(lambda: len(replica_pools(cluster, "teacher0")) == 1 and len(replica_pools(cluster, "teacher1")) == 1,
-             "1 replica per teacher again")
+    serve_deploy(cluster, pool_serve_config(tiny_teachers, autoscaling=fixed(2)), pool_teachers)
+    teachers_at(2, "2 replicas per teacher")
+    assert all(kept[d] <= replica_ids(d) for d in kept), kept  # added beside the running ones, none replaced
+    serve_deploy(cluster, pool_serve_config(tiny_teachers, autoscaling=fixed(1)), pool_teachers)
+    teachers_at(1, "1 replica per teacher again")
     autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                    "downscale_delay_s": 600, "metrics_interval_s": 0.5, "look_back_period_s": 2}
     serve_deploy(cluster, pool_serve_config(tiny_teachers, autoscaling=autoscaling), pool_teachers)
     second, second_driver = start("arrived")
     grown = []
     wait_for(lambda: grown.append(replica_pools(cluster)) or len(grown[-1]) > 3, "autoscaling to add replicas")
+    assert replica_ids("ensemble") == kept["ensemble"]  # every deploy was a lightweight update: no app rebuild
     for cfg, driver in ((first, first_driver), (second, second_driver)):
         output = finished(driver, tmp_path, cfg.name)
         assert driver.returncode == 0, output[-3000:]
