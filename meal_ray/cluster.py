@@ -72,7 +72,31 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, st
     else:
         # "local": always a new embedded instance; a bare init() would join the cluster named in Ray's record of the
         # last `ray start`, which outlives a killed `ray start --block` and then refuses num_cpus
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, logging_level=level)
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, logging_level=level,
+                 dashboard_port=_own_state_api())
+
+
+def _own_state_api() -> int:
+    """A free port for the embedded instance's dashboard, named in ``RAY_API_SERVER_ADDRESS`` before Ray starts so
+    that every process of the instance inherits it. Without it Ray's state API, asked with no address, answers from
+    the cluster started last on this machine (Ray's record of it in /tmp/ray): once another Ray starts beside a run
+    (a second run, a test suite), Ray Train's placement-group cleaner asks that other cluster whether this run's
+    controller is alive, is told it does not exist, and removes the run's workers (measured with Ray 2.60: one lost
+    worker group per stage, retried from the last checkpoint). A user's own RAY_API_SERVER_ADDRESS is kept; one this
+    function set for an earlier embedded instance of this process is replaced."""
+    import socket
+
+    global _embedded_api
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if os.environ.get(STATE_API_VARIABLE) in (None, _embedded_api):
+        _embedded_api = os.environ[STATE_API_VARIABLE] = f"http://127.0.0.1:{port}"
+    return port
+
+
+STATE_API_VARIABLE = "RAY_API_SERVER_ADDRESS"
+_embedded_api: Optional[str] = None  # the value _own_state_api set, if any
 
 
 def start_serve_without_http() -> None:

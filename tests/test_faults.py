@@ -675,3 +675,57 @@ def test_teacher_pool_rescaled_and_autoscaled_while_jobs_run_changes_no_result(t
         assert all(h["start_epoch"] == 0 for h in history)  # never stopped
         assert sum(h["teacher_retries"] for h in history) == 0  # no request lost: leaving replicas drained theirs
         assert_same_weights(final_state(cfg.output_dir), reference_state)
+
+
+# --------------------------------------------------------------------------- another Ray beside a run
+STATE_PROBE = '''
+import json, socket, sys
+import ray
+from ray.cluster_utils import Cluster
+from meal_ray.cluster import ensure_ray
+
+if sys.argv[1] == "meal-ray":
+    ensure_ray(num_cpus=1)  # meal-ray's embedded local Ray
+else:
+    ray.init(address="local", num_cpus=1)  # the same without meal-ray's care
+
+
+@ray.remote(num_cpus=0)
+def ask_state_api_about(actor_id):  # what Ray Train's placement-group cleaner does, from a process of this run
+    from ray.util.state import get_actor
+    return get_actor(actor_id, timeout=30) is not None
+
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def actor_id(self):
+        return ray.get_runtime_context().get_actor_id()
+
+
+controller = Controller.remote()
+actor_id = ray.get(controller.actor_id.remote())
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+other = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=True, dashboard_port=port))
+try:  # another Ray started on this machine after this run's: Ray's record of "the latest cluster" names it
+    print(json.dumps({"found": ray.get(ask_state_api_about.remote(actor_id))}))
+finally:
+    other.shutdown()
+'''
+
+
+@fault_run
+def test_another_ray_started_beside_an_embedded_run_leaves_its_state_api_on_its_own_cluster(tmp_path):
+    """Ray's state API, asked with no address (as Ray Train's placement-group cleaner asks whether its run's
+    controller is alive), answers from the Ray cluster started last on the machine. With plain Ray the run's own
+    controller is then "not found" and the cleaner removes the run's workers (seen on this VM: a demo stage lost its
+    worker group when a test cluster started). meal-ray's embedded Ray names its own dashboard to its processes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    found = {}
+    for how in ("plain", "meal-ray"):
+        r = subprocess.run([sys.executable, "-c", STATE_PROBE, how], capture_output=True, text=True, timeout=300,
+                           env=env, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        found[how] = json.loads(r.stdout.strip().splitlines()[-1])["found"]
+    assert found == {"plain": False, "meal-ray": True}  # plain Ray asks the other cluster; meal-ray's run its own
