@@ -116,6 +116,17 @@ def quiet_startup() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's own terminal lines (each dataset's start and finish, its notice that progress bars are off) are
+    Ray's output, not meal-ray's: unless ``--verbose`` they go only to its ray-data.log, as Ray's other logs do.
+    Call after ``import ray.data``, which sets up Ray Data's logging."""
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; its file handler is not a StreamHandler
+            handler.setLevel(logging.ERROR)
+
+
 def connect(address: Optional[str] = None) -> None:
     """Connect this process to a running Ray cluster (never starts one); no cluster -> TeachersNotRunningError."""
     try:

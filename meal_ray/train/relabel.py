@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from meal_ray.cache import SoftLabelCache, draw_crop_records, encode, shard_name, write_shard_file
-from meal_ray.cluster import ensure_ray
+from meal_ray.cluster import ensure_ray, quiet_ray_data
 from meal_ray.config import JobConfig, load_config
 from meal_ray.data.datasets import load_datasets, sample_by_id, sample_ids
 from meal_ray.errors import ConfigError
@@ -211,7 +211,8 @@ def _run_shards(cfg: JobConfig, cache: SoftLabelCache, todo: list, k: int, total
     if cfg.teachers.source == "local":
         source_class(cfg.teachers.source).preflight(cfg)
     actors = actors or cfg.run.num_workers
-    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().enable_progress_bars = False  # the [relabel] lines below show progress
+    quiet_ray_data()
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     labelled = ds.map_batches(
         ShardLabeler, batch_size=1, compute=ActorPoolStrategy(size=actors),
