@@ -644,12 +644,17 @@ def test_teacher_pool_rescaled_and_autoscaled_while_jobs_run_changes_no_result(t
         cfg = pool_job(tmp_path, name, tiny_teachers, **long)
         return cfg, distill_in_background(cfg, tmp_path, cluster)
 
-    def teachers_at(n, what):  # n RUNNING replicas per teacher and none starting or stopping
+    def teachers_at(n, what, new_since: Optional[dict] = None):
+        """Wait for n RUNNING replicas per teacher (one ingress), none starting or stopping, and (``new_since``)
+        none of the replicas that were running before."""
+        old = new_since or {}
         wait_for(lambda: all(len(replica_ids(d)) == len(replica_ids(d, running=False)) == k
+                             and not replica_ids(d) & old.get(d, set())
                              for d, k in (("teacher0", n), ("teacher1", n), ("ensemble", 1))), what)
 
+    before = {d: replica_ids(d) for d in ("teacher0", "teacher1", "ensemble")}
     serve_deploy(cluster, pool_serve_config(tiny_teachers, autoscaling=fixed(1)), pool_teachers)  # the form to scale
-    teachers_at(1, "the autoscaling form's replicas")
+    teachers_at(1, "every replica replaced by the switch to the autoscaling form", new_since=before)
     kept = {d: replica_ids(d) for d in ("teacher0", "teacher1", "ensemble")}
     first, first_driver = start("rescaled")
     wait_for(lambda: (first.output_dir / "progress.json").is_file(), "the first job to train")
