@@ -268,8 +268,14 @@ def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, c
     hard = f"-hard{hard_label_weight:g}" if hard_label_weight else ""
     mix = "" if cutmix is None else "-cutmix" if cutmix else "-no-cutmix"
     d_lr = "-authors-dlr" if authors_d_lr else ""
-    others = f"-teachers-{'+'.join(teachers)}" if teachers else ""
-    return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + others + wd + hard + mix + init
+    return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + _teachers_tag(teachers) + wd + hard \
+        + mix + init
+
+
+def _teachers_tag(teachers: Optional[Sequence[str]]) -> str:
+    """The suffix of the stages and cache folders of another teacher ensemble (``--teachers``): its soft labels
+    differ, so its MEAL V2 arms and caches never replace the preset ensemble's."""
+    return f"-teachers-{'+'.join(teachers)}" if teachers else ""
 
 
 def _check_teachers(teachers: Optional[Sequence[str]], preset_teachers: Sequence[str]) -> Optional[list]:
@@ -448,7 +454,7 @@ def _run_seeds(plan: DemoPlan, teachers: list, log, parent_id: str, clock: DemoC
     arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=ablation["weight_decay"],
                      cutmix=plan.arm_cutmix)
     crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
-        + (f"-teachers-{'+'.join(ablation['teachers'])}" if ablation["teachers"] else "") + plan.passes_tag
+        + _teachers_tag(ablation["teachers"]) + plan.passes_tag
     runs, served = [], False
     try:
         for n, seed in enumerate(plan.seeds):
