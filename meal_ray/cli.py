@@ -327,13 +327,17 @@ def tracking_sync(run_dir, tracking_uri):
               help="Comma-separated timm names replacing the preset's teacher ensemble (full: resnet18,resnet10t), "
                    "e.g. resnet18,resnet10t,regnety_004 for a third teacher; the MEAL V2 arms and their cache are "
                    "tagged -teachers-<a>+<b>..., the control and init are shared with the default run.")
+@click.option("--teacher-epochs", type=int, default=None,
+              help="A stronger ensemble: train the teachers this many epochs instead of the preset's (full: 5), as "
+                   "stages teacher-<arch>-e<N> beside the preset's; the MEAL V2 arms and their cache are tagged "
+                   "-teachers-e<N>, the control and init are shared with the default run.")
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI (default: sqlite mlflow.db in the working dir).")
 @click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray).")
 @verbose_option
 @friendly_errors
 def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight, student_init, cutmix, cache_passes,
-         cache_top_k, authors_d_lr, served_arm, arm_epochs, teachers, tracking_uri, address):
+         cache_top_k, authors_d_lr, served_arm, arm_epochs, teachers, teacher_epochs, tracking_uri, address):
     """Reproduce MEAL V2's claims on Fashion-MNIST: teachers, student init, control vs MEAL V2, table + plots."""
     from meal_ray.demo import run_demo
 
@@ -341,7 +345,7 @@ def demo(output, quick, seeds, no_discriminator, weight_decay, hard_label_weight
              hard_label_weight=hard_label_weight, student_init=student_init, cutmix=cutmix,
              tracking_uri=tracking_uri, address=address, cache_passes=cache_passes,
              cache_top_k=cache_top_k, authors_d_lr=authors_d_lr, served_arm=served_arm, arm_epochs=arm_epochs,
-             teachers=None if teachers is None else teachers.split(","))
+             teachers=None if teachers is None else teachers.split(","), teacher_epochs=teacher_epochs)
 
 
 @main.command()

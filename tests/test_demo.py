@@ -145,7 +145,7 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     assert row["verdict"] == "one seed: no verdict" and row["report"] == "ablation-no-disc-cache-only"
     assert rows["control (hard labels)", "served"]["vs_meal_v2"]["per_seed"] == [
         top1(results, "control (hard labels)") - top1(results, "MEAL V2 (ensemble soft labels)")]
-    assert "no discriminator" not in {m["label"] for m in table["not_run"]} and len(table["not_run"]) == 7
+    assert "no discriminator" not in {m["label"] for m in table["not_run"]} and len(table["not_run"]) == 8
     text = (out / "ablations.md").read_text()
     assert "| no discriminator | cache | `--no-discriminator` |" in text
     assert "`meal-ray demo --weight-decay 1e-4`" in text
@@ -289,7 +289,7 @@ def test_demo_teachers_tag_only_the_meal_v2_arms_and_their_cache_and_bad_names_a
     from meal_ray.demo import run_demo
     from meal_ray.demo.ablations import collect
     from meal_ray.demo.report import CACHED, CONTROL
-    from meal_ray.demo.stages import _arm_tags, _check_teachers
+    from meal_ray.demo.stages import _arm_tags, _check_teachers, _teacher_stage
     from meal_ray.errors import ConfigError
 
     flags = dict(no_discriminator=False, weight_decay=0.0, hard_label_weight=0.0, student_init="pretrained")
@@ -297,6 +297,13 @@ def test_demo_teachers_tag_only_the_meal_v2_arms_and_their_cache_and_bad_names_a
     assert _check_teachers(["resnet18", " resnet10t"], ("resnet18", "resnet10t")) is None  # the preset's own
     three = _check_teachers(["resnet18", "resnet10t", "regnety_004"], ("resnet18", "resnet10t"))
     assert _arm_tags(**flags, teachers=three) == ("", "-teachers-resnet18+resnet10t+regnety_004")
+    # --teacher-epochs: the same architectures trained longer are another ensemble, alone or with --teachers
+    assert _arm_tags(**flags, teacher_epochs=15) == ("", "-teachers-e15")
+    assert _arm_tags(**flags, teachers=three, teacher_epochs=15) == ("", "-teachers-resnet18+resnet10t+regnety_004-e15")
+    assert _teacher_stage("resnet18", None) == "teacher-resnet18" and _teacher_stage("resnet18", 15) == \
+        "teacher-resnet18-e15"
+    with pytest.raises(ConfigError, match=r"--teacher-epochs=0 must be >= 1"):
+        run_demo(str(tmp_path / "demo"), preset=TINY, teacher_epochs=0)
     for bad, message in (([""], "needs at least one timm model name"),
                          (["resnet18", "resnet18"], "names resnet18 twice"),
                          (["resnet18", "resnet1O"], r"--teachers: unknown timm model 'resnet1O'"),
@@ -313,7 +320,10 @@ def test_demo_teachers_tag_only_the_meal_v2_arms_and_their_cache_and_bad_names_a
                                     "settings": {"arm_epochs": 40}}))
 
     report("ablation-teachers-resnet18+resnet10t+regnety_004-cache-only", [89.4, 89.0], teachers=three)
+    report("ablation-teachers-e15-cache-only", [89.9, 89.5], teacher_epochs=15)
     report("ablation-cache-only", [88.9, 88.5])
     rows = {r["row"]: r for r in collect(tmp_path / "d")["rows"]}
     assert rows["MEAL V2 (cache)"]["top1_per_seed"] == {0: 88.9, 1: 88.5}
     assert rows["other teachers"]["vs_meal_v2"]["per_seed"] == pytest.approx([0.5, 0.5])
+    assert rows["teachers trained longer"]["vs_meal_v2"]["per_seed"] == pytest.approx([1.0, 1.0])
+    assert rows["teachers trained longer"]["verdict"] == "holds"

@@ -45,10 +45,12 @@ CLAIMS = (
           "about equal (FKD stores the top k only)", 0),
     Claim("teachers", "other teachers", "--teachers A,B,C",
           "higher when the ensemble is stronger (why MEAL V2 uses big teachers; the paper has no such row)", +1),
+    Claim("teacher_epochs", "teachers trained longer", "--teacher-epochs N",
+          "higher: a stronger ensemble (the paper has no such row)", +1),
 )
 CONTROL_CLAIM = Claim("control", "control (hard labels)", "", "lower than MEAL V2", -1)
 DEFAULTS = dict(no_discriminator=False, weight_decay=0.0, hard_label_weight=0.0, student_init="pretrained",
-                cutmix=None, authors_d_lr=False, teachers=None)
+                cutmix=None, authors_d_lr=False, teachers=None, teacher_epochs=None)
 
 
 def _changed(results: dict) -> list:

@@ -258,24 +258,33 @@ def _cache_schema(root: Path) -> Optional[int]:
 
 
 def _arm_tags(no_discriminator, weight_decay, hard_label_weight, student_init, cutmix=None,
-              authors_d_lr=False, teachers=None) -> tuple:
+              authors_d_lr=False, teachers=None, teacher_epochs=None) -> tuple:
     """Stage-name suffixes (control, MEAL V2) for non-default ablation flags, so ablation arms never replace the
     default ones. The control is tagged only by the flags that change it (weight decay, random init, CutMix other
-    than the preset's): a ``--no-discriminator``, ``--hard-label-weight``, ``--authors-d-lr`` or ``--teachers``
-    ablation reuses the default control."""
+    than the preset's): a ``--no-discriminator``, ``--hard-label-weight``, ``--authors-d-lr``, ``--teachers`` or
+    ``--teacher-epochs`` ablation reuses the default control."""
     wd = f"-wd{weight_decay:g}" if weight_decay else ""
     init = "-random-init" if student_init == "random" else ""
     hard = f"-hard{hard_label_weight:g}" if hard_label_weight else ""
     mix = "" if cutmix is None else "-cutmix" if cutmix else "-no-cutmix"
     d_lr = "-authors-dlr" if authors_d_lr else ""
-    return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + _teachers_tag(teachers) + wd + hard \
-        + mix + init
+    ensemble = _teachers_tag(teachers, teacher_epochs)
+    return wd + mix + init, ("-no-disc" if no_discriminator else "") + d_lr + ensemble + wd + hard + mix + init
 
 
-def _teachers_tag(teachers: Optional[Sequence[str]]) -> str:
-    """The suffix of the stages and cache folders of another teacher ensemble (``--teachers``): its soft labels
-    differ, so its MEAL V2 arms and caches never replace the preset ensemble's."""
-    return f"-teachers-{'+'.join(teachers)}" if teachers else ""
+def _teachers_tag(teachers: Optional[Sequence[str]], teacher_epochs: Optional[int] = None) -> str:
+    """The suffix of the stages and cache folders of another teacher ensemble (``--teachers`` and/or
+    ``--teacher-epochs``), e.g. ``-teachers-resnet18+regnety_004``, ``-teachers-e15``: its soft labels differ, so its
+    MEAL V2 arms and caches never replace the preset ensemble's."""
+    parts = ["+".join(teachers)] if teachers else []
+    parts += [f"e{teacher_epochs}"] if teacher_epochs else []
+    return f"-teachers-{'-'.join(parts)}" if parts else ""
+
+
+def _teacher_stage(arch: str, teacher_epochs: Optional[int]) -> str:
+    """A teacher's stage name: ``teacher-<arch>``, or ``teacher-<arch>-e<N>`` when ``--teacher-epochs`` trains it
+    another length than the preset's, so the preset's teacher (and the arms distilled from it) stay."""
+    return f"teacher-{arch}" + (f"-e{teacher_epochs}" if teacher_epochs else "")
 
 
 def _check_teachers(teachers: Optional[Sequence[str]], preset_teachers: Sequence[str]) -> Optional[list]:
@@ -341,7 +350,8 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
              cutmix: Optional[bool] = None, tracking_uri: Optional[str] = None, address: Optional[str] = None,
              log=print, preset: Optional[dict] = None, cache_passes: int = 0,
              cache_top_k: Optional[int] = None, authors_d_lr: bool = False, served_arm: bool = True,
-             arm_epochs: Optional[int] = None, teachers: Optional[Sequence[str]] = None) -> dict:
+             arm_epochs: Optional[int] = None, teachers: Optional[Sequence[str]] = None,
+             teacher_epochs: Optional[int] = None) -> dict:
     """Teachers once, then per seed: student init, control arm, MEAL V2 arm; a table per seed and mean ± std.
 
     ``cutmix`` overrides the preset's CutMix in both arms (an ablation); ``preset`` replaces the quick/full
@@ -355,7 +365,9 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     stages and a report tagged ``-e<N>``; give it a cache of as many passes so its crops stay fresh. ``teachers``
     (timm names) replaces the preset's ensemble: a third teacher or a stronger one; the preset's teachers keep their
     stages (teacher ``i`` trains on seed ``i``), the MEAL V2 arms and their cache are tagged ``-teachers-<a>+<b>...``,
-    and the control and init (no teachers in them) are shared with the default run."""
+    and the control and init (no teachers in them) are shared with the default run. ``teacher_epochs`` trains the
+    teachers that long instead of the preset's (a stronger ensemble), as stages ``teacher-<arch>-e<N>`` beside the
+    preset's, with the MEAL V2 arms and cache tagged ``-teachers-e<N>``."""
     from meal_ray.cluster import ensure_ray
 
     preset_name = "custom" if preset else "quick" if quick else "full"
@@ -365,6 +377,11 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     epochs_tag, passes_tag = _length_tags(preset["arm_epochs"], arm_epochs, cache_passes)
     preset["arm_epochs"] = arm_epochs or preset["arm_epochs"]
     teachers = _check_teachers(teachers, preset["teachers"])
+    if teacher_epochs is not None and teacher_epochs < 1:
+        raise ConfigError(f"--teacher-epochs={teacher_epochs} must be >= 1 (default: the preset's "
+                          f"{preset['teacher_epochs']}).")
+    teacher_epochs = None if teacher_epochs == preset["teacher_epochs"] else teacher_epochs
+    preset["teacher_epochs"] = teacher_epochs or preset["teacher_epochs"]
     preset["teachers"] = tuple(teachers or preset["teachers"])
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
@@ -389,7 +406,7 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     arm_cutmix = preset_cutmix if cutmix is None else bool(cutmix)
     ablation = dict(no_discriminator=no_discriminator, weight_decay=weight_decay, hard_label_weight=hard_label_weight,
                     student_init=student_init, cutmix=None if arm_cutmix == preset_cutmix else arm_cutmix,
-                    authors_d_lr=authors_d_lr, teachers=teachers)
+                    authors_d_lr=authors_d_lr, teachers=teachers, teacher_epochs=teacher_epochs)
     control_tag, tag = _arm_tags(**ablation)
     control_tag, tag = control_tag + epochs_tag, tag + epochs_tag
     student_size = preset.get("student_size", DATA["image_size"])
@@ -432,8 +449,9 @@ def _train_teachers(plan: DemoPlan, log, parent_id: str, clock: DemoClock) -> li
     ensemble); reused when finished. Returns their serve-config entries."""
     preset, teachers = plan.preset, []
     for i, arch in enumerate(preset["teachers"]):
-        cfg = _stage_config(f"teacher-{arch}", "pretrain", plan.out, arch, preset["teacher_epochs"], preset, i,
-                            plan.tracking_uri, train_subset=preset.get("teacher_subset", preset["subset"]),
+        cfg = _stage_config(_teacher_stage(arch, plan.ablation["teacher_epochs"]), "pretrain", plan.out, arch,
+                            preset["teacher_epochs"], preset, i, plan.tracking_uri,
+                            train_subset=preset.get("teacher_subset", preset["subset"]),
                             optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
         run_stage(cfg, log, parent_id, clock)
         teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
@@ -454,7 +472,7 @@ def _run_seeds(plan: DemoPlan, teachers: list, log, parent_id: str, clock: DemoC
     arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=ablation["weight_decay"],
                      cutmix=plan.arm_cutmix)
     crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
-        + _teachers_tag(ablation["teachers"]) + plan.passes_tag
+        + _teachers_tag(ablation["teachers"], ablation["teacher_epochs"]) + plan.passes_tag
     runs, served = [], False
     try:
         for n, seed in enumerate(plan.seeds):
