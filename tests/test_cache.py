@@ -220,7 +220,7 @@ def test_cache_holds_the_served_soft_labels_and_trains_like_them(relabelled, tin
     from meal_ray.sources.served import ServedSoftLabels
 
     tmp, summary, lines = relabelled
-    assert summary["crops"] == 2 * 512 and summary["shards"] == 2 * 3 and summary["k"] == 10
+    assert summary["crops"] == summary["labelled"] == 2 * 512 and summary["shards"] == 2 * 3 and summary["k"] == 10
     assert any("ETA" in line for line in lines) and "bytes per crop" in lines[-1]
     cache = SoftLabelCache(tmp / "cache")
     cache.verify()
@@ -341,10 +341,11 @@ def test_a_killed_relabel_resumes_to_the_same_cache(ray_cluster, tiny_teachers, 
     before = json.loads(manifest.read_text())["shards"]
 
     lines: list = []
-    relabel(cfg, tmp_path / "killed", passes=2, shard_size=64, actors=1, log=lines.append)
+    summary = relabel(cfg, tmp_path / "killed", passes=2, shard_size=64, actors=1, log=lines.append)
     assert f"({len(before)} already done)" in lines[0]
     resumed = SoftLabelCache(tmp_path / "killed")
     assert all(resumed.shards[n] == e for n, e in before.items())  # finished shards were not redone
+    assert summary["labelled"] == summary["crops"] - sum(e["rows"] for e in before.values())  # what this call did
     # the uninterrupted reference, its crops rendered ahead of the teachers by 5 DataLoader worker processes in pieces
     # of 32 (data.loader_workers, the GPU setting): the same bytes as the killed-and-resumed run without them (one
     # shard of each: test_render_processes_write_the_same_shard_bytes, in `make test`)

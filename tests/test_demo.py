@@ -76,8 +76,11 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
         results["gain_over_control"]["mean"])
 
     # what the user saw: each stage numbered against the whole demo, each stage's epoch lines from its worker
+    # the relabel is a stage of its own (before the cache arm), its progress lines carrying the whole demo's ETA
     assert [line.split(":")[0] for line in lines if line.startswith("[demo] stage")] == [
-        f"[demo] stage {i}/6" for i in range(1, 7)]
+        f"[demo] stage {i}/7" for i in range(1, 8)]
+    assert any(line.startswith("[demo] stage 6/7: cache-seed0, relabel 1 passes") for line in lines)
+    assert any(line.startswith("[relabel] shard") and "| demo: stage 6/7, ETA" in line for line in lines)
     assert sum(line.startswith("[meal-ray] epoch 1/1 | loss") for line in lines) == 6
 
     # every export's test-set figures are kept beside it (and the ensemble's in the demo directory)
@@ -91,6 +94,8 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     again: list = []
     run_demo(str(out), seeds=[0], tracking_uri=uri, log=again.append, preset=TINY, cache_passes=1)
     assert sum("reusing finished stage" in line for line in again) == 2 + 4
+    assert [line.split(":")[0] for line in again if line.startswith("[demo] stage")] == [
+        f"[demo] stage {i}/6" for i in range(1, 7)]  # a finished cache arm plans no relabel
     assert {p: p.stat().st_mtime_ns for p in evaluations} == stamps
     assert json.loads((out / "results.json").read_text())["runs"][0]["rows"] == saved["runs"][0]["rows"]
     assert not any(line.startswith("[relabel]") for line in again)  # a finished cache arm reads no cache

@@ -67,16 +67,47 @@ def test_view_draws_one_live_line_on_a_terminal_and_plain_lines_on_a_pipe(tmp_pa
 def test_demo_eta_adds_the_stages_left_at_the_measured_pace():
     from meal_ray.demo.stages import DemoClock
 
-    clock = DemoClock([100, 100, 50])  # two teachers, then a control arm: epochs x images each
-    assert clock.start(100) == "stage 1/3"
+    clock = DemoClock([("resnet18", 100), ("resnet10t", 100), ("mobilenet", 50)])  # epochs x images each
+    assert clock.start("resnet18", 100) == "stage 1/3"
     assert clock.suffix(None) == " | demo: stage 1/3, ETA ?"
     clock.started -= 10.0  # 10 s into the first stage, 10 s to go: 0.2 s per unit of work
     assert clock.suffix(10.0) == " | demo: stage 1/3, ETA 40s"  # 10 s + 150 units x 0.2 s
     clock.finish(trained=True)
-    clock.start(100)
+    clock.start("resnet10t", 0)
     clock.finish(trained=False)  # reused: free
-    assert clock.start(50) == "stage 3/3"
+    assert clock.start("mobilenet", 50) == "stage 3/3"
     assert clock.suffix(5.0) == " | demo: stage 3/3, ETA 5s"
+
+
+def test_demo_eta_prices_each_kind_of_work_at_its_own_pace_and_skips_finished_stages():
+    """A teacher, a reused init (planned with no work), a relabel and two student arms: the relabel and the students
+    go at their own measured paces once measured, not at the teacher's."""
+    from meal_ray.demo.stages import DemoClock
+
+    clock = DemoClock([("resnet18", 100), ("student", 0), ("relabel", 200), ("student", 50), ("student", 50)])
+    clock.start("resnet18", 100)
+    clock.started -= 20.0
+    assert clock.suffix(0.0) == " | demo: stage 1/5, ETA 1m00s"  # 300 units of kinds not measured, at 0.2 s
+    clock.finish(trained=True)  # the teacher: 0.2 s per image
+    clock.start("student", 0)
+    assert clock.suffix(None) == " | demo: stage 2/5, ETA 1m00s"  # the reused stage and the rest, at 0.2 s
+    clock.finish(trained=False)
+    assert clock.start("relabel", 200) == "stage 3/5"
+    clock.started -= 10.0
+    # the relabel itself: 10 s in, 10 s to go (0.1 s per crop); the students, not measured yet: the teacher's pace
+    assert clock.suffix(10.0) == " | demo: stage 3/5, ETA 30s"
+    clock.started -= 10.0
+    clock.finish(trained=True, work=200)  # 20 s for 200 crops
+    clock.start("student", 50)
+    clock.started -= 4.0
+    assert clock.suffix(1.0) == " | demo: stage 4/5, ETA 6s"  # 1 s + 50 images at this stage's own 0.1 s
+    clock.started -= 1.0
+    clock.finish(trained=True)  # 5 s for 50 images
+    clock.start("student", 50)
+    assert clock.suffix(None) == " | demo: stage 5/5, ETA 5s"  # a measured kind: 50 x 0.1 s before any step
+    clock.finish(trained=True)
+    clock.start("student", 50)  # a stage the plan did not count is counted when it starts
+    assert clock.suffix(None).startswith(" | demo: stage 6/6")
 
 
 def test_epoch_metrics_reach_the_driver_once_each_for_its_mlflow_run(tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from meal_ray.cache import MANIFEST, SCHEMA_VERSION
+from meal_ray.cache import MANIFEST, SCHEMA_VERSION, SoftLabelCache
 from meal_ray.config import JobConfig, LossConfig, OptimConfig, config_differences, load_config
 from meal_ray.data.datasets import FASHION_MNIST_CLASSES
 from meal_ray.demo.report import (
@@ -36,7 +36,7 @@ from meal_ray.demo.report import (
     summarize,
     write_text,
 )
-from meal_ray.errors import ConfigError, ModelNotFoundError
+from meal_ray.errors import CacheError, ConfigError, ModelNotFoundError
 from meal_ray.progress import format_duration
 
 DEMO_APP = "meal-ray-demo-teachers"
@@ -132,38 +132,57 @@ def _rebased(value, old_root: str, new_root: str):
 
 
 class DemoClock:
-    """The whole demo's ETA: the work of the stages still to train (epochs x images, in the order they run) at the
-    pace measured so far (before any stage has finished, the running stage's own pace). Reused stages cost nothing."""
+    """The whole demo's ETA: the work left in the stages still to run (training: epochs x images; a relabel: crops
+    still to label), each kind of work (the model trained, or ``relabel``) at the pace measured on that kind so far.
+    A kind not measured yet goes at the running stage's pace when it is that kind, else at the pace of all the work
+    measured so far. Stages the plan found finished (reused) are planned with no work."""
 
-    def __init__(self, works: Sequence[int]):
-        self.works = list(works)  # per stage, in run order: epochs x training images
+    def __init__(self, stages: Sequence[tuple]):
+        self.stages = [(str(kind), int(work)) for kind, work in stages]  # in run order: (kind, work left)
         self.index = 0  # the running stage
-        self.spent_s, self.done_work = 0.0, 0
+        self.spent_s: dict = {}  # per kind: seconds spent, work done
+        self.done_work: dict = {}
         self.started = time.monotonic()
 
-    def start(self, work: int) -> str:
-        if self.index >= len(self.works):  # a stage the plan did not count
-            self.works.append(work)
+    def start(self, kind: str, work: int) -> str:
+        """The next stage starts: its kind and the work it has left now (0 when reused)."""
+        if self.index >= len(self.stages):  # a stage the plan did not count
+            self.stages.append((kind, work))
+        else:
+            self.stages[self.index] = (kind, work)
         self.started = time.monotonic()
-        return f"stage {self.index + 1}/{len(self.works)}"
+        return f"stage {self.index + 1}/{len(self.stages)}"
 
-    def finish(self, trained: bool) -> None:
+    def finish(self, trained: bool, work: Optional[int] = None) -> None:
+        """The running stage ended; ``work`` is what it did when that differs from what it planned (a resumed
+        relabel labels only the shards it lacked)."""
+        kind, planned = self.stages[self.index]
         if trained:
-            self.spent_s += time.monotonic() - self.started
-            self.done_work += self.works[self.index]
+            self.spent_s[kind] = self.spent_s.get(kind, 0.0) + time.monotonic() - self.started
+            self.done_work[kind] = self.done_work.get(kind, 0) + (planned if work is None else work)
         self.index += 1
 
+    def _pace(self, kind: str, running: Optional[float]) -> Optional[float]:
+        """Seconds per unit of ``kind``'s work, or None before anything can tell."""
+        if self.done_work.get(kind):
+            return self.spent_s[kind] / self.done_work[kind]
+        if kind == self.stages[self.index][0] and running is not None:
+            return running
+        done = sum(self.done_work.values())
+        return sum(self.spent_s.values()) / done if done else running
+
     def suffix(self, stage_eta_s: Optional[float]) -> str:
-        """`` | demo: stage 3/9, ETA 21m04s`` for the live progress line."""
-        left = sum(self.works[self.index + 1:])
-        if self.done_work:
-            pace = self.spent_s / self.done_work
-        elif stage_eta_s is not None:
-            pace = (time.monotonic() - self.started + stage_eta_s) / max(self.works[self.index], 1)
-        else:
-            pace = None
-        eta = None if pace is None else (stage_eta_s or 0.0) + left * pace
-        return f" | demo: stage {self.index + 1}/{len(self.works)}, ETA {format_duration(eta)}"
+        """`` | demo: stage 3/9, ETA 21m04s`` for the live progress line (``stage_eta_s``: the running stage's own)."""
+        kind, work = self.stages[self.index]
+        running = None if stage_eta_s is None else (time.monotonic() - self.started + stage_eta_s) / max(work, 1)
+        if stage_eta_s is None:  # the stage has only begun: its kind's pace, if measured before
+            pace = self._pace(kind, None)
+            stage_eta_s = None if pace is None else work * pace
+        eta = stage_eta_s
+        for later, left in self.stages[self.index + 1:]:
+            pace = self._pace(later, running) if left else 0.0
+            eta = None if eta is None or pace is None else eta + left * pace
+        return f" | demo: stage {self.index + 1}/{len(self.stages)}, ETA {format_duration(eta)}"
 
 
 def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: Optional[DemoClock] = None) -> dict:
@@ -173,8 +192,9 @@ def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: O
     from meal_ray.train.driver import run_job
 
     clock = clock or DemoClock([])
-    which = clock.start(cfg.optim.epochs * (cfg.data.train_subset or 60000))
-    if _reusable(cfg):
+    reused = _reusable(cfg)
+    which = clock.start(*_stage_work(cfg, reused))
+    if reused:
         log(f"[demo] {which}: reusing finished stage {cfg.name} ({cfg.output_dir})")
         link_reused_stage(cfg, parent_run_id)
         clock.finish(trained=False)
@@ -187,6 +207,11 @@ def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: O
                      progress_suffix=clock.suffix)
     clock.finish(trained=True)
     return result
+
+
+def _stage_work(cfg: JobConfig, reused: bool) -> tuple:
+    """A training stage's (kind, work) for the demo's ETA: its model, and epochs x training images (0 if reused)."""
+    return cfg.student.model, 0 if reused else cfg.optim.epochs * (cfg.data.train_subset or 60000)
 
 
 def link_reused_stage(cfg: JobConfig, parent_run_id: Optional[str]) -> Optional[str]:
@@ -222,32 +247,54 @@ def open_demo_run(tracking_uri: Optional[str], name: str, params: dict, tags: di
     return tracker
 
 
-def _cache_arm(meal: JobConfig, out: Path, *, tag: str, crops_tag: str, seed: int, passes: int, log,
-               top_k: Optional[int] = None, parent_run_id: Optional[str] = None,
-               clock: Optional[DemoClock] = None) -> JobConfig:
-    """Relabel the MEAL V2 arm's crops once (in-process teachers in a Ray Data actor; resumed or reused when the
-    cache is there), then MEAL V2 from that cache: same student, init, schedule, CutMix, seed. ``top_k`` < classes
-    trains on only the k largest stored probabilities per crop (``teachers.cache_top_k``: what a top-k relabel holds,
-    from the same crops and teachers), as stage ``meal-v2-cache-top<k>``. The cache is named by what changes its
-    crops only (CutMix), so ablations of the loss or the optimizer share the default arm's."""
-    from meal_ray.train.relabel import relabel
-
+def _cached_config(meal: JobConfig, out: Path, *, tag: str, crops_tag: str, seed: int,
+                   top_k: Optional[int] = None) -> tuple:
+    """(the cache arm's config, its cache folder): MEAL V2 from a relabel of the MEAL V2 arm's crops (same student,
+    init, schedule, CutMix, seed). ``top_k`` < classes trains on only the k largest stored probabilities per crop
+    (``teachers.cache_top_k``: what a top-k relabel holds, from the same crops and teachers), as stage
+    ``meal-v2-cache-top<k>``. The cache is named by what changes its crops only (CutMix, the teachers, the passes), so
+    ablations of the loss or the optimizer share the default arm's."""
     base = meal.to_dict()
     cache_dir = out / f"cache{crops_tag}-seed{seed}"
     name = f"meal-v2-cache{tag}{f'-top{top_k}' if top_k else ''}-seed{seed}"
     cached = load_config(data=dict(base, name=name, run=dict(base["run"], output=str(out / name)),
                                    teachers=dict(base["teachers"], source="cache", cache=str(cache_dir),
                                                  cache_top_k=top_k)))
-    if not _reusable(cached):  # a finished stage needs its cache no more
+    return cached, cache_dir
+
+
+def _crops_to_label(cached: JobConfig, cache_dir: Path, passes: int) -> int:
+    """What the relabel before the cache arm has left: passes x training crops, less what the cache already holds."""
+    try:
+        held = sum(int(e["rows"]) for e in SoftLabelCache(cache_dir).shards.values())
+    except CacheError:  # none yet, or one of an older schema (relabelled from scratch)
+        held = 0
+    return max(passes * (cached.data.train_subset or 60000) - held, 0)
+
+
+def _run_cache_arm(meal: JobConfig, cached: JobConfig, cache_dir: Path, passes: int, log,
+                   parent_run_id: Optional[str] = None, clock: Optional[DemoClock] = None) -> None:
+    """Relabel the MEAL V2 arm's crops once, as a stage of its own (in-process teachers in a Ray Data actor; resumed
+    shard by shard when the cache is partly there), then train the cache arm from it, no teachers running. A
+    finished cache arm needs its cache no more: neither runs again."""
+    from meal_ray.train.relabel import relabel
+
+    clock = clock or DemoClock([])
+    if not _reusable(cached):
         schema = _cache_schema(cache_dir)
         if schema not in (None, SCHEMA_VERSION):  # the demo's own derived data, from an older meal-ray
             log(f"[demo] {cache_dir} is a cache of schema v{schema} (this meal-ray writes v{SCHEMA_VERSION}): "
                 "relabelling it")
             shutil.rmtree(cache_dir)
+        crops = _crops_to_label(cached, cache_dir, passes)
+        which = clock.start("relabel", crops)
+        log(f"[demo] {which}: {cache_dir.name}, relabel {passes} passes of {meal.name}'s crops with its teachers "
+            f"({crops} crops to label)")
+        base = meal.to_dict()
         relabel_cfg = load_config(data=dict(base, teachers=dict(base["teachers"], source="local")))
-        relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log)
+        done = relabel(relabel_cfg, cache_dir, passes=passes, actors=1, log=log, progress_suffix=clock.suffix)
+        clock.finish(trained=bool(done["labelled"]), work=done["labelled"])
     run_stage(cached, log, parent_run_id, clock)
-    return cached
 
 
 def _cache_schema(root: Path) -> Optional[int]:
@@ -429,86 +476,123 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
     return results
 
 
+@dataclass(frozen=True)
+class SeedStages:
+    """One seed's stages, configured before anything trains (so the ETA knows which are finished): the student's
+    init (None from a random init), the control, MEAL V2 from the served teachers (trained when ``served``), and
+    the cache arm with its cache folder (None without a cache)."""
+
+    init: Optional[JobConfig]
+    control: JobConfig
+    meal: JobConfig
+    served: bool
+    cached: Optional[JobConfig]
+    cache_dir: Optional[Path]
+
+
 def _run_demo(plan: DemoPlan, log, parent) -> dict:
     """The stages in order (teachers, then each seed's init and arms), then the report."""
-    preset, cache_passes = plan.preset, plan.cache_passes
-    # each stage's work in the order they run, for the whole demo's ETA: teachers, then per seed init, control,
-    # MEAL V2 and the cache arm
-    images = preset["subset"] or 60000
-    per_seed = ([preset["init_epochs"] * images] if plan.ablation["student_init"] == "pretrained" else []) \
-        + [preset["arm_epochs"] * images] * (1 + plan.served_arm + bool(cache_passes))
-    clock = DemoClock([preset["teacher_epochs"] * (preset.get("teacher_subset", preset["subset"]) or 60000)]
-                      * len(preset["teachers"]) + per_seed * len(plan.seeds))
-    teachers = _train_teachers(plan, log, parent.run_id, clock)
-    runs = _run_seeds(plan, teachers, log, parent.run_id, clock)
+    teacher_stages = _teacher_stages(plan)
+    teachers = [{"name": f"teacher{i}", "model": cfg.student.model, "weights": str(cfg.output_dir / "student")}
+                for i, cfg in enumerate(teacher_stages)]
+    seeds = [_seed_stages(plan, seed, teachers) for seed in plan.seeds]
+    clock = DemoClock(_planned_work(teacher_stages, seeds, plan.cache_passes))
+    for cfg in teacher_stages:
+        run_stage(cfg, log, parent.run_id, clock)
+    runs = _run_seeds(plan, teachers, seeds, log, parent.run_id, clock)
     return _report(plan, runs, log, parent)
 
 
-def _train_teachers(plan: DemoPlan, log, parent_id: str, clock: DemoClock) -> list:
-    """The teachers, each pretrained with hard labels on its own seed (every demo seed distills from the same
-    ensemble); reused when finished. Returns their serve-config entries."""
-    preset, teachers = plan.preset, []
-    for i, arch in enumerate(preset["teachers"]):
-        cfg = _stage_config(_teacher_stage(arch, plan.ablation["teacher_epochs"]), "pretrain", plan.out, arch,
-                            preset["teacher_epochs"], preset, i, plan.tracking_uri,
-                            train_subset=preset.get("teacher_subset", preset["subset"]),
-                            optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-        run_stage(cfg, log, parent_id, clock)
-        teachers.append({"name": f"teacher{i}", "model": arch, "weights": str(cfg.output_dir / "student")})
-    return teachers
+def _planned_work(teacher_stages: list, seeds: list, passes: int) -> list:
+    """Each stage's (kind, work left) in the order they run, for the whole demo's ETA: finished stages plan none,
+    and a relabel is a stage of its own (before its cache arm) unless that arm is finished."""
+    planned = [_stage_work(cfg, _reusable(cfg)) for cfg in teacher_stages]
+    for stages in seeds:
+        for cfg in (stages.init, stages.control, stages.meal if stages.served else None):
+            if cfg is not None:
+                planned.append(_stage_work(cfg, _reusable(cfg)))
+        if stages.cached is not None:
+            reused = _reusable(stages.cached)
+            if not reused:
+                planned.append(("relabel", _crops_to_label(stages.cached, stages.cache_dir, passes)))
+            planned.append(_stage_work(stages.cached, reused))
+    return planned
 
 
-def _run_seeds(plan: DemoPlan, teachers: list, log, parent_id: str, clock: DemoClock) -> list:
-    """Per seed: the student's good initialization (hard labels), then the arms from it with the same epochs (the
-    control, MEAL V2 from the served teachers, MEAL V2 from the cache), each evaluated on the test set. The teachers
-    are served only while a served arm still has to train."""
+def _teacher_stages(plan: DemoPlan) -> list:
+    """The teachers' stages, each pretrained with hard labels on its own seed (every demo seed distills from the
+    same ensemble)."""
+    preset = plan.preset
+    return [_stage_config(_teacher_stage(arch, plan.ablation["teacher_epochs"]), "pretrain", plan.out, arch,
+                          preset["teacher_epochs"], preset, i, plan.tracking_uri,
+                          train_subset=preset.get("teacher_subset", preset["subset"]),
+                          optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
+            for i, arch in enumerate(preset["teachers"])]
+
+
+def _seed_stages(plan: DemoPlan, seed: int, teachers: list) -> SeedStages:
+    """A seed's stages: the student's good initialization (hard labels), then the arms from it with the same epochs
+    (the control, MEAL V2 from the served teachers, MEAL V2 from the cache)."""
+    out, preset, ablation, tracking_uri = plan.out, plan.preset, plan.ablation, plan.tracking_uri
+    arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=ablation["weight_decay"],
+                     cutmix=plan.arm_cutmix)
+    init, init_weights = None, None
+    if ablation["student_init"] == "pretrained":
+        init = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"], preset["init_epochs"],
+                             preset, seed, tracking_uri, image_size=plan.student_size,
+                             optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
+        init_weights = str(init.output_dir / "student")
+    control = _stage_config(f"control{plan.control_tag}-seed{seed}", "pretrain", out, preset["student"],
+                            preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
+                            image_size=plan.student_size, optim=arm_optim)
+    meal = _stage_config(
+        f"meal-v2{plan.tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset,
+        seed, tracking_uri, weights=init_weights, image_size=plan.student_size,
+        optim=dict(arm_optim, d_lr_schedule="student" if ablation["authors_d_lr"] else "constant"),
+        teachers=dict(source="served", app_name=DEMO_APP,
+                      models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
+        loss=dict(discriminator="off" if ablation["no_discriminator"] else "reference",
+                  hard_label_weight=ablation["hard_label_weight"]))
+    cached, cache_dir = None, None
+    if plan.cache_passes:
+        crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
+            + _teachers_tag(ablation["teachers"], ablation["teacher_epochs"]) + plan.passes_tag
+        cached, cache_dir = _cached_config(meal, out, tag=plan.tag, crops_tag=crops_tag, seed=seed,
+                                           top_k=plan.cache_top_k)
+    return SeedStages(init=init, control=control, meal=meal, served=plan.served_arm, cached=cached,
+                      cache_dir=cache_dir)
+
+
+def _run_seeds(plan: DemoPlan, teachers: list, seeds: list, log, parent_id: str, clock: DemoClock) -> list:
+    """Per seed: its stages in order, then the test set. The teachers are served only while a served arm still has
+    to train."""
     from ray import serve
 
     from meal_ray.cluster import start_serve_without_http
     from meal_ray.serve.app import build_app
 
-    out, preset, ablation, tracking_uri = plan.out, plan.preset, plan.ablation, plan.tracking_uri
-    shared = evaluate_shared(teachers, out)
-    arm_optim = dict(lr=preset["arm_lr"], lr_schedule="cosine", weight_decay=ablation["weight_decay"],
-                     cutmix=plan.arm_cutmix)
-    crops_tag = ("" if ablation["cutmix"] is None else "-cutmix" if ablation["cutmix"] else "-no-cutmix") \
-        + _teachers_tag(ablation["teachers"], ablation["teacher_epochs"]) + plan.passes_tag
+    shared = evaluate_shared(teachers, plan.out)
     runs, served = [], False
     try:
-        for n, seed in enumerate(plan.seeds):
+        for n, (seed, stages) in enumerate(zip(plan.seeds, seeds)):
             log(f"[demo] seed {seed} ({n + 1}/{len(plan.seeds)})")
-            init_weights = None
-            if ablation["student_init"] == "pretrained":
-                cfg = _stage_config(f"student-init-seed{seed}", "pretrain", out, preset["student"],
-                                    preset["init_epochs"], preset, seed, tracking_uri, image_size=plan.student_size,
-                                    optim=dict(lr=0.1, lr_schedule="cosine", weight_decay=5e-5))
-                run_stage(cfg, log, parent_id, clock)
-                init_weights = str(cfg.output_dir / "student")
-            control = _stage_config(f"control{plan.control_tag}-seed{seed}", "pretrain", out, preset["student"],
-                                    preset["arm_epochs"], preset, seed, tracking_uri, weights=init_weights,
-                                    image_size=plan.student_size, optim=arm_optim)
-            meal = _stage_config(
-                f"meal-v2{plan.tag}-seed{seed}", "distill", out, preset["student"], preset["arm_epochs"], preset,
-                seed, tracking_uri, weights=init_weights, image_size=plan.student_size,
-                optim=dict(arm_optim, d_lr_schedule="student" if ablation["authors_d_lr"] else "constant"),
-                teachers=dict(source="served", app_name=DEMO_APP,
-                              models=[{"model": t["model"], "weights": t["weights"]} for t in teachers]),
-                loss=dict(discriminator="off" if ablation["no_discriminator"] else "reference",
-                          hard_label_weight=ablation["hard_label_weight"]))
-            run_stage(control, log, parent_id, clock)
-            if plan.served_arm:
-                if not served and not _reusable(meal):
+            if stages.init is not None:
+                run_stage(stages.init, log, parent_id, clock)
+            run_stage(stages.control, log, parent_id, clock)
+            if stages.served:
+                if not served and not _reusable(stages.meal):
                     log("[demo] starting the teacher ensemble as a Ray Serve application")
                     start_serve_without_http()
                     serve.run(build_app({"teachers": teachers}), name=DEMO_APP, route_prefix=None)
                     served = True
-                run_stage(meal, log, parent_id, clock)
-            cached = (_cache_arm(meal, out, tag=plan.tag, crops_tag=crops_tag, seed=seed, passes=plan.cache_passes,
-                                 log=log, top_k=plan.cache_top_k, parent_run_id=parent_id, clock=clock)
-                      if plan.cache_passes else None)
+                run_stage(stages.meal, log, parent_id, clock)
+            if stages.cached is not None:
+                _run_cache_arm(stages.meal, stages.cached, stages.cache_dir, plan.cache_passes, log, parent_id,
+                               clock)
             log(f"[demo] seed {seed}: evaluating on the 10000-image test set")
-            runs.append(evaluate_seed(seed, shared, init_weights, control, meal if plan.served_arm else None,
-                                      cached))
+            init_weights = None if stages.init is None else str(stages.init.output_dir / "student")
+            runs.append(evaluate_seed(seed, shared, init_weights, stages.control,
+                                      stages.meal if stages.served else None, stages.cached))
             log(format_table(runs[-1]["rows"], runs[-1]["per_class"]))
     finally:
         if served:

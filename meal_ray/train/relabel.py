@@ -17,7 +17,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from meal_ray.cluster import ensure_ray, quiet_ray_data
 from meal_ray.config import JobConfig, load_config
 from meal_ray.data.datasets import load_datasets, sample_by_id, sample_ids
 from meal_ray.errors import ConfigError
+from meal_ray.progress import format_duration
 from meal_ray.source_registry import source_class
 from meal_ray.sources.cache import cutmix_spec, job_cache_spec
 
@@ -159,8 +160,10 @@ class ShardLabeler:
 
 def relabel(cfg: JobConfig, output: str | Path, passes: int, k: Optional[int] = None,
             shard_size: int = DEFAULT_SHARD_SIZE, actors: Optional[int] = None, address: Optional[str] = None,
-            log=print) -> dict:
-    """Label ``passes`` passes of the job's training crops into the cache at ``output`` (resuming it if there)."""
+            log=print, progress_suffix: Optional[Callable[[Optional[float]], str]] = None) -> dict:
+    """Label ``passes`` passes of the job's training crops into the cache at ``output`` (resuming it if there).
+    ``progress_suffix(eta_s)`` is appended to each progress line (the demo's whole ETA); the result's ``labelled``
+    counts the crops this call labelled (0 when the cache was complete)."""
     if cfg.teachers.source not in ("local", "served"):
         raise ConfigError(f"relabel asks the teachers: set teachers.source to local or served, not "
                           f"{cfg.teachers.source!r}.")
@@ -187,14 +190,13 @@ def relabel(cfg: JobConfig, output: str | Path, passes: int, k: Optional[int] = 
     total = passes * shards
     log(f"[relabel] {cfg.name}: {passes} pass(es) x {len(ids)} crops, top-{k} of {num_classes} classes, "
         f"{total} shards ({total - len(todo)} already done) -> {Path(output).resolve()}")
-    if todo:
-        _run_shards(cfg, cache, todo, k, total, actors, address, log)
+    labelled = _run_shards(cfg, cache, todo, k, total, actors, address, log, progress_suffix) if todo else 0
     cache.verify()
     crops = sum(e["rows"] for e in cache.shards.values())
     size = sum(e["bytes"] for e in cache.shards.values())
     log(f"[relabel] done: {crops} crops in {len(cache.shards)} shards, {size / max(crops, 1):.1f} bytes per crop")
     return {"root": str(cache.root), "crops": crops, "bytes": size, "shards": len(cache.shards), "k": k,
-            "passes": passes, "fingerprint": spec.teacher_set["fingerprint"]}
+            "passes": passes, "fingerprint": spec.teacher_set["fingerprint"], "labelled": labelled}
 
 
 def _cpus(cfg: JobConfig, actors: Optional[int]) -> int:
@@ -203,7 +205,9 @@ def _cpus(cfg: JobConfig, actors: Optional[int]) -> int:
 
 
 def _run_shards(cfg: JobConfig, cache: SoftLabelCache, todo: list, k: int, total: int, actors: Optional[int],
-                address: Optional[str], log) -> None:
+                address: Optional[str], log, progress_suffix: Optional[Callable[[Optional[float]], str]]) -> int:
+    """Label the ``todo`` shards with a pool of Ray Data actors, listing each in the manifest as it lands; returns
+    the crops labelled."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -230,4 +234,7 @@ def _run_shards(cfg: JobConfig, cache: SoftLabelCache, todo: list, k: int, total
         elapsed = time.perf_counter() - start
         rate = crops / max(elapsed, 1e-9)
         left = sum(len(t["ids"]) for t in todo) - crops
-        log(f"[relabel] shard {row['name']} ({done}/{total}): {rate:.0f} crops/s, ETA {left / max(rate, 1e-9):.0f} s")
+        eta = left / max(rate, 1e-9)
+        log(f"[relabel] shard {row['name']} ({done}/{total}): {rate:.0f} crops/s, ETA {format_duration(eta)}"
+            + (progress_suffix(eta) if progress_suffix else ""))
+    return crops
