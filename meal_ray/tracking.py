@@ -443,6 +443,12 @@ def run_url(tracking_uri: str, experiment_id: Optional[str], run_id: Optional[st
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
+def ui_hint(tracking_uri: str) -> str:
+    """What opens a :func:`run_url`: nothing for a tracking server; for a local store, the ``mlflow ui`` command that
+    serves it on that address."""
+    return "" if tracking_uri.startswith("http") else f" (after `mlflow ui --backend-store-uri {tracking_uri}`)"
+
+
 def sync_pending(run_dir: str | Path, uri: Optional[str] = None, log=print) -> int:
     """Send a run directory's kept MLflow records (``meal-ray tracking sync``). Returns how many were sent."""
     from meal_ray.errors import ConfigError

@@ -82,6 +82,10 @@ def test_demo_runs_every_stage_writes_the_table_and_reuses_finished_stages(tmp_p
     assert any(line.startswith("[demo] stage 6/7: cache-seed0, relabel 1 passes") for line in lines)
     assert any(line.startswith("[relabel] shard") and "| demo: stage 6/7, ETA" in line for line in lines)
     assert sum(line.startswith("[meal-ray] epoch 1/1 | loss") for line in lines) == 6
+    # the demo's run page, and (a local store) the `mlflow ui` command that serves it
+    link = [line for line in lines if line.startswith("[demo] MLflow: ")]
+    assert len(link) == 1 and link[0].startswith("[demo] MLflow: http://127.0.0.1:5000/#/experiments/")
+    assert f"(after `mlflow ui --backend-store-uri {uri}`)" in link[0]
 
     # every export's test-set figures are kept beside it (and the ensemble's in the demo directory)
     from meal_ray.demo.report import EVALUATION

@@ -247,3 +247,14 @@ def test_a_record_the_store_refuses_is_dropped_and_holds_back_nothing(tmp_path):
     tracker.log_metrics({"loss": 0.3}, step=2)
     assert not (run_dir / PENDING_FILE).exists() and "refused a kept metrics record" in messages[-1], messages
     assert _history(uri, run_id, "loss") == [(0, 0.5), (1, 0.4), (2, 0.3)]
+
+
+def test_a_run_link_says_what_serves_it():
+    """A tracking server's run page is on the server; a local store's on `mlflow ui`, which the line names."""
+    from meal_ray.tracking import run_url, ui_hint
+
+    assert run_url("http://mlflow.internal:5000/", "3", "abc") == \
+        "http://mlflow.internal:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert ui_hint("http://mlflow.internal:5000") == ""
+    assert run_url("sqlite:///runs/mlflow.db", "3", "abc").startswith("http://127.0.0.1:5000/#/experiments/3/runs/abc")
+    assert ui_hint("sqlite:///runs/mlflow.db") == " (after `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`)"

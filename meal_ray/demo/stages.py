@@ -419,14 +419,13 @@ def run_demo(output: str, *, quick: bool = False, seeds: Sequence[int] = (0,), n
 
     preset_name = "custom" if preset else "quick" if quick else "full"
     preset = dict(preset or PRESETS[preset_name])
-    if arm_epochs is not None and arm_epochs < 1:
-        raise ConfigError(f"--arm-epochs={arm_epochs} must be >= 1 (default: the preset's {preset['arm_epochs']}).")
+    for flag, value, key in (("--arm-epochs", arm_epochs, "arm_epochs"), ("--teacher-epochs", teacher_epochs,
+                                                                        "teacher_epochs")):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}={value} must be >= 1 (default: the preset's {preset[key]}).")
     epochs_tag, passes_tag = _length_tags(preset["arm_epochs"], arm_epochs, cache_passes)
     preset["arm_epochs"] = arm_epochs or preset["arm_epochs"]
     teachers = _check_teachers(teachers, preset["teachers"])
-    if teacher_epochs is not None and teacher_epochs < 1:
-        raise ConfigError(f"--teacher-epochs={teacher_epochs} must be >= 1 (default: the preset's "
-                          f"{preset['teacher_epochs']}).")
     teacher_epochs = None if teacher_epochs == preset["teacher_epochs"] else teacher_epochs
     preset["teacher_epochs"] = teacher_epochs or preset["teacher_epochs"]
     preset["teachers"] = tuple(teachers or preset["teachers"])
@@ -603,6 +602,8 @@ def _run_seeds(plan: DemoPlan, teachers: list, seeds: list, log, parent_id: str,
 def _report(plan: DemoPlan, runs: list, log, parent) -> dict:
     """results.json, the exports (the first seed's arms), plots, tables and the demo's MLflow run; an ablation
     reports into its own folder so the default run's results are never replaced."""
+    from meal_ray.tracking import ui_hint
+
     first = runs[0]
     arm = main_arm(first["meal"])
     report = plan.out / f"ablation{plan.tag}{plan.cache_tag}" if plan.tag or plan.cache_tag else plan.out
@@ -634,7 +635,7 @@ def _report(plan: DemoPlan, runs: list, log, parent) -> dict:
     log_demo_run(report, results, parent)
     url = parent.url()
     if url:
-        log(f"[demo] MLflow: {url} (the demo's run; each stage is a run nested under it)")
+        log(f"[demo] MLflow: {url}{ui_hint(parent.uri)}: the demo's run, each stage a run nested under it")
     return results
 
 

@@ -260,6 +260,7 @@ def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:
     from meal_ray.engine import build_student, student_data_config
     from meal_ray.models import export_model
     from meal_ray.plots import plot_per_class, plot_training_curves
+    from meal_ray.tracking import ui_hint
 
     out = cfg.output_dir
     if checkpoint is None:
@@ -298,8 +299,7 @@ def finish(cfg: JobConfig, checkpoint, tracker, log=print) -> dict:
         log(f"[meal-ray] MLflow model {info.model_uri} (mlflow.pytorch.load_model){registered}")
     url = tracker.url()
     if url:
-        log(f"[meal-ray] MLflow run: {url}" + ("" if tracker.uri.startswith("http") else
-                                              f" (after `mlflow ui --backend-store-uri {tracker.uri}`)"))
+        log(f"[meal-ray] MLflow run: {url}{ui_hint(tracker.uri)}")
     return metrics
 
 
