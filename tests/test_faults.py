@@ -226,11 +226,11 @@ def test_killed_driver_then_resume_ends_with_the_undisturbed_weights(tmp_path, u
 def test_demo_stage_stopped_midway_resumes_its_checkpoint_and_ends_with_the_undisturbed_weights(
         tmp_path, undisturbed, tiny_teachers, ray_cluster):
     """A demo stopped mid-stage (the process running the stage SIGKILLed mid-epoch 2): the next demo resumes that
-    stage from epoch 1's checkpoint instead of training it again, continues its MLflow run under the new demo's run,
-    and ends with the undisturbed weights."""
+    stage from epoch 1's checkpoint instead of training it again, plans and counts only the epochs left for its ETA,
+    continues its MLflow run under the new demo's run, and ends with the undisturbed weights."""
     from mlflow import MlflowClient
 
-    from meal_ray.demo.stages import run_stage
+    from meal_ray.demo.stages import DemoClock, _planned_stage_work, run_stage
     from meal_ray.tracking import PARENT_RUN_TAG
 
     cfg = job(tmp_path, "stage-stopped", tiny_teachers)
@@ -251,7 +251,11 @@ def test_demo_stage_stopped_midway_resumes_its_checkpoint_and_ends_with_the_undi
     next_demo = client.create_run(client.get_experiment_by_name(cfg.run.experiment).experiment_id,
                                   run_name="demo").info.run_id
     said = []
-    result = run_stage(cfg, said.append, parent_run_id=next_demo)
+    images = cfg.data.train_subset
+    clock = DemoClock([(cfg.student.model, _planned_stage_work(cfg)[1])])
+    assert clock.stages == [(cfg.student.model, (EPOCHS - 1) * images)]  # the demo's ETA: only the epochs left
+    result = run_stage(cfg, said.append, parent_run_id=next_demo, clock=clock)
+    assert clock.done_work == {cfg.student.model: (EPOCHS - 1) * images}  # the pace: the epochs this run trained
     assert any(line.endswith("(resuming its last checkpoint)") for line in said), said
     assert any(line.startswith("[meal-ray] resumed from checkpoint at epoch 1") for line in said), said
     assert [h["epoch"] for h in result["history"]] == list(range(1, EPOCHS + 1))

@@ -36,7 +36,7 @@ from meal_ray.demo.report import (
     summarize,
     write_text,
 )
-from meal_ray.errors import CacheError, ConfigError, ModelNotFoundError
+from meal_ray.errors import CacheError, CheckpointError, ConfigError, ModelNotFoundError
 from meal_ray.progress import format_duration
 
 DEMO_APP = "meal-ray-demo-teachers"
@@ -193,13 +193,13 @@ def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: O
 
     clock = clock or DemoClock([])
     reused = _reusable(cfg)
-    which = clock.start(*_stage_work(cfg, reused))
+    resume = not reused and _resumable(cfg)
+    which = clock.start(*_stage_work(cfg, reused, resume))
     if reused:
         log(f"[demo] {which}: reusing finished stage {cfg.name} ({cfg.output_dir})")
         link_reused_stage(cfg, parent_run_id)
         clock.finish(trained=False)
         return json.loads((cfg.output_dir / "metrics.json").read_text())
-    resume = _resumable(cfg)
     log(f"[demo] {which}: {cfg.name}, {cfg.mode} {cfg.student.model} for {cfg.optim.epochs} epochs"
         + (" (resuming its last checkpoint)" if resume else ""))
     result = run_job(cfg, resume=resume, overwrite=not resume, log=log, parent_run_id=parent_run_id,
@@ -209,9 +209,28 @@ def run_stage(cfg: JobConfig, log, parent_run_id: Optional[str] = None, clock: O
     return result
 
 
-def _stage_work(cfg: JobConfig, reused: bool) -> tuple:
-    """A training stage's (kind, work) for the demo's ETA: its model, and epochs x training images (0 if reused)."""
-    return cfg.student.model, 0 if reused else cfg.optim.epochs * (cfg.data.train_subset or 60000)
+def _stage_work(cfg: JobConfig, reused: bool, resume: bool) -> tuple:
+    """A training stage's (kind, work left) for the demo's ETA: its model, and epochs x training images; none when
+    reused, and only the epochs after its checkpoint when resumed (else the stage's pace would read too fast)."""
+    done = cfg.optim.epochs if reused else _checkpoint_epoch(cfg.output_dir) if resume else 0
+    return cfg.student.model, (cfg.optim.epochs - done) * (cfg.data.train_subset or 60000)
+
+
+def _planned_stage_work(cfg: JobConfig) -> tuple:
+    """:func:`_stage_work` as the stage will find itself when it starts."""
+    reused = _reusable(cfg)
+    return _stage_work(cfg, reused, not reused and _resumable(cfg))
+
+
+def _checkpoint_epoch(out: Path) -> int:
+    """The epoch of a stage's newest readable checkpoint, where its resume continues; 0 when none loads."""
+    from meal_ray.train.worker import resume_state
+
+    checkpoints = sorted(p for p in (out / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+    try:
+        return int(resume_state(checkpoints[-1], log=lambda line: None)[0]["epoch"])
+    except (CheckpointError, IndexError, KeyError):
+        return 0
 
 
 def link_reused_stage(cfg: JobConfig, parent_run_id: Optional[str]) -> Optional[str]:
@@ -505,16 +524,15 @@ def _run_demo(plan: DemoPlan, log, parent) -> dict:
 def _planned_work(teacher_stages: list, seeds: list, passes: int) -> list:
     """Each stage's (kind, work left) in the order they run, for the whole demo's ETA: finished stages plan none,
     and a relabel is a stage of its own (before its cache arm) unless that arm is finished."""
-    planned = [_stage_work(cfg, _reusable(cfg)) for cfg in teacher_stages]
+    planned = [_planned_stage_work(cfg) for cfg in teacher_stages]
     for stages in seeds:
         for cfg in (stages.init, stages.control, stages.meal if stages.served else None):
             if cfg is not None:
-                planned.append(_stage_work(cfg, _reusable(cfg)))
+                planned.append(_planned_stage_work(cfg))
         if stages.cached is not None:
-            reused = _reusable(stages.cached)
-            if not reused:
+            if not _reusable(stages.cached):
                 planned.append(("relabel", _crops_to_label(stages.cached, stages.cache_dir, passes)))
-            planned.append(_stage_work(stages.cached, reused))
+            planned.append(_planned_stage_work(stages.cached))
     return planned
 
 
